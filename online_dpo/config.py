@@ -1,0 +1,287 @@
+"""The run YAML: schema, loading, `--set` overrides and readable errors.
+
+One file describes a run. It is validated here, at the edge, and nowhere
+else: components get plain arguments built from it. Unknown keys, wrong types
+and out-of-range values are refused with the dotted path of the field and what
+is allowed, as a `ConfigError` whose message is one short paragraph.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+EMBEDDED = "embedded:reviews"
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+
+
+class ConfigError(ValueError):
+    """A run config that cannot be used; the message says what to change."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunConfig(Section):
+    name: str = Field("run", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    output_dir: str = "runs"
+    seed: int = 0
+    log_level: Literal["quiet", "info", "debug"] = "quiet"
+
+
+class ModelConfig(Section):
+    policy: str = Field(..., min_length=1, description="HF directory, hub id, or embedded:reviews")
+    reference: str | None = Field(None, description="defaults to the policy's starting weights")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False
+
+
+class DataConfig(Section):
+    source: str = Field(..., min_length=1, description="hub id, local json/jsonl/parquet, or embedded:reviews")
+    split: str = "train"
+    eval_source: str | None = None
+    eval_split: str = "test"
+    prompt_field: str = "prompt"
+    format: Literal["plain", "chat"] = "plain"
+    system_prompt: str | None = None
+    max_prompt_tokens: int = Field(256, gt=0)
+    shuffle: bool = True
+
+
+class SamplerConfig(Section):
+    num_actors: int = Field(1, ge=1)
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    tensor_parallel_size: int = Field(1, ge=1)
+    num_threads: int | None = Field(None, ge=1, description="torch/OpenMP threads per actor on CPU")
+    n: int = Field(2, ge=2, description="completions per prompt")
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(64, gt=0)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    kv_cache_gib: float = Field(1.0, gt=0, description="CPU KV cache (VLLM_CPU_KVCACHE_SPACE)")
+    max_model_len: int | None = Field(None, gt=0)
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    engine: dict[str, Any] = Field(default_factory=dict, description="extra vllm.LLM arguments")
+
+
+class JudgeConfig(Section):
+    kind: Literal["rule", "reward_model", "llm"] = "rule"
+    function: str | None = Field(None, description="rule: import path 'pkg.module:function'")
+    model: str | None = Field(None, description="reward_model / llm: HF directory or hub id")
+    margin: float = Field(0.0, ge=0, description="score gaps at or below this are ties")
+    num_actors: int = Field(1, ge=1)
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    batch_size: int = Field(16, gt=0)
+    max_length: int = Field(1024, gt=0)
+    template: str | None = Field(None, description="llm: prompt with {prompt}, {a}, {b}")
+    max_new_tokens: int = Field(8, gt=0)
+    constrained: bool = Field(True, description="llm: restrict the verdict to 'A' or 'B'")
+    engine: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _needs(self):
+        if self.kind == "rule" and not self.function:
+            raise ValueError("judge.kind 'rule' needs judge.function, an import path "
+                             "such as 'online_dpo.judges.rule:vader_compound'")
+        if self.kind in ("reward_model", "llm") and not self.model:
+            raise ValueError(f"judge.kind '{self.kind}' needs judge.model, a model directory or hub id")
+        if self.function and ":" not in self.function:
+            raise ValueError("judge.function must look like 'pkg.module:function'")
+        return self
+
+
+class TrainConfig(Section):
+    num_workers: int = Field(1, ge=1)
+    num_cpus_per_worker: float = Field(1.0, ge=0)
+    use_gpu: bool = False
+    num_threads: int | None = Field(None, ge=1)
+    loss: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
+    beta: float = Field(0.1, gt=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    lr: float = Field(1e-6, gt=0, le=1)
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float | None = Field(1.0, gt=0)
+    batch_size: int = Field(32, gt=0, description="pairs per optimizer step, all workers together")
+    micro_batch_size: int = Field(8, gt=0, description="pairs per worker per forward pass")
+    max_steps: int = Field(100, gt=0)
+    seed: int | None = None
+
+    @property
+    def grad_accum(self) -> int:
+        return self.batch_size // (self.num_workers * self.micro_batch_size)
+
+    @model_validator(mode="after")
+    def _divides(self):
+        per_pass = self.num_workers * self.micro_batch_size
+        if self.batch_size % per_pass:
+            raise ValueError(
+                f"train.batch_size ({self.batch_size}) must be a multiple of train.num_workers x "
+                f"train.micro_batch_size ({self.num_workers} x {self.micro_batch_size} = {per_pass}); "
+                f"gradient accumulation steps are batch_size / that product")
+        return self
+
+
+class SyncConfig(Section):
+    every_steps: int = Field(1, ge=1)
+    mode: Literal["sync"] = Field("sync", description="lock-step; 'async' is planned")
+    max_policy_lag: int = Field(0, ge=0)
+
+
+class CheckpointConfig(Section):
+    storage: str | None = Field(None, description="Ray Train storage path; default <run dir>/ray")
+    every_steps: int = Field(0, ge=0, description="0 = only the final policy")
+    keep: int = Field(2, ge=1)
+
+
+class EvalConfig(Section):
+    prompts: int = Field(64, ge=0, description="held-out prompts scored at start and end; 0 = off")
+    every_steps: int = Field(0, ge=0)
+    temperature: float = Field(1.0, ge=0)
+
+
+class ServeConfig(Section):
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    route_prefix: str = "/"
+    num_replicas: int = Field(1, ge=1)
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    max_ongoing_requests: int = Field(64, ge=1)
+    api_key_env: str | None = None
+
+
+class MetricsConfig(Section):
+    log_every_steps: int = Field(1, ge=1)
+    tensorboard: bool = False
+    wandb: bool = False
+
+
+class Config(Section):
+    run: RunConfig = Field(default_factory=RunConfig)
+    model: ModelConfig
+    data: DataConfig
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig)
+    judge: JudgeConfig = Field(default_factory=lambda: JudgeConfig(
+        function="online_dpo.judges.rule:vader_compound"))
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    sync: SyncConfig = Field(default_factory=SyncConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+
+    @property
+    def pairs_per_version(self) -> int:
+        return self.sync.every_steps * self.train.batch_size
+
+    @model_validator(mode="after")
+    def _cross(self):
+        if self.sampler.num_gpus == 0 and self.sampler.tensor_parallel_size > 1:
+            raise ValueError("sampler.tensor_parallel_size > 1 needs GPUs: set sampler.num_gpus")
+        if self.judge.kind == "llm" and self.judge.template is None:
+            self.judge.template = DEFAULT_LLM_TEMPLATE
+        return self
+
+
+DEFAULT_LLM_TEMPLATE = (
+    "Which response answers the prompt better?\n\nPrompt: {prompt}\n\n"
+    "Response A: {a}\n\nResponse B: {b}\n\nAnswer with one letter, A or B.\nVerdict: "
+)
+
+
+# ---------------------------------------------------------------- loading
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read, override and validate a run YAML; raise ConfigError on any problem."""
+    path = Path(path) if path else DEFAULT_CONFIG
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path} is not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
+    if raw is None:
+        raise ConfigError(f"{path} is empty: a run config needs at least 'model' and 'data' sections")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections (model:, data:, ...), "
+                          f"not a {type(raw).__name__}")
+    for item in overrides:
+        apply_override(raw, item)
+    return validate(raw, source=str(path))
+
+
+def validate(raw: dict, source: str = "config") -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(format_errors(e, source)) from None
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """Apply one `a.b.c=value` override in place; the value is parsed as YAML."""
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set '{item}' must look like section.field=value, e.g. train.lr=1e-5")
+    parts = key.strip().split(".")
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {key}: '{'.'.join(parts[:i + 1])}' is not a section")
+        node = child
+    node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+
+
+def format_errors(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            parent = e["loc"][:-1]
+            allowed = _fields_at(parent)
+            msg = f"unknown key; allowed here: {', '.join(allowed)}" if allowed else "unknown key"
+        elif e["type"] == "missing":
+            msg = "required field is missing"
+        got = e.get("input")
+        shown = "" if e["type"] in ("missing", "extra_forbidden") or isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"  {where}: {msg}{shown}")
+    return f"invalid config {source}:\n" + "\n".join(lines)
+
+
+def _fields_at(loc: tuple) -> list[str]:
+    model: type[BaseModel] = Config
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return list(model.model_fields)
+
+
+def check_paths(cfg: Config) -> None:
+    """Refuse local paths that do not exist (hub ids and embedded:reviews pass)."""
+    fields = {"model.policy": cfg.model.policy, "model.reference": cfg.model.reference,
+              "data.source": cfg.data.source, "data.eval_source": cfg.data.eval_source,
+              "judge.model": cfg.judge.model}
+    for name, value in fields.items():
+        if value and value.startswith(("/", "./", "../", "~")) and not Path(value).expanduser().exists():
+            raise ConfigError(f"{name}: {value} does not exist; give an existing local path, "
+                              f"a hub id, or {EMBEDDED}")
+
+
+def dump(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+

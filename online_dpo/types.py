@@ -1,0 +1,53 @@
+"""Messages between actors: small frozen dataclasses, no torch, no Ray.
+
+Every completion records the policy version that made it, so a pair can be
+checked for staleness wherever it travels (samplers -> judge -> learner).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Completion:
+    token_ids: tuple[int, ...]
+    text: str
+    finish_reason: str          # "stop" (EOS or stop string) or "length"
+    policy_version: int
+    logprobs: tuple[float, ...] = ()   # sampler's log-prob of each sampled token
+
+
+@dataclass(frozen=True)
+class SampleGroup:
+    """n completions of one prompt."""
+    prompt: str                 # the text the policy saw (chat template applied)
+    prompt_ids: tuple[int, ...]
+    completions: tuple[Completion, ...]
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    prompt: str
+    prompt_ids: tuple[int, ...]
+    chosen: Completion
+    rejected: Completion
+    chosen_score: float
+    rejected_score: float
+
+    @property
+    def policy_version(self) -> int:
+        return min(self.chosen.policy_version, self.rejected.policy_version)
+
+
+@dataclass(frozen=True)
+class LabelStats:
+    """What the judge did with one batch of groups."""
+    groups: int = 0
+    pairs: int = 0
+    ties: int = 0               # best and worst within the margin
+    identical: int = 0          # best and worst had the same tokens
+    scores: tuple[float, ...] = field(default=(), repr=False)
+    chosen_mean: float = 0.0
+    rejected_mean: float = 0.0
+    seconds: float = 0.0

@@ -1,0 +1,89 @@
+"""The run config: every shipped YAML validates; malformed ones name the field."""
+
+from pathlib import Path
+
+import pytest
+
+from online_dpo.config import Config, ConfigError, check_paths, load_config
+
+CONFIGS = sorted((Path(__file__).parents[2] / "configs").glob("*.yaml"))
+MINIMAL = "model:\n  policy: embedded:reviews\ndata:\n  source: embedded:reviews\n"
+
+
+def write(tmp_path, text):
+    p = tmp_path / "run.yaml"
+    p.write_text(text)
+    return p
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_validate(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
+
+
+def test_default_is_first_and_embedded():
+    cfg = load_config()  # no path: the embedded default
+    assert cfg.model.policy == "embedded:reviews" and cfg.judge.kind == "rule"
+    assert cfg.sampler.num_actors == 2 and cfg.train.num_workers == 2
+
+
+def test_overrides(tmp_path):
+    cfg = load_config(write(tmp_path, MINIMAL), ["train.lr=1e-5", "sampler.n=4", "run.name=x",
+                                                 "sampler.engine.enable_prefix_caching=true"])
+    assert cfg.train.lr == 1e-5 and cfg.sampler.n == 4 and cfg.run.name == "x"
+    assert cfg.sampler.engine == {"enable_prefix_caching": True}
+
+
+BAD = {
+    "unknown key": (MINIMAL + "train:\n  lrr: 0.1\n", ["train.lrr", "unknown key", "lr"]),
+    "unknown section": (MINIMAL + "trainer: {}\n", ["trainer", "unknown key"]),
+    "wrong type": (MINIMAL + "train:\n  max_steps: many\n", ["train.max_steps", "integer"]),
+    "negative lr": (MINIMAL + "train:\n  lr: -0.001\n", ["train.lr", "greater than 0"]),
+    "n below 2": (MINIMAL + "sampler:\n  n: 1\n", ["sampler.n", "greater than or equal to 2"]),
+    "missing model path": ("data:\n  source: x.jsonl\n", ["model", "missing"]),
+    "missing policy": ("model: {}\ndata:\n  source: x.jsonl\n", ["model.policy", "missing"]),
+    "empty file": ("", ["empty"]),
+    "list not mapping": ("- model\n- data\n", ["mapping", "list"]),
+    "section not mapping": (MINIMAL + "train: 5\n", ["train", "valid dictionary"]),
+    "bad enum": (MINIMAL + "train:\n  loss: kto\n", ["train.loss", "sigmoid"]),
+    "smoothing too big": (MINIMAL + "train:\n  label_smoothing: 0.7\n", ["train.label_smoothing"]),
+    "batch not divisible": (MINIMAL + "train:\n  batch_size: 30\n  num_workers: 2\n  micro_batch_size: 4\n",
+                            ["train.batch_size", "multiple"]),
+    "rule without function": (MINIMAL + "judge:\n  kind: rule\n", ["judge", "judge.function"]),
+    "rm without model": (MINIMAL + "judge:\n  kind: reward_model\n", ["judge.model"]),
+    "top_p zero": (MINIMAL + "sampler:\n  top_p: 0\n", ["sampler.top_p"]),
+    "bad yaml": ("model: [unclosed\n", ["not valid YAML"]),
+    "bad run name": (MINIMAL + "run:\n  name: 'a b/c'\n", ["run.name"]),
+    "tp without gpus": (MINIMAL + "sampler:\n  tensor_parallel_size: 2\n", ["tensor_parallel_size", "num_gpus"]),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD))
+def test_malformed_configs_name_the_field(tmp_path, name):
+    text, needles = BAD[name]
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, text))
+    msg = str(err.value)
+    for needle in needles:
+        assert needle in msg, f"{needle!r} not in: {msg}"
+    assert "Traceback" not in msg and len(msg.splitlines()) <= 6
+
+
+@pytest.mark.parametrize("item,needle", [("train.lr", "section.field=value"), ("=3", "section.field"),
+                                         ("train.lr.x=3", "train.lr"), ("run.name.x=3", "not a section"), ("train.bogus=1", "train.bogus")])
+def test_bad_overrides(tmp_path, item, needle):
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
+        load_config(write(tmp_path, MINIMAL + "run:\n  name: r\n"), [item])
+
+
+def test_missing_local_paths_are_named(tmp_path):
+    cfg = load_config(write(tmp_path, MINIMAL), ["model.policy=/no/such/model"])
+    with pytest.raises(ConfigError, match="model.policy: /no/such/model does not exist"):
+        check_paths(cfg)
+    check_paths(load_config(write(tmp_path, MINIMAL), ["model.policy=Qwen/Qwen2.5-0.5B"]))  # hub id passes
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("/no/such.yaml")

@@ -1,0 +1,54 @@
+"""Packing and sequence log-probs: prompts and padding never count."""
+
+import math
+
+import torch
+
+from online_dpo.sequences import pack, sequence_logprobs, token_logprobs
+
+
+def test_pack_masks():
+    ids, attn, resp = pack([[5, 6, 7], [8]], [[1, 2], [3, 4, 9]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7, 1, 2], [8, 3, 4, 9, 0]]
+    assert attn.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
+    assert resp.tolist() == [[0, 0, 0, 1, 1], [0, 1, 1, 1, 0]]
+
+
+def test_uniform_logits_by_hand():
+    # Uniform over V=8: every token has log-prob -log 8; a 2-token response sums to -2 log 8.
+    ids, _, resp = pack([[1, 2, 3]], [[4, 5]], pad_id=0)
+    logits = torch.zeros(1, ids.shape[1], 8)
+    assert abs(sequence_logprobs(logits, ids, resp).item() - 2 * math.log(1 / 8)) < 1e-6
+    assert abs(sequence_logprobs(logits, ids, resp, average=True).item() - math.log(1 / 8)) < 1e-6
+
+
+def test_token_logprobs_pick_the_next_token():
+    logits = torch.tensor([[[0.0, 10.0, 0.0], [0.0, 0.0, 10.0], [0.0, 0.0, 0.0]]])
+    ids = torch.tensor([[0, 1, 2]])
+    lp = token_logprobs(logits, ids)
+    assert lp.shape == (1, 2)
+    assert lp[0, 0] > -1e-3 and lp[0, 1] > -1e-3  # both predicted with ~certainty
+
+
+def test_prompt_and_padding_do_not_change_results():
+    """A tiny causal LM scores a response the same alone or padded in a batch,
+    and changing the logits at prompt or pad positions changes nothing."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=32, hidden_size=64, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=1,
+                                         num_key_value_heads=1, head_dim=64)).eval()
+    prompt, response = [3, 4, 5], [6, 7]
+    alone = pack([prompt], [response], pad_id=0)
+    batch = pack([prompt, [9] * 7], [response, [10] * 6], pad_id=0)
+    with torch.no_grad():
+        a = sequence_logprobs(model(input_ids=alone[0], attention_mask=alone[1]).logits, alone[0], alone[2])
+        logits = model(input_ids=batch[0], attention_mask=batch[1]).logits
+        b = sequence_logprobs(logits, batch[0], batch[2])
+    assert torch.allclose(a[0], b[0], atol=1e-5)
+    # Logits that predict prompt tokens (positions 0..1) and the pad tail do not count.
+    noisy = logits.clone()
+    noisy[0, :2] += torch.randn_like(noisy[0, :2]) * 5
+    noisy[0, 5:] += torch.randn_like(noisy[0, 5:]) * 5
+    assert torch.allclose(sequence_logprobs(noisy, batch[0], batch[2])[0], b[0])
