@@ -14,7 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-EMBEDDED = "embedded:reviews"
+from .embedded import EMBEDDED
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 
 
@@ -63,7 +63,7 @@ class SamplerConfig(Section):
     top_p: float = Field(1.0, gt=0, le=1)
     max_new_tokens: int = Field(64, gt=0)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    kv_cache_gib: float = Field(1.0, gt=0, description="CPU KV cache (VLLM_CPU_KVCACHE_SPACE)")
+    kv_cache_gib: int = Field(1, ge=1, description="CPU KV cache in GiB (VLLM_CPU_KVCACHE_SPACE)")
     max_model_len: int | None = Field(None, gt=0)
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
     engine: dict[str, Any] = Field(default_factory=dict, description="extra vllm.LLM arguments")

@@ -1,0 +1,107 @@
+"""online-dpo: train | validate | make-default.
+
+  online-dpo train [CONFIG] [--set section.field=value ...]
+  online-dpo validate CONFIG [CONFIG ...]
+  online-dpo make-default
+
+With no CONFIG, `train` runs the embedded default (configs/default.yaml).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+
+def _load(path, overrides):
+    from .config import ConfigError, check_paths, load_config
+
+    try:
+        cfg = load_config(path, overrides)
+        check_paths(cfg)
+        return cfg
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def cmd_validate(args) -> int:
+    from .config import ConfigError, check_paths, load_config
+
+    bad = 0
+    for path in args.configs:
+        try:
+            cfg = load_config(path, args.set)
+            check_paths(cfg)
+            print(f"ok: {path}")
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            bad += 1
+    return 1 if bad else 0
+
+
+def cmd_make_default(args) -> int:
+    from .embedded.build import default_home, ensure_default, is_built
+
+    if args.force and is_built():
+        import shutil
+        shutil.rmtree(default_home())
+    home = ensure_default()
+    print(f"embedded default: {home}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    cfg = _load(args.config, args.set)
+    from .cluster import connect
+    from .controller import RunFailed, train
+    from .metrics import ConsoleLog
+
+    console = ConsoleLog()
+    from .embedded.build import is_built
+    if "embedded:reviews" in (cfg.model.policy, cfg.data.source) and not is_built():
+        console.info("building the embedded default (once; about two minutes on 2 cores)")
+        from .embedded.build import ensure_default
+        ensure_default()
+    started = connect(namespace=f"online-dpo-{cfg.run.name}-{int(time.time())}",
+                      log_to_driver=cfg.run.log_level != "quiet")
+    console.info("started a local Ray cluster on 127.0.0.1" if started else "joined the Ray cluster")
+    try:
+        summary = train(cfg, console)
+    except RunFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if started:
+            import ray
+            ray.shutdown()
+    shown = {k: v for k, v in summary.items() if not k.startswith("samples")}
+    console.info("summary: " + json.dumps(shown))
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="online-dpo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="run online DPO (the embedded default without CONFIG)")
+    p.add_argument("config", nargs="?", default=None)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field")
+    p.set_defaults(fn=cmd_train)
+    p = sub.add_parser("validate", help="check run configs; non-zero exit on an invalid one")
+    p.add_argument("configs", nargs="+")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(fn=cmd_validate)
+    p = sub.add_parser("make-default", help="build the embedded default model and prompts (cached)")
+    p.add_argument("--force", action="store_true", help="rebuild even if cached")
+    p.set_defaults(fn=cmd_make_default)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,393 @@
+"""The controller: owns the topology and runs the online DPO loop.
+
+Topology (one place decides which actors exist, where, and how many):
+  sampler-i  vLLM engines that sample n completions per prompt
+  judge-i    judges that turn completions into preference pairs
+  broker     the versioned pair buffer between rollouts and the learner
+  trainer    a Ray Train TorchTrainer gang (DDP workers, see trainer.py)
+
+Lock-step loop, one policy version v at a time:
+  1. prompts from the prompt source;
+  2. samplers (all holding v) return n completions per prompt;
+  3. judges keep best vs worst of each prompt, dropping ties and identical pairs;
+  4. pairs go to the broker until the next `sync.every_steps` steps are covered;
+  5. the learner takes DPO steps and syncs v+1 to the samplers, which the
+     broker announces; then the loop samples again.
+Evaluation samples the held-out prompts at the start and the end (and every
+`eval.every_steps`), scores them with the judge, and compares final vs initial.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+
+from .config import Config, dump
+from .data import PromptSource, load_rows, prepare
+from .embedded import EMBEDDED, resolve_model
+from .metrics import ConsoleLog
+from .run_dir import RunDir
+from .sampler import EngineSpec, engine_env
+from .trainer import LearnerSpec, train_loop
+
+
+class RunFailed(RuntimeError):
+    pass
+
+
+# ---------------------------------------------------------------- plain arguments from the config
+
+def engine_spec(cfg: Config, model_path: str) -> EngineSpec:
+    s = cfg.sampler
+    return EngineSpec(model=model_path, dtype=s.dtype, tensor_parallel_size=s.tensor_parallel_size,
+                      max_model_len=s.max_model_len, gpu_memory_utilization=s.gpu_memory_utilization,
+                      seed=cfg.run.seed, trust_remote_code=cfg.model.trust_remote_code, extra=dict(s.engine))
+
+
+def judge_options(cfg: Config) -> dict:
+    j = cfg.judge
+    opts = dict(kind=j.kind, margin=j.margin, function=j.function, batch_size=j.batch_size,
+                max_length=j.max_length, template=j.template, max_new_tokens=j.max_new_tokens,
+                constrained=j.constrained, engine=dict(j.engine))
+    if j.model:
+        opts["model"] = resolve_model(j.model)
+    if j.kind == "llm" and j.model == EMBEDDED:
+        opts["engine"].setdefault("dtype", "float32")
+    return opts
+
+
+def learner_spec(cfg: Config, policy: str, reference: str) -> LearnerSpec:
+    t = cfg.train
+    return LearnerSpec(policy=policy, reference=reference, dtype=cfg.model.dtype, loss=t.loss, beta=t.beta,
+                       label_smoothing=t.label_smoothing, lr=t.lr, lr_schedule=t.lr_schedule,
+                       warmup_steps=t.warmup_steps, weight_decay=t.weight_decay, grad_clip=t.grad_clip,
+                       batch_size=t.batch_size, micro_batch_size=t.micro_batch_size, max_steps=t.max_steps,
+                       seed=cfg.run.seed if t.seed is None else t.seed, sync_every=cfg.sync.every_steps,
+                       checkpoint_every=cfg.checkpoint.every_steps,
+                       num_threads=t.num_threads or max(1, int(t.num_cpus_per_worker)),
+                       trust_remote_code=cfg.model.trust_remote_code)
+
+
+def threads_for(num_cpus: float, explicit: int | None) -> int:
+    return explicit or max(1, int(num_cpus))
+
+
+# ---------------------------------------------------------------- topology
+
+class Topology:
+    """The actors of one run; `start` places them, `shutdown` ends them."""
+
+    def __init__(self, samplers: list, judges: list, broker):
+        self.samplers, self.judges, self.broker = samplers, judges, broker
+
+    @classmethod
+    def start(cls, cfg: Config, policy_path: str) -> "Topology":
+        import ray
+
+        from .broker import Broker
+        from .judges.actor import JudgeActor
+        from .sampler import Sampler
+
+        s, j = cfg.sampler, cfg.judge
+        on_gpu = s.num_gpus > 0
+        env = engine_env(threads_for(s.num_cpus, s.num_threads), s.kv_cache_gib, on_gpu, cfg.run.log_level)
+        spec = engine_spec(cfg, policy_path)
+        samplers = [ray.remote(Sampler).options(
+            name=f"sampler-{i}", num_cpus=s.num_cpus, num_gpus=s.num_gpus,
+            runtime_env={"env_vars": env}).remote(spec, f"sampler-{i}", on_gpu)
+            for i in range(s.num_actors)]
+        judge_env = engine_env(threads_for(j.num_cpus, None), s.kv_cache_gib, j.num_gpus > 0,
+                               cfg.run.log_level)
+        judges = [ray.remote(JudgeActor).options(
+            name=f"judge-{i}", num_cpus=j.num_cpus, num_gpus=j.num_gpus,
+            runtime_env={"env_vars": judge_env}).remote(name=f"judge-{i}", **judge_options(cfg))
+            for i in range(j.num_actors)]
+        broker = ray.remote(Broker).options(name="broker", num_cpus=0).remote(cfg.sync.max_policy_lag)
+        topo = cls(samplers, judges, broker)
+        ray.get([a.ready.remote() for a in samplers + judges])
+        return topo
+
+    def shutdown(self) -> None:
+        import ray
+
+        for actor in self.samplers + self.judges + [self.broker]:
+            try:
+                ray.kill(actor)
+            except Exception:
+                pass
+
+
+# ---------------------------------------------------------------- fan-out to samplers and judges
+
+def split(items: list, k: int) -> list[list]:
+    size = math.ceil(len(items) / k) if items else 0
+    return [items[i * size:(i + 1) * size] for i in range(k)]
+
+
+class Rollouts:
+    def __init__(self, topo: Topology, cfg: Config):
+        self.topo, self.cfg = topo, cfg
+
+    def sample(self, prompts, n: int, temperature: float, seed: int) -> list:
+        import ray
+
+        s = self.cfg.sampler
+        chunks = split(prompts, len(self.topo.samplers))
+        refs = [sm.generate.remote([list(p.ids) for p in c], [p.text for p in c], n=n,
+                                   temperature=temperature, top_p=s.top_p, max_tokens=s.max_new_tokens,
+                                   seed=seed + 10_000 * i)
+                for i, (sm, c) in enumerate(zip(self.topo.samplers, chunks)) if c]
+        return [g for groups in ray.get(refs) for g in groups]
+
+    def label(self, groups: list):
+        import ray
+
+        chunks = [c for c in split(groups, len(self.topo.judges))]
+        results = ray.get([j.label.remote(c) for j, c in zip(self.topo.judges, chunks) if c])
+        pairs = [p for ps, _ in results for p in ps]
+        stats = [st for _, st in results]
+        return pairs, stats
+
+    def score(self, prompts: list[str], responses: list[str]):
+        import ray
+
+        return ray.get(self.topo.judges[0].score.remote(prompts, responses))
+
+    def compare(self, prompts: list[str], a: list[str], b: list[str]) -> list[float]:
+        import ray
+
+        return ray.get(self.topo.judges[0].compare.remote(prompts, a, b))
+
+
+# ---------------------------------------------------------------- the learner, in a thread
+
+class Learner(threading.Thread):
+    """Runs TorchTrainer.fit() beside the rollout loop; keeps its result or error."""
+
+    def __init__(self, cfg: Config, spec: LearnerSpec, topo: Topology, storage: str):
+        super().__init__(name="learner", daemon=True)
+        self.cfg, self.spec, self.topo, self.storage = cfg, spec, topo, storage
+        self.result, self.error = None, None
+
+    def run(self) -> None:
+        import ray
+        from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+        from ray.train.torch import TorchTrainer
+
+        t = self.cfg.train
+        trainer = TorchTrainer(
+            train_loop,
+            train_loop_config={"spec": self.spec, "broker": self.topo.broker, "receivers": self.topo.samplers},
+            scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
+                                         resources_per_worker={"CPU": t.num_cpus_per_worker,
+                                                               **({"GPU": 1} if t.use_gpu else {})}),
+            run_config=RunConfig(name="trainer", storage_path=self.storage,
+                                 checkpoint_config=CheckpointConfig(num_to_keep=self.cfg.checkpoint.keep)))
+        try:
+            self.result = trainer.fit()
+        except BaseException as e:  # surfaced by the controller
+            self.error = e
+        finally:
+            ray.get(self.topo.broker.close.remote("learner stopped"))
+
+
+# ---------------------------------------------------------------- the loop
+
+class Controller:
+    def __init__(self, cfg: Config, run_dir: RunDir, console: ConsoleLog):
+        self.cfg, self.run_dir, self.log = cfg, run_dir, console
+        self.latest_rollout: dict = {}
+        self.round = 0
+        self.start_time = time.time()
+
+    def prepare_data(self, policy_path: str):
+        from transformers import AutoTokenizer
+
+        d = self.cfg.data
+        tok = AutoTokenizer.from_pretrained(policy_path, trust_remote_code=self.cfg.model.trust_remote_code)
+        rows = load_rows(d.source, d.split, d.prompt_field)
+        train = prepare(rows, tok, d.format, d.system_prompt, d.max_prompt_tokens)
+        if d.eval_source or d.source == EMBEDDED:
+            eval_rows = load_rows(d.eval_source or d.source, d.eval_split if d.source != EMBEDDED else "heldout",
+                                  d.prompt_field)
+            heldout = prepare(eval_rows, tok, d.format, d.system_prompt, d.max_prompt_tokens)
+        else:  # hold out the first prompts of the source
+            try:
+                eval_rows = load_rows(d.source, d.eval_split, d.prompt_field)
+                heldout = prepare(eval_rows, tok, d.format, d.system_prompt, d.max_prompt_tokens)
+            except Exception:
+                heldout, train = train[:self.cfg.eval.prompts], train[self.cfg.eval.prompts:]
+        return PromptSource(train, seed=self.cfg.run.seed, shuffle=d.shuffle), heldout[:self.cfg.eval.prompts]
+
+    def run(self) -> dict:
+        cfg = self.cfg
+        policy_path = resolve_model(cfg.model.policy)
+        reference_path = resolve_model(cfg.model.reference) if cfg.model.reference else policy_path
+        source, heldout = self.prepare_data(policy_path)
+        self.log.info(f"prompts: {len(source.prompts)} train, {len(heldout)} held-out")
+        self.run_dir.write_config(dump(cfg))
+        topo = Topology.start(cfg, policy_path)
+        self.log.info(f"actors up: {len(topo.samplers)} sampler(s), {len(topo.judges)} judge(s) "
+                      f"({time.time() - self.start_time:.0f}s)")
+        try:
+            return self._run(topo, source, heldout, policy_path, reference_path)
+        finally:
+            topo.shutdown()
+
+    def _run(self, topo, source, heldout, policy_path, reference_path) -> dict:
+        cfg = self.cfg
+        rollouts = Rollouts(topo, cfg)
+        self.heldout = heldout
+        before = self.baseline = self.evaluate(rollouts, heldout, version=0)
+        learner = Learner(cfg, learner_spec(cfg, policy_path, reference_path), topo,
+                          str(self.run_dir.path / "ray"))
+        learner.start()
+        self.rollout_loop(rollouts, topo, source, learner)
+        learner.join()
+        self.drain(topo)
+        if learner.error is not None:
+            raise RunFailed(f"the learner failed: {learner.error}") from learner.error
+        import ray
+
+        final_version = ray.get(topo.samplers[0].policy_version.remote())
+        after = self.evaluate(rollouts, heldout, version=final_version, baseline=before)
+        policy_dir = self.save_policy(learner)
+        return self.summary(before, after, policy_dir)
+
+    def rollout_loop(self, rollouts: Rollouts, topo: Topology, source: PromptSource, learner: Learner) -> None:
+        import ray
+
+        cfg = self.cfg
+        remaining = cfg.train.max_steps * cfg.train.batch_size
+        version, keep_rate = 0, 1.0
+        while remaining > 0:
+            need = min(cfg.pairs_per_version, remaining)
+            produced = 0
+            while produced < need:
+                self._check(learner)
+                k = max(len(topo.samplers), math.ceil((need - produced) / max(keep_rate, 0.2)))
+                got, rate = self.one_round(rollouts, topo, source.next_batch(k), version)
+                produced += got
+                keep_rate = 0.5 * keep_rate + 0.5 * rate
+            remaining -= need
+            while True:  # lock step: wait for the learner to publish the next version
+                self.drain(topo)
+                self._check(learner)
+                new = ray.get(topo.broker.wait_version.remote(version, 1.0))
+                if new > version or not learner.is_alive():
+                    break
+            version = new
+            self.maybe_eval(rollouts, version)
+        ray.get(topo.broker.finish.remote())
+
+    def one_round(self, rollouts: Rollouts, topo: Topology, prompts, version: int) -> tuple[int, float]:
+        import ray
+
+        cfg = self.cfg
+        t0 = time.time()
+        groups = rollouts.sample(prompts, cfg.sampler.n, cfg.sampler.temperature,
+                                 seed=cfg.run.seed * 1_000_003 + self.round * 7919)
+        t1 = time.time()
+        pairs, stats = rollouts.label(groups)
+        accepted = ray.get(topo.broker.put.remote(pairs))
+        self.round += 1
+        comps = [c for g in groups for c in g.completions]
+        scores = [x for st in stats for x in st.scores]
+        record = {
+            "kind": "rollout", "round": self.round, "policy_version": version, "prompts": len(prompts),
+            "completions": len(comps), "pairs": len(pairs), "accepted": accepted,
+            "ties": sum(st.ties for st in stats), "identical": sum(st.identical for st in stats),
+            "reward_mean": sum(scores) / max(1, len(scores)),
+            "chosen_score": sum(p.chosen_score for p in pairs) / max(1, len(pairs)),
+            "rejected_score": sum(p.rejected_score for p in pairs) / max(1, len(pairs)),
+            "response_tokens": sum(len(c.token_ids) for c in comps) / max(1, len(comps)),
+            "eos_rate": sum(c.finish_reason == "stop" for c in comps) / max(1, len(comps)),
+            "sample_seconds": t1 - t0, "judge_seconds": time.time() - t1,
+            "versions": sorted({c.policy_version for c in comps}),
+        }
+        self.latest_rollout = record
+        self.run_dir.log(record)
+        return accepted, len(pairs) / max(1, len(groups))
+
+    def drain(self, topo: Topology) -> None:
+        import ray
+
+        for m in ray.get(topo.broker.drain.remote()):
+            record = {"kind": "train", **m, "reward_mean": self.latest_rollout.get("reward_mean")}
+            self.run_dir.log(record)
+            if m["step"] % self.cfg.metrics.log_every_steps == 0 or m["step"] == self.cfg.train.max_steps:
+                self.log.step(record, self.cfg.train.max_steps)
+
+    def _check(self, learner: Learner) -> None:
+        if learner.error is not None:
+            raise RunFailed(f"the learner failed: {learner.error}") from learner.error
+        if not learner.is_alive() and learner.result is not None:
+            raise RunFailed("the learner stopped before the rollout loop finished")
+
+    def maybe_eval(self, rollouts: Rollouts, version: int) -> None:
+        every = self.cfg.eval.every_steps
+        steps_done = version * self.cfg.sync.every_steps
+        if every and steps_done % every == 0 and steps_done < self.cfg.train.max_steps:
+            self.evaluate(rollouts, self.heldout, version, self.baseline)
+
+    def evaluate(self, rollouts: Rollouts, heldout, version: int, baseline: dict | None = None) -> dict:
+        if not heldout:
+            return {}
+        groups = rollouts.sample(heldout, 1, self.cfg.eval.temperature, seed=424242)
+        prompts = [g.prompt for g in groups]
+        responses = [g.completions[0].text for g in groups]
+        scores = rollouts.score(prompts, responses)
+        result = {"kind": "eval", "policy_version": version, "prompts": prompts, "responses": responses,
+                  "reward": (sum(scores) / len(scores)) if scores else None}
+        if baseline is not None:
+            wins = rollouts.compare(prompts, responses, baseline["responses"])
+            result["win_rate"] = sum(wins) / len(wins)
+        self.run_dir.log({k: v for k, v in result.items() if k not in ("prompts", "responses")})
+        self.log.eval(result)
+        return result
+
+    def save_policy(self, learner: Learner) -> str | None:
+        checkpoint = learner.result.checkpoint if learner.result is not None else None
+        if checkpoint is None:
+            return None
+        with checkpoint.as_directory() as d:
+            return str(self.run_dir.copy_policy(d))
+
+    def summary(self, before: dict, after: dict, policy_dir: str | None) -> dict:
+        train = [r for r in _read_jsonl(self.run_dir.path / "metrics.jsonl") if r.get("kind") == "train"]
+        wall = time.time() - self.start_time
+        pairs = train[-1]["pairs"] if train else 0
+        summary = {
+            "reward_before": before.get("reward"), "reward_after": after.get("reward"),
+            "win_rate": after.get("win_rate"), "steps": len(train), "pairs": pairs,
+            "wall_seconds": round(wall, 1),
+            "train_seconds": round(train[-1]["wall_seconds"], 1) if train else None,
+            "pairs_per_second": round(pairs / train[-1]["wall_seconds"], 2) if train else None,
+            "final_policy_version": train[-1]["policy_version"] if train else 0,
+            "policy_dir": policy_dir, "run_dir": str(self.run_dir.path),
+            "samples_before": before.get("responses", [])[:5], "samples_after": after.get("responses", [])[:5],
+        }
+        self.run_dir.write_json("summary.json", summary)
+        return summary
+
+
+def _read_jsonl(path) -> list[dict]:
+    import json
+
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def train(cfg: Config, console: ConsoleLog | None = None) -> dict:
+    """Run one online DPO job on the connected Ray cluster; returns the summary."""
+    console = console or ConsoleLog()
+    run_dir = RunDir.create(cfg.run.output_dir, cfg.run.name)
+    console.info(f"run dir: {run_dir.path}")
+    try:
+        return Controller(cfg, run_dir, console).run()
+    finally:
+        run_dir.close()
+
+
+__all__ = ["Controller", "Topology", "Rollouts", "train", "RunFailed"]

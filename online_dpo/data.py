@@ -1,0 +1,118 @@
+"""Prompt source: HF `datasets` (hub id or local json/jsonl/parquet) with a resumable cursor.
+
+Prompts are read from one column, as plain text or chat messages, rendered
+for the policy (its chat template when `format: chat`), tokenized once, and
+filtered by length. `PromptSource` hands out batches in a seeded order that
+reshuffles every epoch; its `state()` is the cursor to resume from.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from .embedded import EMBEDDED, embedded_prompts
+
+LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+class DataError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Prompt:
+    text: str                 # what the judge sees: the user's prompt
+    ids: tuple[int, ...]      # what the policy sees: rendered and tokenized
+
+
+def load_rows(source: str, split: str, field: str) -> list:
+    """The `field` column of a dataset split, as a list."""
+    if source == EMBEDDED:
+        return embedded_prompts(split)
+    path = Path(source).expanduser()
+    try:
+        from datasets import load_dataset
+
+        if path.exists():
+            kind = LOCAL_FORMATS.get(path.suffix)
+            if kind is None:
+                raise DataError(f"data.source {source}: unsupported file type {path.suffix!r}; "
+                                f"use one of {', '.join(LOCAL_FORMATS)}")
+            ds = load_dataset(kind, data_files=str(path), split="train")
+        else:
+            ds = load_dataset(source, split=split)
+    except DataError:
+        raise
+    except Exception as e:  # datasets raises many kinds; say which field to change
+        raise DataError(f"data.source {source!r} (split {split!r}) cannot be loaded: {e}") from None
+    if field not in ds.column_names:
+        raise DataError(f"data.prompt_field {field!r} is not a column of {source}; "
+                        f"columns are: {', '.join(ds.column_names)}")
+    return list(ds[field])
+
+
+def user_text(row) -> str:
+    if isinstance(row, str):
+        return row
+    users = [m["content"] for m in row if m.get("role") == "user"]
+    return users[-1] if users else row[-1]["content"]
+
+
+def render(row, tokenizer, fmt: str, system_prompt: str | None) -> list[int]:
+    if fmt == "plain":
+        if not isinstance(row, str):
+            raise DataError("data.format is 'plain' but the prompts are chat messages; set data.format: chat")
+        return tokenizer(row)["input_ids"]
+    messages = [{"role": "user", "content": row}] if isinstance(row, str) else list(row)
+    if system_prompt and messages[0].get("role") != "system":
+        messages = [{"role": "system", "content": system_prompt}] + messages
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError("data.format is 'chat' but the policy's tokenizer has no chat template; "
+                        "set data.format: plain")
+    ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+    return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+
+
+def prepare(rows: list, tokenizer, fmt: str, system_prompt: str | None, max_tokens: int) -> list[Prompt]:
+    out = [Prompt(text=user_text(r), ids=tuple(render(r, tokenizer, fmt, system_prompt))) for r in rows]
+    kept = [p for p in out if len(p.ids) <= max_tokens]
+    if not kept:
+        raise DataError(f"every prompt is longer than data.max_prompt_tokens ({max_tokens}); raise it")
+    return kept
+
+
+class PromptSource:
+    """Batches of prompts in a seeded order, reshuffled each epoch; resumable."""
+
+    def __init__(self, prompts: list[Prompt], seed: int = 0, shuffle: bool = True):
+        if not prompts:
+            raise DataError("the prompt source is empty")
+        self.prompts, self.seed, self.shuffle = prompts, seed, shuffle
+        self.epoch, self.pos = 0, 0
+        self.order = self._order(0)
+
+    def _order(self, epoch: int) -> list[int]:
+        order = list(range(len(self.prompts)))
+        if self.shuffle:
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+        return order
+
+    def next_batch(self, k: int) -> list[Prompt]:
+        batch = []
+        while len(batch) < k:
+            if self.pos == len(self.order):
+                self.epoch, self.pos = self.epoch + 1, 0
+                self.order = self._order(self.epoch)
+            take = min(k - len(batch), len(self.order) - self.pos)
+            batch += [self.prompts[i] for i in self.order[self.pos:self.pos + take]]
+            self.pos += take
+        return batch
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def restore(self, state: dict) -> None:
+        self.epoch, self.pos = state["epoch"], state["pos"]
+        self.order = self._order(self.epoch)

@@ -1,0 +1,32 @@
+"""The judge as a Ray actor, so a large judge model gets its own resources."""
+
+from __future__ import annotations
+
+import os
+
+from .base import build_judge, compare_by_score, label_groups, PointwiseJudge
+
+
+class JudgeActor:
+    def __init__(self, kind: str, margin: float = 0.0, name: str = "judge", **options):
+        self.name, self.margin = name, margin
+        self.judge = build_judge(kind, **options)
+
+    def ready(self) -> dict:
+        return {"name": self.name, "pid": os.getpid(), "pointwise": self.pointwise()}
+
+    def pointwise(self) -> bool:
+        return isinstance(self.judge, PointwiseJudge)
+
+    def label(self, groups):
+        return label_groups(self.judge, groups, self.margin)
+
+    def score(self, prompts, responses):
+        if not self.pointwise():
+            return None
+        return self.judge.score(prompts, responses)
+
+    def compare(self, prompts, a, b):
+        if self.pointwise():
+            return compare_by_score(self.judge, prompts, a, b, self.margin)
+        return self.judge.compare(prompts, a, b)

@@ -1,0 +1,82 @@
+"""Pairwise LLM judge: a vLLM model asked which of two responses is better.
+
+The prompt comes from a template with {prompt}, {a} and {b}. Each pair is asked
+in both orders to cancel position bias; a verdict counts only if it parses
+strictly (a lone "A" or "B", optionally followed by a period) and both orders
+agree. Disagreement or any malformed verdict is a tie (0.5). With
+`constrained`, decoding is restricted to the two letters (vLLM structured
+outputs), so small judges cannot ramble.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+VERDICT = re.compile(r"^\s*([AB])\s*\.?\s*$")
+
+
+def parse_verdict(text: str) -> str | None:
+    """'A', 'B', or None for anything else."""
+    m = VERDICT.match(text)
+    return m.group(1) if m else None
+
+
+def combine(first: str | None, swapped: str | None) -> float:
+    """P(a > b) from the verdict on (a, b) and the verdict on (b, a)."""
+    if first is None or swapped is None:
+        return 0.5
+    a_first = first == "A"
+    a_swapped = swapped == "B"
+    if a_first == a_swapped:
+        return 1.0 if a_first else 0.0
+    return 0.5
+
+
+class LLMJudge:
+    def __init__(self, model: str, template: str, max_new_tokens: int = 8, constrained: bool = True,
+                 engine: dict | None = None, generate=None):
+        """`generate(list[str]) -> list[str]` may be injected (unit tests); else vLLM is used."""
+        for key in ("{prompt}", "{a}", "{b}"):
+            if key not in template:
+                raise ValueError(f"judge.template must contain {key}")
+        self.template, self.max_new_tokens, self.constrained = template, max_new_tokens, constrained
+        self.tokenizer = None
+        if generate is None:
+            from ..sampler import EngineSpec, build_llm
+
+            engine = dict(engine or {})
+            self.llm = build_llm(EngineSpec(model=model, dtype=engine.pop("dtype", "auto"), extra=engine),
+                                 on_gpu=_on_gpu())
+            self.tokenizer = self.llm.get_tokenizer()
+            generate = self._vllm_generate
+        self.generate = generate
+
+    def render(self, prompt: str, a: str, b: str) -> str:
+        text = self.template.format(prompt=prompt, a=a, b=b)
+        if self.tokenizer is not None and getattr(self.tokenizer, "chat_template", None):
+            return self.tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                                      tokenize=False, add_generation_prompt=True)
+        return text
+
+    def _vllm_generate(self, texts: list[str]) -> list[str]:
+        from vllm import SamplingParams
+        from vllm.sampling_params import StructuredOutputsParams
+
+        params = SamplingParams(temperature=0.0, max_tokens=self.max_new_tokens,
+                                structured_outputs=StructuredOutputsParams(choice=["A", "B"])
+                                if self.constrained else None)
+        outs = self.llm.generate(texts, params, use_tqdm=False)
+        return [o.outputs[0].text for o in outs]
+
+    def compare(self, prompts: Sequence[str], a: Sequence[str], b: Sequence[str]) -> list[float]:
+        texts = [self.render(p, x, y) for p, x, y in zip(prompts, a, b)]
+        texts += [self.render(p, y, x) for p, x, y in zip(prompts, a, b)]
+        verdicts = [parse_verdict(t) for t in self.generate(texts)]
+        k = len(prompts)
+        return [combine(verdicts[i], verdicts[k + i]) for i in range(k)]
+
+
+def _on_gpu() -> bool:
+    import torch
+    return torch.cuda.is_available()

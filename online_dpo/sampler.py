@@ -1,0 +1,119 @@
+"""Sampler actor: a vLLM engine that samples n completions per prompt.
+
+Each completion carries its token ids, text, finish reason, per-token
+log-probs, and the policy version that made it. New weights arrive through
+`load_weights` (see weight_sync.py) and are loaded in place into the running
+engine. The actor runs one method at a time (Ray's default for a sync actor),
+so a generate call never sees half-loaded weights: a sync waits for the
+running batch to finish, and the next batch starts on the new version.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from .types import Completion, SampleGroup
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """Plain arguments for building a vLLM engine."""
+    model: str
+    dtype: str = "auto"
+    tensor_parallel_size: int = 1
+    max_model_len: int | None = None
+    gpu_memory_utilization: float = 0.85
+    seed: int = 0
+    trust_remote_code: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def engine_env(num_threads: int, kv_cache_gib: int, on_gpu: bool, log_level: str) -> dict[str, str]:
+    """Environment for a process that builds a vLLM engine (set before vllm is imported)."""
+    env = {
+        "OMP_NUM_THREADS": str(num_threads),
+        "MKL_NUM_THREADS": str(num_threads),
+        "VLLM_LOGGING_LEVEL": {"quiet": "WARNING", "info": "INFO", "debug": "DEBUG"}[log_level],
+        "VLLM_CONFIGURE_LOGGING": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    if not on_gpu:
+        # In-process engine core: weights load without crossing a process boundary,
+        # and a Ray actor holds exactly one engine process.
+        env.update({"VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+                    "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib),
+                    "VLLM_CPU_OMP_THREADS_BIND": "nobind"})
+    return env
+
+
+def build_llm(spec: EngineSpec, on_gpu: bool):
+    from vllm import LLM
+
+    kwargs = dict(model=spec.model, dtype=spec.dtype, tensor_parallel_size=spec.tensor_parallel_size,
+                  seed=spec.seed, trust_remote_code=spec.trust_remote_code,
+                  worker_extension_cls="online_dpo.vllm_ext.WeightLoader")
+    if spec.max_model_len:
+        kwargs["max_model_len"] = spec.max_model_len
+    if on_gpu:
+        kwargs["gpu_memory_utilization"] = spec.gpu_memory_utilization
+    else:
+        kwargs["enforce_eager"] = True
+    kwargs.update(spec.extra)
+    return LLM(**kwargs)
+
+
+class Sampler:
+    def __init__(self, spec: EngineSpec, name: str = "sampler", on_gpu: bool = False):
+        self.name = name
+        self.version = 0
+        self.llm = build_llm(spec, on_gpu)
+
+    def ready(self) -> dict:
+        return {"name": self.name, "pid": os.getpid(), "version": self.version}
+
+    def policy_version(self) -> int:
+        return self.version
+
+    def generate(self, prompt_ids: list[list[int]], prompts: list[str], *, n: int, temperature: float,
+                 top_p: float = 1.0, max_tokens: int = 64, seed: int | None = None) -> list[SampleGroup]:
+        """n completions for each tokenized prompt; `prompts` are the raw texts the judge sees."""
+        from vllm import SamplingParams, TokensPrompt
+
+        params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
+                                 logprobs=0, seed=None if seed is None else seed + i)
+                  for i in range(len(prompt_ids))]
+        inputs = [TokensPrompt(prompt_token_ids=list(ids)) for ids in prompt_ids]
+        outs = self.llm.generate(inputs, params, use_tqdm=False)
+        groups = []
+        for raw, ids, out in zip(prompts, prompt_ids, outs):
+            comps = tuple(
+                Completion(token_ids=tuple(c.token_ids), text=c.text,
+                           finish_reason=c.finish_reason or "length", policy_version=self.version,
+                           logprobs=tuple(next(iter(d.values())).logprob for d in (c.logprobs or [])))
+                for c in out.outputs)
+            groups.append(SampleGroup(prompt=raw, prompt_ids=tuple(ids), completions=comps))
+        return groups
+
+    def score_tokens(self, prompt_ids: list[int], response_ids: list[int]) -> list[float]:
+        """vLLM's log-prob of each response token given the prompt (for parity checks)."""
+        from vllm import SamplingParams, TokensPrompt
+
+        seq = list(prompt_ids) + list(response_ids)
+        out = self.llm.generate([TokensPrompt(prompt_token_ids=seq)],
+                                SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)[0]
+        lps = out.prompt_logprobs[len(prompt_ids):]
+        return [d[tok].logprob for d, tok in zip(lps, response_ids)]
+
+    def load_weights(self, handle) -> int:
+        from .weight_sync import get_transport
+
+        start = time.time()
+        blob = get_transport(handle.transport).fetch(handle)
+        self.llm.collective_rpc("load_safetensors", args=(blob,))
+        self.llm.reset_prefix_cache()
+        self.version = handle.version
+        self.last_sync_seconds = time.time() - start
+        return self.version
