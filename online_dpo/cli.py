@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 
@@ -100,6 +101,8 @@ def main(argv=None) -> int:
     p.set_defaults(fn=cmd_make_default)
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # SIGTERM (e.g. `kill`, a job stopping) unwinds like Ctrl-C, so a local cluster is shut down.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     return args.fn(args)
 
 

@@ -36,6 +36,9 @@ class RunFailed(RuntimeError):
     pass
 
 
+STARVED = 20  # give up on a version after sampling this many times the prompts it needs
+
+
 # ---------------------------------------------------------------- plain arguments from the config
 
 def engine_spec(cfg: Config, model_path: str) -> EngineSpec:
@@ -263,12 +266,18 @@ class Controller:
         version, keep_rate = 0, 1.0
         while remaining > 0:
             need = min(cfg.pairs_per_version, remaining)
-            produced = 0
+            produced, asked = 0, 0
             while produced < need:
                 self._check(learner)
+                if asked > STARVED * need:
+                    raise RunFailed(
+                        f"the judge separated only {produced} of {asked} prompts' samples for policy "
+                        f"version {version} (ties {self.latest_rollout.get('ties')}, identical "
+                        f"{self.latest_rollout.get('identical')} in the last round): lower judge.margin, "
+                        f"or raise sampler.n or sampler.temperature")
                 k = max(len(topo.samplers), math.ceil((need - produced) / max(keep_rate, 0.2)))
                 got, rate = self.one_round(rollouts, topo, source.next_batch(k), version)
-                produced += got
+                produced, asked = produced + got, asked + k
                 keep_rate = 0.5 * keep_rate + 0.5 * rate
             remaining -= need
             while True:  # lock step: wait for the learner to publish the next version
