@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from .base import build_judge, compare_by_score, label_groups, PointwiseJudge
+from .base import PointwiseJudge, build_judge, compare_by_score, label_groups
 
 
 class JudgeActor:
@@ -14,6 +14,9 @@ class JudgeActor:
 
     def ready(self) -> dict:
         return {"name": self.name, "pid": os.getpid(), "pointwise": self.pointwise()}
+
+    def counters(self) -> dict:
+        return {k: getattr(self.judge, k) for k in ("asked", "malformed") if hasattr(self.judge, k)}
 
     def pointwise(self) -> bool:
         return isinstance(self.judge, PointwiseJudge)

@@ -41,10 +41,10 @@ def make_pairs(groups: Sequence[SampleGroup], scores: Sequence[Sequence[float]],
         best = max(range(len(s)), key=lambda i: s[i])
         worst = min(range(len(s)), key=lambda i: s[i])
         chosen, rejected = group.completions[best], group.completions[worst]
-        if chosen.token_ids == rejected.token_ids:
-            identical += 1
-        elif s[best] - s[worst] <= margin:
+        if s[best] - s[worst] <= margin:  # all equal (best is worst) or within the margin
             ties += 1
+        elif chosen.token_ids == rejected.token_ids:
+            identical += 1
         else:
             pairs.append(PreferencePair(prompt=group.prompt, prompt_ids=group.prompt_ids,
                                         chosen=chosen, rejected=rejected,

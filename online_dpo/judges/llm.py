@@ -42,6 +42,7 @@ class LLMJudge:
                 raise ValueError(f"judge.template must contain {key}")
         self.template, self.max_new_tokens, self.constrained = template, max_new_tokens, constrained
         self.tokenizer = None
+        self.asked, self.malformed = 0, 0  # verdicts requested / unparseable, for monitoring
         if generate is None:
             from ..sampler import EngineSpec, build_llm
 
@@ -73,6 +74,8 @@ class LLMJudge:
         texts = [self.render(p, x, y) for p, x, y in zip(prompts, a, b)]
         texts += [self.render(p, y, x) for p, x, y in zip(prompts, a, b)]
         verdicts = [parse_verdict(t) for t in self.generate(texts)]
+        self.asked += len(verdicts)
+        self.malformed += sum(v is None for v in verdicts)
         k = len(prompts)
         return [combine(verdicts[i], verdicts[k + i]) for i in range(k)]
 

@@ -1,0 +1,91 @@
+"""The real CLI, end to end, on the embedded default: 2 vLLM samplers, 2 Ray Train workers,
+a VADER judge actor, weight sync every step. The held-out VADER reward must rise."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+CLI = [sys.executable, "-m", "online_dpo.cli"]
+
+
+def run_cli(*args, timeout=900, **kw):
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return subprocess.run(CLI + list(args), cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout, **kw)
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory, embedded_model):
+    out = tmp_path_factory.mktemp("runs")
+    proc = run_cli("train", "--set", f"run.output_dir={out}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (run_dir,) = [p for p in out.iterdir() if p.is_dir()]
+    return run_dir, proc.stdout
+
+
+def test_default_run_improves_held_out_reward(default_run):
+    run_dir, stdout = default_run
+    summary = json.loads((run_dir / "summary.json").read_text())
+    for key in ("reward_before", "reward_after", "win_rate", "steps", "pairs", "wall_seconds"):
+        assert key in summary
+    assert summary["steps"] == 40 and summary["pairs"] == 40 * 32
+    assert summary["reward_after"] - summary["reward_before"] >= 0.3, summary
+    assert summary["win_rate"] >= 0.75, summary
+    # progress lines: step, pairs, reward, loss, version, pairs/s
+    assert "step   40/40" in stdout and "pairs/s" in stdout and " v40 " in stdout
+
+
+def test_run_dir_layout(default_run):
+    run_dir, _ = default_run
+    assert (run_dir / "config.yaml").exists()
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    kinds = {r["kind"] for r in records}
+    assert kinds == {"rollout", "train", "eval"}
+    train = [r for r in records if r["kind"] == "train"]
+    assert [r["policy_version"] for r in train] == list(range(1, 41))  # a sync after every step
+    assert all(r["batch_version_min"] == r["step"] - 1 for r in train)  # strictly on-policy
+
+
+def test_final_policy_loads_in_transformers_and_vllm(default_run):
+    run_dir, _ = default_run
+    policy = run_dir / "policy"
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(policy)
+    tok = AutoTokenizer.from_pretrained(policy)
+    assert model.config.model_type == "qwen2" and tok.eos_token == "<|endoftext|>"
+    code = (
+        "import os\n"
+        "from vllm import LLM, SamplingParams\n"
+        "if __name__ == '__main__':\n"
+        f"    llm = LLM({str(policy)!r}, dtype='float32', enforce_eager=True)\n"
+        "    out = llm.generate(['I bought this kettle last month and'], SamplingParams(max_tokens=16, seed=0))\n"
+        "    print('VLLM-OK', repr(out[0].outputs[0].text))\n")
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+           "OMP_NUM_THREADS": "2"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert "VLLM-OK" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_bad_config_exits_non_zero_with_a_clear_message(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  policy: embedded:reviews\ndata:\n  source: embedded:reviews\nsampler:\n  n: 1\n")
+    proc = run_cli("train", str(bad), timeout=120)
+    assert proc.returncode == 2
+    assert "sampler.n" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_cli("validate", str(bad), timeout=120)
+    assert proc.returncode != 0 and "sampler.n" in proc.stderr
+
+
+def test_validate_every_shipped_config():
+    configs = sorted(str(p) for p in (ROOT / "configs").glob("*.yaml"))
+    proc = run_cli("validate", *configs, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("ok: ") == len(configs)

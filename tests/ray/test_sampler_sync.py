@@ -1,0 +1,98 @@
+"""A real vLLM sampler actor: parity with the trainer's log-probs, and weight sync.
+
+Tolerances: in float32 on CPU, vLLM's and transformers' log-probs of the same
+tokens agree to ~1e-5 per token; we allow 2e-3 per token. After a sync the
+new weights move log-probs by far more than that (checked below).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from online_dpo.sampler import EngineSpec, Sampler, engine_env
+from online_dpo.sequences import pack, token_logprobs
+from online_dpo.weight_sync import ObjectStoreTransport, export_state_dict, push
+
+TOL = 2e-3
+PROMPT = "I bought this kettle last month and"
+
+
+def hf_token_logprobs(model, prompt_ids, response_ids) -> torch.Tensor:
+    ids, attn, resp = pack([prompt_ids], [response_ids], pad_id=0)
+    with torch.no_grad():
+        lp = token_logprobs(model(input_ids=ids, attention_mask=attn).logits, ids)
+    return lp[0, len(prompt_ids) - 1:len(prompt_ids) - 1 + len(response_ids)]
+
+
+@pytest.fixture(scope="module")
+def sampler(ray_local, embedded_model):
+    actor = ray_local.remote(Sampler).options(
+        num_cpus=1, runtime_env={"env_vars": engine_env(2, 1, False, "quiet")}
+    ).remote(EngineSpec(model=embedded_model, dtype="float32"), "sampler-test")
+    ray_local.get(actor.ready.remote())
+    yield actor
+    ray_local.kill(actor)
+
+
+@pytest.fixture(scope="module")
+def hf(embedded_model):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(embedded_model)
+    return AutoModelForCausalLM.from_pretrained(embedded_model, dtype=torch.float32).eval(), tok
+
+
+def test_samples_carry_tokens_text_and_version(ray_local, sampler, hf):
+    _, tok = hf
+    ids = tok(PROMPT)["input_ids"]
+    groups = ray_local.get(sampler.generate.remote([ids, ids], [PROMPT, PROMPT], n=3, temperature=1.0,
+                                                   max_tokens=24, seed=7))
+    assert len(groups) == 2 and all(len(g.completions) == 3 for g in groups)
+    c = groups[0].completions[0]
+    assert c.policy_version == 0 and c.finish_reason in ("stop", "length")
+    assert tok.decode(c.token_ids, skip_special_tokens=True) == c.text
+    assert len(c.logprobs) == len(c.token_ids)
+    # Seeded requests are reproducible.
+    again = ray_local.get(sampler.generate.remote([ids], [PROMPT], n=3, temperature=1.0, max_tokens=24, seed=7))
+    assert again[0].completions[0].token_ids == c.token_ids
+
+
+def test_trainer_logprobs_match_vllm_samples(ray_local, sampler, hf):
+    model, tok = hf
+    ids = tok(PROMPT)["input_ids"]
+    groups = ray_local.get(sampler.generate.remote([ids] * 4, [PROMPT] * 4, n=2, temperature=1.0,
+                                                   max_tokens=32, seed=11))
+    for g in groups:
+        for c in g.completions:
+            ours = hf_token_logprobs(model, ids, list(c.token_ids))
+            theirs = torch.tensor(c.logprobs)
+            assert (ours - theirs).abs().max().item() < TOL
+
+
+def test_weight_sync_changes_sampler_to_trainer_weights(ray_local, sampler, hf, embedded_model):
+    from transformers import AutoModelForCausalLM
+
+    _, tok = hf
+    prompt = tok(PROMPT)["input_ids"]
+    response = tok(" it is excellent. I would happily buy it again.")["input_ids"] + [tok.eos_token_id]
+    before = torch.tensor(ray_local.get(sampler.score_tokens.remote(prompt, response)))
+
+    # "Trained" weights: every tensor moved, the tied embedding / lm_head included.
+    trained = AutoModelForCausalLM.from_pretrained(embedded_model, dtype=torch.float32).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    expected = hf_token_logprobs(trained, prompt, response)
+
+    handle = ObjectStoreTransport().publish(export_state_dict(trained), version=1)
+    report = push(handle, [sampler])
+    assert report.versions == (1,) and report.nbytes > 0
+    assert ray_local.get(sampler.policy_version.remote()) == 1
+    after = torch.tensor(ray_local.get(sampler.score_tokens.remote(prompt, response)))
+    assert (after - expected).abs().max().item() < TOL, "sampler does not hold the trainer's weights"
+    assert (after - before).abs().max().item() > 50 * TOL, "sync did not change the sampler"
+    groups = ray_local.get(sampler.generate.remote([prompt], [PROMPT], n=2, temperature=1.0,
+                                                   max_tokens=8, seed=1))
+    assert all(c.policy_version == 1 for c in groups[0].completions)
