@@ -1,7 +1,8 @@
-"""online-dpo: train | validate | make-default.
+"""online-dpo: train | validate | report | make-default.
 
-  online-dpo train [CONFIG] [--set section.field=value ...]
+  online-dpo train [CONFIG] [--set section.field=value ...] [-v]
   online-dpo validate CONFIG [CONFIG ...]
+  online-dpo report RUN_DIR
   online-dpo make-default
 
 With no CONFIG, `train` runs the embedded default (configs/default.yaml).
@@ -55,8 +56,24 @@ def cmd_make_default(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from pathlib import Path
+
+    from .report import plot, read_records, table
+
+    run_dir = Path(args.run_dir)
+    try:
+        records = read_records(run_dir)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(table(run_dir, records))
+    print(f"curves: {plot(run_dir, records)}")
+    return 0
+
+
 def cmd_train(args) -> int:
-    cfg = _load(args.config, args.set)
+    cfg = _load(args.config, args.set + (["run.log_level=info"] if args.verbose else []))
     from .cluster import connect
     from .controller import RunFailed, train
     from .metrics import ConsoleLog
@@ -91,7 +108,11 @@ def main(argv=None) -> int:
     p = sub.add_parser("train", help="run online DPO (the embedded default without CONFIG)")
     p.add_argument("config", nargs="?", default=None)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field")
+    p.add_argument("-v", "--verbose", action="store_true", help="show Ray, vLLM and actor logs")
     p.set_defaults(fn=cmd_train)
+    p = sub.add_parser("report", help="print a run's summary table and redraw its curves.png")
+    p.add_argument("run_dir")
+    p.set_defaults(fn=cmd_report)
     p = sub.add_parser("validate", help="check run configs; non-zero exit on an invalid one")
     p.add_argument("configs", nargs="+")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")

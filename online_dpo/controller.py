@@ -26,7 +26,8 @@ import time
 from .config import Config, dump
 from .data import PromptSource, load_rows, prepare
 from .embedded import EMBEDDED, resolve_model
-from .metrics import ConsoleLog
+from .metrics import ConsoleLog, ExternalLoggers, RayMetrics, Tracker
+from .report import plot
 from .run_dir import RunDir
 from .sampler import EngineSpec, engine_env
 from .trainer import LearnerSpec, train_loop
@@ -98,7 +99,7 @@ class Topology:
         spec = engine_spec(cfg, policy_path)
         samplers = [ray.remote(Sampler).options(
             name=f"sampler-{i}", num_cpus=s.num_cpus, num_gpus=s.num_gpus,
-            runtime_env={"env_vars": env}).remote(spec, f"sampler-{i}", on_gpu)
+            runtime_env={"env_vars": env}).remote(spec, f"sampler-{i}", on_gpu, cfg.run.name)
             for i in range(s.num_actors)]
         judge_env = engine_env(threads_for(j.num_cpus, None), s.kv_cache_gib, j.num_gpus > 0,
                                cfg.run.log_level)
@@ -198,8 +199,8 @@ class Learner(threading.Thread):
 # ---------------------------------------------------------------- the loop
 
 class Controller:
-    def __init__(self, cfg: Config, run_dir: RunDir, console: ConsoleLog):
-        self.cfg, self.run_dir, self.log = cfg, run_dir, console
+    def __init__(self, cfg: Config, run_dir: RunDir, console: ConsoleLog, tracker: Tracker):
+        self.cfg, self.run_dir, self.log, self.tracker = cfg, run_dir, console, tracker
         self.latest_rollout: dict = {}
         self.round = 0
         self.start_time = time.time()
@@ -256,7 +257,9 @@ class Controller:
         final_version = ray.get(topo.samplers[0].policy_version.remote())
         after = self.evaluate(rollouts, heldout, version=final_version, baseline=before)
         policy_dir = self.save_policy(learner)
-        return self.summary(before, after, policy_dir)
+        summary = self.summary(before, after, policy_dir)
+        plot(self.run_dir.path)
+        return summary
 
     def rollout_loop(self, rollouts: Rollouts, topo: Topology, source: PromptSource, learner: Learner) -> None:
         import ray
@@ -316,7 +319,7 @@ class Controller:
             "versions": sorted({c.policy_version for c in comps}),
         }
         self.latest_rollout = record
-        self.run_dir.log(record)
+        self.tracker.log(record)
         return accepted, len(pairs) / max(1, len(groups))
 
     def drain(self, topo: Topology) -> None:
@@ -324,7 +327,7 @@ class Controller:
 
         for m in ray.get(topo.broker.drain.remote()):
             record = {"kind": "train", **m, "reward_mean": self.latest_rollout.get("reward_mean")}
-            self.run_dir.log(record)
+            self.tracker.log(record)
             if m["step"] % self.cfg.metrics.log_every_steps == 0 or m["step"] == self.cfg.train.max_steps:
                 self.log.step(record, self.cfg.train.max_steps)
 
@@ -352,7 +355,7 @@ class Controller:
         if baseline is not None:
             wins = rollouts.compare(prompts, responses, baseline["responses"])
             result["win_rate"] = sum(wins) / len(wins)
-        self.run_dir.log({k: v for k, v in result.items() if k not in ("prompts", "responses")})
+        self.tracker.log({k: v for k, v in result.items() if k not in ("prompts", "responses")})
         self.log.eval(result)
         return result
 
@@ -393,9 +396,14 @@ def train(cfg: Config, console: ConsoleLog | None = None) -> dict:
     console = console or ConsoleLog()
     run_dir = RunDir.create(cfg.run.output_dir, cfg.run.name)
     console.info(f"run dir: {run_dir.path}")
+    m = cfg.metrics
+    external = ExternalLoggers(run_dir.path, cfg.run.name, m.tensorboard, m.wandb, cfg.model_dump(mode="json")) \
+        if (m.tensorboard or m.wandb) else None
+    tracker = Tracker(run_dir, RayMetrics(cfg.run.name), external)
     try:
-        return Controller(cfg, run_dir, console).run()
+        return Controller(cfg, run_dir, console, tracker).run()
     finally:
+        tracker.close()
         run_dir.close()
 
 

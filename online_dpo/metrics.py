@@ -1,13 +1,135 @@
-"""What a run reports: one concise console line per step, and eval results.
+"""What a run reports, and where: Ray metrics, the console, TensorBoard / W&B.
 
-The run directory's metrics.jsonl gets every record (see run_dir.py); the
-console gets a line per `metrics.log_every_steps` steps.
+Every record the controller produces (kind `rollout`, `train` or `eval`) goes
+through `Tracker.log`: to the run directory's metrics.jsonl, to Ray's metrics
+(ray.util.metrics, so Prometheus and the dashboard's Metrics view see them,
+tagged with the run name), and to TensorBoard / Weights & Biases when the
+config switches them on. The console gets one concise line per step.
+
+Ray prefixes custom metric names with `ray_`; the Grafana dashboard in
+cluster/monitoring/ uses the names below with that prefix.
 """
 
 from __future__ import annotations
 
 import sys
 import time
+
+# name -> (record kind, how to read it from the record, description)
+METRICS: dict[str, tuple[str, object, str]] = {
+    # training (trainer rank 0, per optimizer step)
+    "online_dpo_train_loss": ("train", "loss", "DPO loss"),
+    "online_dpo_train_reward_chosen": ("train", "rewards/chosen", "implicit reward of chosen responses"),
+    "online_dpo_train_reward_rejected": ("train", "rewards/rejected", "implicit reward of rejected responses"),
+    "online_dpo_train_reward_accuracy": ("train", "rewards/accuracy", "share of pairs with chosen > rejected"),
+    "online_dpo_train_reward_margin": ("train", "rewards/margin", "mean implicit reward margin"),
+    "online_dpo_train_grad_norm": ("train", "grad_norm", "gradient norm before clipping"),
+    "online_dpo_train_lr": ("train", "lr", "learning rate"),
+    "online_dpo_train_kl": ("train", "kl", "KL(policy || reference) estimate, nats per sequence"),
+    "online_dpo_train_step": ("train", "step", "optimizer steps taken"),
+    "online_dpo_train_pairs_per_second": ("train", lambda r: r["pairs"] / r["wall_seconds"]
+                                          if r.get("wall_seconds") else None, "pairs consumed per second"),
+    # sync (rank 0 -> samplers)
+    "online_dpo_sync_seconds": ("train", "sync_seconds", "seconds to push one version to all samplers"),
+    "online_dpo_sync_bytes": ("train", "sync_bytes", "bytes of one pushed version"),
+    "online_dpo_policy_version": ("train", "policy_version", "latest policy version published"),
+    # sampling (per rollout round)
+    "online_dpo_sample_prompts_per_second": ("rollout", lambda r: r["prompts"] / r["sample_seconds"],
+                                             "prompts sampled per second"),
+    "online_dpo_sample_tokens_per_second": ("rollout", lambda r: r["completions"] * r["response_tokens"]
+                                            / r["sample_seconds"], "response tokens generated per second"),
+    "online_dpo_sample_response_tokens": ("rollout", "response_tokens", "mean response length in tokens"),
+    "online_dpo_sample_eos_rate": ("rollout", "eos_rate", "share of responses that ended with EOS"),
+    # judging (per rollout round)
+    "online_dpo_judge_seconds": ("rollout", "judge_seconds", "judge latency for one round"),
+    "online_dpo_judge_ties_dropped": ("rollout", "ties", "ties dropped in the latest round"),
+    "online_dpo_judge_identical_dropped": ("rollout", "identical", "identical pairs dropped in the latest round"),
+    "online_dpo_judge_score_mean": ("rollout", "reward_mean", "mean judge score of all samples"),
+    "online_dpo_judge_score_chosen": ("rollout", "chosen_score", "mean judge score of chosen responses"),
+    "online_dpo_judge_score_rejected": ("rollout", "rejected_score", "mean judge score of rejected responses"),
+    # evaluation (held-out prompts)
+    "online_dpo_eval_reward": ("eval", "reward", "held-out mean judge score"),
+    "online_dpo_eval_win_rate": ("eval", "win_rate", "held-out win rate vs the initial policy"),
+}
+# Emitted by each sampler actor itself, tagged with its name.
+SAMPLER_VERSION = "online_dpo_sampler_policy_version"
+
+
+def _read(record: dict, how) -> float | None:
+    value = how(record) if callable(how) else record.get(how)
+    return None if value is None else float(value)
+
+
+class RayMetrics:
+    """Gauges in Ray's metrics system, tagged with the run name."""
+
+    def __init__(self, run: str):
+        from ray.util.metrics import Gauge
+
+        self.tags = {"run": run}
+        self.gauges = {name: Gauge(name, description=desc, tag_keys=("run",))
+                       for name, (_, _, desc) in METRICS.items()}
+
+    def record(self, record: dict) -> None:
+        for name, (kind, how, _) in METRICS.items():
+            if record.get("kind") == kind:
+                try:
+                    value = _read(record, how)
+                except (KeyError, ZeroDivisionError, TypeError):
+                    value = None
+                if value is not None:
+                    self.gauges[name].set(value, tags=self.tags)
+
+
+def sampler_version_gauge():
+    from ray.util.metrics import Gauge
+
+    return Gauge(SAMPLER_VERSION, description="policy version this sampler holds", tag_keys=("run", "sampler"))
+
+
+class ExternalLoggers:
+    """Optional TensorBoard and W&B; neither is a hard dependency."""
+
+    def __init__(self, run_dir, run_name: str, tensorboard: bool, wandb: bool, config: dict):
+        self.tb = self.wb = None
+        if tensorboard:
+            self.tb = _tensorboard_writer(str(run_dir / "tensorboard"))
+        if wandb:
+            try:
+                import wandb as wb
+            except ImportError:
+                raise RuntimeError("metrics.wandb is on but wandb is not installed: "
+                                   "pip install wandb, or set metrics.wandb: false") from None
+            self.wb = wb.init(project="online-dpo", name=run_name, dir=str(run_dir), config=config)
+
+    def record(self, record: dict) -> None:
+        kind = record.get("kind")
+        step = record.get("step") or record.get("round") or record.get("policy_version") or 0
+        scalars = {f"{kind}/{k}": v for k, v in record.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "kind"}
+        if self.tb is not None:
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, step)
+        if self.wb is not None:
+            self.wb.log(scalars)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wb is not None:
+            self.wb.finish()
+
+
+def _tensorboard_writer(logdir: str):
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise RuntimeError("metrics.tensorboard is on but neither tensorboardX nor tensorboard is "
+                               "installed: pip install tensorboard, or set metrics.tensorboard: false") from None
+    return SummaryWriter(logdir)
 
 
 def _fmt(x, spec: str, missing: str = "-") -> str:
@@ -38,3 +160,21 @@ class ConsoleLog:
         if "win_rate" in result:
             parts.append(f"win rate vs initial {result['win_rate']:.3f}")
         self._print("[online-dpo] " + ", ".join(parts))
+
+
+class Tracker:
+    """Fans each record out to the run directory, Ray metrics and optional loggers."""
+
+    def __init__(self, run_dir, ray_metrics: RayMetrics | None = None, external: ExternalLoggers | None = None):
+        self.run_dir, self.ray_metrics, self.external = run_dir, ray_metrics, external
+
+    def log(self, record: dict) -> None:
+        self.run_dir.log(record)
+        if self.ray_metrics is not None:
+            self.ray_metrics.record(record)
+        if self.external is not None:
+            self.external.record(record)
+
+    def close(self) -> None:
+        if self.external is not None:
+            self.external.close()

@@ -66,10 +66,16 @@ def build_llm(spec: EngineSpec, on_gpu: bool):
 
 
 class Sampler:
-    def __init__(self, spec: EngineSpec, name: str = "sampler", on_gpu: bool = False):
+    def __init__(self, spec: EngineSpec, name: str = "sampler", on_gpu: bool = False, run: str = "run"):
         self.name = name
         self.version = 0
         self.llm = build_llm(spec, on_gpu)
+        self.gauge, self.tags = _version_gauge(), {"run": run, "sampler": name}
+        self._report_version()
+
+    def _report_version(self) -> None:
+        if self.gauge is not None:
+            self.gauge.set(self.version, tags=self.tags)
 
     def ready(self) -> dict:
         return {"name": self.name, "pid": os.getpid(), "version": self.version}
@@ -116,4 +122,18 @@ class Sampler:
         self.llm.reset_prefix_cache()
         self.version = handle.version
         self.last_sync_seconds = time.time() - start
+        self._report_version()
         return self.version
+
+
+def _version_gauge():
+    """The sampler's policy-version gauge when running under Ray, else None."""
+    try:
+        import ray
+
+        if not ray.is_initialized():
+            return None
+        from .metrics import sampler_version_gauge
+        return sampler_version_gauge()
+    except ImportError:
+        return None

@@ -28,7 +28,8 @@ def ray_local():
     import ray
 
     here = os.path.dirname(os.path.abspath(__file__))
-    ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1",
+    ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
+             _system_config={"metrics_report_interval_ms": 1000},  # scrapes see values within ~1 s
              namespace="online-dpo-tests", log_to_driver=False,
              runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false",
                                        # so Ray workers can import test helpers (tests/ray/fakes.py)

@@ -40,6 +40,8 @@ def test_default_run_improves_held_out_reward(default_run):
     assert summary["win_rate"] >= 0.75, summary
     # progress lines: step, pairs, reward, loss, version, pairs/s
     assert "step   40/40" in stdout and "pairs/s" in stdout and " v40 " in stdout
+    # concise by default: step lines and a few notes, no engine logs
+    assert len(stdout.splitlines()) < 60 and "vllm" not in stdout.lower(), stdout
 
 
 def test_run_dir_layout(default_run):
