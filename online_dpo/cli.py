@@ -1,6 +1,7 @@
-"""online-dpo: train | validate | report | make-default.
+"""online-dpo: train | serve | validate | report | make-default.
 
   online-dpo train [CONFIG] [--set section.field=value ...] [-v]
+  online-dpo serve RUN_DIR|MODEL_DIR [--config CONFIG] [--set serve.field=value ...]
   online-dpo validate CONFIG [CONFIG ...]
   online-dpo report RUN_DIR
   online-dpo make-default
@@ -72,6 +73,57 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    """Serve a finished run directory or any HF model directory until interrupted."""
+    from pathlib import Path
+
+    from .config import ConfigError, apply_override, load_config, validate
+
+    path = Path(args.path)
+    model = path / "policy" if (path / "policy" / "config.json").exists() else path
+    if args.path != "embedded:reviews" and not (model / "config.json").exists():
+        print(f"error: {args.path} is neither a run directory (with policy/) nor a model directory "
+              "(with config.json)", file=sys.stderr)
+        return 2
+    try:
+        if args.config:
+            serve_cfg = load_config(args.config, args.set).serve
+        else:
+            raw = {"model": {"policy": "unused"}, "data": {"source": "unused"}}
+            for item in args.set:
+                if not item.startswith("serve."):
+                    raise ConfigError(f"--set {item}: only serve.* fields apply to `online-dpo serve`")
+                apply_override(raw, item)
+            serve_cfg = validate(raw, source="--set").serve
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from .cluster import connect
+    from .embedded import resolve_model
+    from . import serve as serving
+
+    model_path = resolve_model(args.path) if args.path == "embedded:reviews" else str(model.resolve())
+    name = serve_cfg.model_name or (path.name if model != path else model.name)
+    started = connect(namespace=f"online-dpo-serve-{int(time.time())}", log_to_driver=args.verbose)
+    try:
+        spec, options = serving.from_config(serve_cfg, model_path, name, None, "info" if args.verbose else "quiet")
+        url = serving.deploy(spec, options, serve_cfg.host, serve_cfg.port, serve_cfg.route_prefix)
+        print(f"[online-dpo] serving {model_path} as '{name}' at {url}/v1 (Ctrl-C to stop)", flush=True)
+        while True:
+            time.sleep(3600)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (KeyboardInterrupt, SystemExit):
+        pass
+    finally:
+        serving.undeploy()
+        if started:
+            import ray
+            ray.shutdown()
+    return 0
+
+
 def cmd_train(args) -> int:
     cfg = _load(args.config, args.set + (["run.log_level=info"] if args.verbose else []))
     from .cluster import connect
@@ -110,6 +162,12 @@ def main(argv=None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field")
     p.add_argument("-v", "--verbose", action="store_true", help="show Ray, vLLM and actor logs")
     p.set_defaults(fn=cmd_train)
+    p = sub.add_parser("serve", help="serve a run directory or model directory over OpenAI-compatible HTTP")
+    p.add_argument("path", help="a run directory, an HF model directory, or embedded:reviews")
+    p.add_argument("--config", default=None, help="take the serve section of this run YAML")
+    p.add_argument("--set", action="append", default=[], metavar="serve.KEY=VALUE")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.set_defaults(fn=cmd_serve)
     p = sub.add_parser("report", help="print a run's summary table and redraw its curves.png")
     p.add_argument("run_dir")
     p.set_defaults(fn=cmd_report)
@@ -124,6 +182,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # SIGTERM (e.g. `kill`, a job stopping) unwinds like Ctrl-C, so a local cluster is shut down.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     return args.fn(args)
 
 

@@ -148,15 +148,32 @@ class EvalConfig(Section):
 
 
 class ServeConfig(Section):
-    enabled: bool = False
+    enabled: bool = Field(False, description="deploy the policy server at the start of training")
+    keep_alive: bool = Field(False, description="after training, keep serving until Ctrl-C")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
-    route_prefix: str = "/"
+    route_prefix: str = Field("/", pattern=r"^/")
+    model_name: str | None = Field(None, description="name clients pass as `model`; default: run.name")
     num_replicas: int = Field(1, ge=1)
+    min_replicas: int | None = Field(None, ge=0, description="autoscaling lower bound")
+    max_replicas: int | None = Field(None, ge=1, description="autoscaling upper bound")
     num_cpus: float = Field(1.0, ge=0)
     num_gpus: float = Field(0.0, ge=0)
+    num_threads: int | None = Field(None, ge=1)
     max_ongoing_requests: int = Field(64, ge=1)
-    api_key_env: str | None = None
+    default_max_tokens: int = Field(128, ge=1)
+    api_key_env: str | None = Field(None, description="environment variable holding the API key")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    kv_cache_gib: int = Field(1, ge=1)
+    max_model_len: int | None = Field(None, gt=0)
+    poll_seconds: float = Field(0.5, gt=0, description="how often replicas look for a new policy version")
+    engine: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _bounds(self):
+        if self.max_replicas is not None and self.max_replicas < max(self.num_replicas, self.min_replicas or 0):
+            raise ValueError("serve.max_replicas must be at least serve.num_replicas and serve.min_replicas")
+        return self
 
 
 class MetricsConfig(Section):

@@ -82,8 +82,9 @@ def threads_for(num_cpus: float, explicit: int | None) -> int:
 class Topology:
     """The actors of one run; `start` places them, `shutdown` ends them."""
 
-    def __init__(self, samplers: list, judges: list, broker):
+    def __init__(self, samplers: list, judges: list, broker, store=None, serve_url: str | None = None):
         self.samplers, self.judges, self.broker = samplers, judges, broker
+        self.store, self.serve_url = store, serve_url
 
     @classmethod
     def start(cls, cfg: Config, policy_path: str) -> "Topology":
@@ -109,12 +110,30 @@ class Topology:
             for i in range(j.num_actors)]
         broker = ray.remote(Broker).options(name="broker", num_cpus=0).remote(cfg.sync.max_policy_lag)
         topo = cls(samplers, judges, broker)
+        if cfg.serve.enabled:
+            topo.start_serving(cfg, policy_path)
         ray.get([a.ready.remote() for a in samplers + judges])
         return topo
+
+    def start_serving(self, cfg: Config, policy_path: str) -> None:
+        """The policy server, fed live by the PolicyStore the learner publishes to."""
+        import ray
+
+        from . import serve as serving
+        from .weight_sync import PolicyStore
+
+        namespace = ray.get_runtime_context().namespace
+        self.store = ray.remote(PolicyStore).options(name=serving.STORE_NAME, num_cpus=0).remote()
+        spec, options = serving.from_config(cfg.serve, policy_path, cfg.serve.model_name or cfg.run.name,
+                                            namespace, cfg.run.log_level)
+        self.serve_url = serving.deploy(spec, options, cfg.serve.host, cfg.serve.port, cfg.serve.route_prefix)
 
     def shutdown(self) -> None:
         import ray
 
+        if self.serve_url:
+            from .serve import undeploy
+            undeploy()
         for actor in self.samplers + self.judges + [self.broker]:
             try:
                 ray.kill(actor)
@@ -182,7 +201,8 @@ class Learner(threading.Thread):
         t = self.cfg.train
         trainer = TorchTrainer(
             train_loop,
-            train_loop_config={"spec": self.spec, "broker": self.topo.broker, "receivers": self.topo.samplers},
+            train_loop_config={"spec": self.spec, "broker": self.topo.broker, "receivers": self.topo.samplers,
+                               "store": self.topo.store},
             scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                          resources_per_worker={"CPU": t.num_cpus_per_worker,
                                                                **({"GPU": 1} if t.use_gpu else {})}),
@@ -234,8 +254,14 @@ class Controller:
         topo = Topology.start(cfg, policy_path)
         self.log.info(f"actors up: {len(topo.samplers)} sampler(s), {len(topo.judges)} judge(s) "
                       f"({time.time() - self.start_time:.0f}s)")
+        if topo.serve_url:
+            self.log.info(f"serving the live policy at {topo.serve_url}/v1 (model '{cfg.serve.model_name or cfg.run.name}')")
         try:
-            return self._run(topo, source, heldout, policy_path, reference_path)
+            summary = self._run(topo, source, heldout, policy_path, reference_path)
+            if topo.serve_url and cfg.serve.keep_alive:
+                self.log.info(f"training done; serving the final policy at {topo.serve_url}/v1 until Ctrl-C")
+                _wait_forever()
+            return summary
         finally:
             topo.shutdown()
 
@@ -382,6 +408,14 @@ class Controller:
         }
         self.run_dir.write_json("summary.json", summary)
         return summary
+
+
+def _wait_forever() -> None:
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
 
 
 def _read_jsonl(path) -> list[dict]:

@@ -31,8 +31,13 @@ class EngineSpec:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def engine_env(num_threads: int, kv_cache_gib: int, on_gpu: bool, log_level: str) -> dict[str, str]:
-    """Environment for a process that builds a vLLM engine (set before vllm is imported)."""
+def engine_env(num_threads: int, kv_cache_gib: int, on_gpu: bool, log_level: str,
+               in_process: bool = True) -> dict[str, str]:
+    """Environment for a process that builds a vLLM engine (set before vllm is imported).
+
+    `in_process` keeps the CPU engine core inside the calling process (samplers,
+    judges: weights load without crossing a process boundary); serve replicas
+    use a separate engine-core process so their event loop stays free."""
     env = {
         "OMP_NUM_THREADS": str(num_threads),
         "MKL_NUM_THREADS": str(num_threads),
@@ -41,9 +46,7 @@ def engine_env(num_threads: int, kv_cache_gib: int, on_gpu: bool, log_level: str
         "TOKENIZERS_PARALLELISM": "false",
     }
     if not on_gpu:
-        # In-process engine core: weights load without crossing a process boundary,
-        # and a Ray actor holds exactly one engine process.
-        env.update({"VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        env.update({"VLLM_ENABLE_V1_MULTIPROCESSING": "0" if in_process else "1",
                     "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib),
                     "VLLM_CPU_OMP_THREADS_BIND": "nobind"})
     return env

@@ -180,7 +180,7 @@ def train_loop(config: dict) -> None:
     from .weight_sync import export_state_dict, get_transport, push
 
     spec: LearnerSpec = config["spec"]
-    broker, receivers = config["broker"], config["receivers"]
+    broker, receivers, store = config["broker"], config["receivers"], config.get("store")
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     if spec.num_threads:
@@ -218,6 +218,8 @@ def train_loop(config: dict) -> None:
             if rank == 0:
                 handle = transport.publish(export_state_dict(model, DTYPES[spec.dtype]), version)
                 report = push(handle, receivers)
+                if store is not None:  # serve replicas pull it from here
+                    ray.get(store.publish.remote(handle))
                 ray.get(broker.publish_version.remote(version))
                 metrics.update(policy_version=version, sync_seconds=report.seconds,
                                sync_bytes=report.nbytes)

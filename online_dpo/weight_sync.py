@@ -96,3 +96,27 @@ def push(handle: WeightsHandle, receivers: list, timeout: float | None = 600) ->
         raise RuntimeError(f"weight sync to version {handle.version}: receivers report {versions}")
     return SyncReport(version=handle.version, receivers=len(receivers), nbytes=handle.nbytes,
                       seconds=time.time() - start, versions=tuple(versions))
+
+
+class PolicyStore:
+    """The latest published version, for receivers that pull (serve replicas).
+
+    Serve replicas cannot be addressed one by one, and autoscaling adds them
+    at any time, so they poll this actor and load any newer version
+    themselves; a new replica starts from the latest one. Holding the handle
+    keeps exactly one version's bytes alive in the object store.
+    """
+
+    def __init__(self):
+        self.handle: WeightsHandle | None = None
+
+    def publish(self, handle: WeightsHandle) -> int:
+        if self.handle is None or handle.version > self.handle.version:
+            self.handle = handle
+        return self.handle.version
+
+    def version(self) -> int:
+        return self.handle.version if self.handle is not None else 0
+
+    def latest(self) -> WeightsHandle | None:
+        return self.handle
