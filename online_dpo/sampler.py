@@ -35,9 +35,8 @@ def engine_env(num_threads: int, kv_cache_gib: int, on_gpu: bool, log_level: str
                in_process: bool = True) -> dict[str, str]:
     """Environment for a process that builds a vLLM engine (set before vllm is imported).
 
-    `in_process` keeps the CPU engine core inside the calling process (samplers,
-    judges: weights load without crossing a process boundary); serve replicas
-    use a separate engine-core process so their event loop stays free."""
+    `in_process` keeps the CPU engine core inside the calling process, so weights
+    load without crossing a process boundary and no step pays for IPC."""
     env = {
         "OMP_NUM_THREADS": str(num_threads),
         "MKL_NUM_THREADS": str(num_threads),

@@ -1,7 +1,8 @@
 """Ray Serve application that serves the current policy over OpenAI-compatible HTTP.
 
-Each replica holds a vLLM AsyncLLM engine (engine core in its own process, so
-the replica's event loop stays free for HTTP). Routes: POST /v1/completions and
+Each replica holds a vLLM AsyncLLM engine. On CPU its engine core runs inside
+the replica process (measured faster on 2 cores than a separate engine-core
+process: no IPC per step); on GPU vLLM's usual engine-core process is used. Routes: POST /v1/completions and
 /v1/chat/completions (plain or streamed as server-sent events), GET /v1/models,
 GET /health. Every response names the policy version that produced it.
 
@@ -292,7 +293,7 @@ def from_config(serve_cfg, model_path: str, served_name: str, store_namespace: s
 
     s = serve_cfg
     env = engine_env(s.num_threads or max(1, int(s.num_cpus)), s.kv_cache_gib, s.num_gpus > 0, log_level,
-                     in_process=False)
+                     in_process=True)
     if s.api_key_env:
         if not os.environ.get(s.api_key_env):
             raise ValueError(f"serve.api_key_env names {s.api_key_env}, but that environment variable is not "

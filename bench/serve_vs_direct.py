@@ -1,0 +1,125 @@
+"""Requests/s and p50/p95 latency: the Ray Serve endpoint vs the same vLLM engine in-process.
+
+Both sides use the embedded default policy, the same engine settings (AsyncLLM,
+fp32, engine core in the calling process, as the CPU replicas run it), the same prompts, sampling settings and
+client concurrency. The Serve side goes through HTTP on 127.0.0.1 (Serve's
+proxy, the replica, the engine); the direct side calls AsyncLLM.generate in
+this process. Run: .venv/bin/python bench/serve_vs_direct.py [--requests 256 --concurrency 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import time
+
+
+def percentile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+def figures(latencies: list[float], wall: float) -> dict:
+    return {"req_s": len(latencies) / wall, "p50_ms": 1000 * statistics.median(latencies),
+            "p95_ms": 1000 * percentile(latencies, 0.95)}
+
+
+async def drive(one, prompts: list[str], concurrency: int) -> dict:
+    sem = asyncio.Semaphore(concurrency)
+    latencies: list[float] = []
+
+    async def task(i, p):
+        async with sem:
+            t = time.perf_counter()
+            await one(i, p)
+            latencies.append(time.perf_counter() - t)
+
+    start = time.perf_counter()
+    await asyncio.gather(*[task(i, p) for i, p in enumerate(prompts)])
+    return figures(latencies, time.perf_counter() - start)
+
+
+async def bench_serve(url: str, prompts, args) -> dict:
+    import aiohttp
+
+    async with aiohttp.ClientSession() as session:
+        async def one(i, prompt):
+            body = {"prompt": prompt, "max_tokens": args.max_tokens, "temperature": 1.0, "seed": i}
+            async with session.post(url + "/v1/completions", json=body) as r:
+                assert r.status == 200, await r.text()
+                await r.read()
+        await drive(one, prompts[: args.concurrency], args.concurrency)  # warm-up
+        return await drive(one, prompts, args.concurrency)
+
+
+async def bench_direct(model: str, prompts, args) -> dict:
+    from vllm import AsyncEngineArgs, SamplingParams
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    engine = AsyncLLM.from_engine_args(AsyncEngineArgs(model=model, dtype="float32", enforce_eager=True))
+    tok = engine.get_tokenizer()
+
+    async def one(i, prompt):
+        from vllm import TokensPrompt
+        params = SamplingParams(max_tokens=args.max_tokens, temperature=1.0, seed=i)
+        ids = tok(prompt)["input_ids"]  # the server tokenizes too
+        async for _ in engine.generate(TokensPrompt(prompt_token_ids=ids), params, f"r{i}-{time.time()}"):
+            pass
+    try:
+        await drive(one, prompts[: args.concurrency], args.concurrency)  # warm-up
+        return await drive(one, prompts, args.concurrency)
+    finally:
+        engine.shutdown()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--requests", type=int, default=256)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    args = parser.parse_args()
+
+    os.environ.update({"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+                       "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": str(os.cpu_count()),
+                       "VLLM_LOGGING_LEVEL": "WARNING", "TOKENIZERS_PARALLELISM": "false"})
+    from online_dpo.embedded import EMBEDDED, embedded_prompts, resolve_model
+
+    model = resolve_model(EMBEDDED)
+    base = embedded_prompts("heldout")
+    prompts = [base[i % len(base)] for i in range(args.requests)]
+
+    from online_dpo.cluster import use_loopback
+    use_loopback()
+    import ray
+
+    from online_dpo import serve as serving
+    from online_dpo.config import ServeConfig
+
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = ServeConfig(port=port, dtype="float32", num_cpus=os.cpu_count(), max_ongoing_requests=256)
+    spec, options = serving.from_config(cfg, model, "reviews", None)
+    url = serving.deploy(spec, options, "127.0.0.1", port, "/")
+    serve_fig = asyncio.run(bench_serve(url, prompts, args))
+    serving.undeploy()
+    ray.shutdown()
+    direct_fig = asyncio.run(bench_direct(model, prompts, args))
+
+    print(f"{args.requests} requests, {args.concurrency} concurrent clients, max_tokens {args.max_tokens}, "
+          f"{os.cpu_count()} CPU cores")
+    print(f"{'':22}{'req/s':>8}{'p50 ms':>10}{'p95 ms':>10}")
+    for name, f in (("Ray Serve (HTTP)", serve_fig), ("vLLM in-process", direct_fig)):
+        print(f"{name:22}{f['req_s']:8.1f}{f['p50_ms']:10.1f}{f['p95_ms']:10.1f}")
+    print(f"{'ratio serve/direct':22}{serve_fig['req_s'] / direct_fig['req_s']:8.2f}"
+          f"{serve_fig['p50_ms'] / direct_fig['p50_ms']:10.2f}{serve_fig['p95_ms'] / direct_fig['p95_ms']:10.2f}")
+    print(json.dumps({"serve": serve_fig, "direct": direct_fig}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""Serving through the real CLI: live during training (`serve.enabled`), then `online-dpo serve RUN_DIR`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+STEPS = 8
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get(url, timeout=10):
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+def post(url, body, timeout=60):
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+def wait_healthy(base, proc, limit=300):
+    deadline = time.time() + limit
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"exited early: {proc.stdout.read()[-3000:]}")
+        try:
+            return get(base + "/health", timeout=2)
+        except (urllib.error.URLError, OSError, json.JSONDecodeError):
+            time.sleep(0.5)
+    raise AssertionError("server never became healthy")
+
+
+def spawn(*args):
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return subprocess.Popen([sys.executable, "-m", "online_dpo.cli", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.fixture(scope="module")
+def live_run(tmp_path_factory, embedded_model):
+    out, port = tmp_path_factory.mktemp("runs"), free_port()
+    proc = spawn("train", "--set", f"run.output_dir={out}", "--set", "serve.enabled=true",
+                 "--set", f"serve.port={port}", "--set", "serve.num_cpus=0.2", "--set", "serve.dtype=float32",
+                 "--set", "serve.poll_seconds=0.2", "--set", f"train.max_steps={STEPS}",
+                 "--set", "eval.prompts=8")
+    base = f"http://127.0.0.1:{port}"
+    seen, errors = [], []
+    wait_healthy(base, proc)
+    while proc.poll() is None:  # one client, asking until it sees the final version
+        try:
+            body = post(base + "/v1/completions", {"prompt": "I bought this kettle last month and",
+                                                    "max_tokens": 8})
+            seen.append(body["policy_version"])
+            if body["policy_version"] == STEPS:
+                break
+        except Exception as e:
+            errors.append(repr(e))
+    rest, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, rest[-3000:]
+    (run_dir,) = [p for p in out.iterdir() if p.is_dir()]
+    return run_dir, seen, errors
+
+
+def test_clients_see_the_policy_improve_live(live_run):
+    _, seen, errors = live_run
+    assert not errors, errors[:3]
+    assert seen == sorted(seen), "versions went backwards"
+    assert seen[-1] == STEPS and len(set(seen)) >= 3, seen
+
+
+def test_serve_a_finished_run_directory_until_interrupted(live_run):
+    run_dir, _, _ = live_run
+    port = free_port()
+    proc = spawn("serve", str(run_dir), "--set", f"serve.port={port}", "--set", "serve.dtype=float32",
+                 "--set", "serve.num_cpus=1")
+    try:
+        health = wait_healthy(f"http://127.0.0.1:{port}", proc)
+        assert health["model"] == run_dir.name
+        body = post(f"http://127.0.0.1:{port}/v1/chat/completions",
+                    {"messages": [{"role": "user", "content": "Write a review of this kettle."}], "max_tokens": 16})
+        assert body["choices"][0]["message"]["content"] and body["model"] == run_dir.name
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-2000:]
+
+
+def test_serve_refuses_a_path_that_is_not_a_model(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "online_dpo.cli", "serve", str(tmp_path)], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2 and "neither a run directory" in proc.stderr
