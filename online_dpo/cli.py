@@ -1,6 +1,6 @@
 """online-dpo: train | serve | validate | report | make-default.
 
-  online-dpo train [CONFIG] [--set section.field=value ...] [-v]
+  online-dpo train [CONFIG] [--set section.field=value ...] [-v] [--dry-run]
   online-dpo serve RUN_DIR|MODEL_DIR [--config CONFIG] [--set serve.field=value ...]
   online-dpo validate CONFIG [CONFIG ...]
   online-dpo report RUN_DIR
@@ -124,8 +124,29 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_dry_run(cfg) -> int:
+    """Print which actor goes where against the cluster's resources; 1 if it cannot fit."""
+    from .cluster import existing_address
+    from .placement import check, cluster_nodes, local_nodes
+
+    if existing_address():
+        from .cluster import connect
+        connect(namespace="online-dpo-dry-run", dashboard=False, log_to_driver=False)
+        nodes, where = cluster_nodes(), "the connected Ray cluster"
+    else:
+        nodes, where = local_nodes(), "a local Ray cluster on this machine (none is running)"
+    text, problems = check(cfg, nodes)
+    print(f"[online-dpo] dry run of '{cfg.run.name}' against {where}")
+    print(text)
+    if problems:
+        print("error: this plan cannot run on this cluster; see the result above", file=sys.stderr)
+    return 1 if problems else 0
+
+
 def cmd_train(args) -> int:
     cfg = _load(args.config, args.set + (["run.log_level=info"] if args.verbose else []))
+    if args.dry_run:
+        return cmd_dry_run(cfg)
     from .cluster import connect
     from .controller import RunFailed, train
     from .metrics import ConsoleLog
@@ -161,6 +182,7 @@ def main(argv=None) -> int:
     p.add_argument("config", nargs="?", default=None)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field")
     p.add_argument("-v", "--verbose", action="store_true", help="show Ray, vLLM and actor logs")
+    p.add_argument("--dry-run", action="store_true", help="print the placement plan and check it; run nothing")
     p.set_defaults(fn=cmd_train)
     p = sub.add_parser("serve", help="serve a run directory or model directory over OpenAI-compatible HTTP")
     p.add_argument("path", help="a run directory, an HF model directory, or embedded:reviews")

@@ -31,6 +31,7 @@ class RunConfig(Section):
     output_dir: str = "runs"
     seed: int = 0
     log_level: Literal["quiet", "info", "debug"] = "quiet"
+    check_resources: bool = Field(True, description="refuse a plan the cluster cannot hold (off for autoscaling)")
 
 
 class ModelConfig(Section):
@@ -67,6 +68,8 @@ class SamplerConfig(Section):
     max_model_len: int | None = Field(None, gt=0)
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
     engine: dict[str, Any] = Field(default_factory=dict, description="extra vllm.LLM arguments")
+    resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per actor")
+    node_labels: dict[str, str] = Field(default_factory=dict, description="place only on nodes with these labels")
 
 
 class JudgeConfig(Section):
@@ -83,6 +86,8 @@ class JudgeConfig(Section):
     max_new_tokens: int = Field(8, gt=0)
     constrained: bool = Field(True, description="llm: restrict the verdict to 'A' or 'B'")
     engine: dict[str, Any] = Field(default_factory=dict)
+    resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per actor")
+    node_labels: dict[str, str] = Field(default_factory=dict, description="place only on nodes with these labels")
 
     @model_validator(mode="after")
     def _needs(self):
@@ -101,6 +106,9 @@ class TrainConfig(Section):
     num_cpus_per_worker: float = Field(1.0, ge=0)
     use_gpu: bool = False
     num_threads: int | None = Field(None, ge=1)
+    resources_per_worker: dict[str, float] = Field(default_factory=dict, description="custom Ray resources")
+    node_labels: dict[str, str] = Field(default_factory=dict)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     loss: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
     beta: float = Field(0.1, gt=0)
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)
@@ -168,6 +176,8 @@ class ServeConfig(Section):
     max_model_len: int | None = Field(None, gt=0)
     poll_seconds: float = Field(0.5, gt=0, description="how often replicas look for a new policy version")
     engine: dict[str, Any] = Field(default_factory=dict)
+    resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per actor")
+    node_labels: dict[str, str] = Field(default_factory=dict, description="place only on nodes with these labels")
 
     @model_validator(mode="after")
     def _bounds(self):

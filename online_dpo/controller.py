@@ -42,18 +42,19 @@ STARVED = 20  # give up on a version after sampling this many times the prompts 
 
 # ---------------------------------------------------------------- plain arguments from the config
 
-def engine_spec(cfg: Config, model_path: str) -> EngineSpec:
+def engine_spec(cfg: Config, model_path: str, files=None) -> EngineSpec:
     s = cfg.sampler
     return EngineSpec(model=model_path, dtype=s.dtype, tensor_parallel_size=s.tensor_parallel_size,
                       max_model_len=s.max_model_len, gpu_memory_utilization=s.gpu_memory_utilization,
-                      seed=cfg.run.seed, trust_remote_code=cfg.model.trust_remote_code, extra=dict(s.engine))
+                      seed=cfg.run.seed, trust_remote_code=cfg.model.trust_remote_code, extra=dict(s.engine),
+                      file_server=files)
 
 
-def judge_options(cfg: Config) -> dict:
+def judge_options(cfg: Config, files=None) -> dict:
     j = cfg.judge
     opts = dict(kind=j.kind, margin=j.margin, function=j.function, batch_size=j.batch_size,
                 max_length=j.max_length, template=j.template, max_new_tokens=j.max_new_tokens,
-                constrained=j.constrained, engine=dict(j.engine))
+                constrained=j.constrained, engine=dict(j.engine), file_server=files)
     if j.model:
         opts["model"] = resolve_model(j.model)
     if j.kind == "llm" and j.model == EMBEDDED:
@@ -61,7 +62,7 @@ def judge_options(cfg: Config) -> dict:
     return opts
 
 
-def learner_spec(cfg: Config, policy: str, reference: str) -> LearnerSpec:
+def learner_spec(cfg: Config, policy: str, reference: str, files=None) -> LearnerSpec:
     t = cfg.train
     return LearnerSpec(policy=policy, reference=reference, dtype=cfg.model.dtype, loss=t.loss, beta=t.beta,
                        label_smoothing=t.label_smoothing, lr=t.lr, lr_schedule=t.lr_schedule,
@@ -70,11 +71,21 @@ def learner_spec(cfg: Config, policy: str, reference: str) -> LearnerSpec:
                        seed=cfg.run.seed if t.seed is None else t.seed, sync_every=cfg.sync.every_steps,
                        checkpoint_every=cfg.checkpoint.every_steps,
                        num_threads=t.num_threads or max(1, int(t.num_cpus_per_worker)),
-                       trust_remote_code=cfg.model.trust_remote_code)
+                       trust_remote_code=cfg.model.trust_remote_code, file_server=files)
 
 
 def threads_for(num_cpus: float, explicit: int | None) -> int:
     return explicit or max(1, int(num_cpus))
+
+
+def placed(resources: dict[str, float], labels: dict[str, str]) -> dict:
+    """Ray actor options that place an actor by custom resources and node labels."""
+    out: dict = {}
+    if resources:
+        out["resources"] = dict(resources)
+    if labels:
+        out["label_selector"] = dict(labels)
+    return out
 
 
 # ---------------------------------------------------------------- topology
@@ -82,34 +93,36 @@ def threads_for(num_cpus: float, explicit: int | None) -> int:
 class Topology:
     """The actors of one run; `start` places them, `shutdown` ends them."""
 
-    def __init__(self, samplers: list, judges: list, broker, store=None, serve_url: str | None = None):
-        self.samplers, self.judges, self.broker = samplers, judges, broker
-        self.store, self.serve_url = store, serve_url
+    def __init__(self, samplers: list, judges: list, broker, files=None):
+        self.samplers, self.judges, self.broker, self.files = samplers, judges, broker, files
+        self.store, self.serve_url = None, None
 
     @classmethod
     def start(cls, cfg: Config, policy_path: str) -> "Topology":
         import ray
 
+        from .artifacts import start_file_server
         from .broker import Broker
         from .judges.actor import JudgeActor
         from .sampler import Sampler
 
         s, j = cfg.sampler, cfg.judge
+        files = start_file_server()
         on_gpu = s.num_gpus > 0
         env = engine_env(threads_for(s.num_cpus, s.num_threads), s.kv_cache_gib, on_gpu, cfg.run.log_level)
-        spec = engine_spec(cfg, policy_path)
+        spec = engine_spec(cfg, policy_path, files)
         samplers = [ray.remote(Sampler).options(
-            name=f"sampler-{i}", num_cpus=s.num_cpus, num_gpus=s.num_gpus,
+            name=f"sampler-{i}", num_cpus=s.num_cpus, num_gpus=s.num_gpus, **placed(s.resources, s.node_labels),
             runtime_env={"env_vars": env}).remote(spec, f"sampler-{i}", on_gpu, cfg.run.name)
             for i in range(s.num_actors)]
         judge_env = engine_env(threads_for(j.num_cpus, None), s.kv_cache_gib, j.num_gpus > 0,
                                cfg.run.log_level)
         judges = [ray.remote(JudgeActor).options(
-            name=f"judge-{i}", num_cpus=j.num_cpus, num_gpus=j.num_gpus,
-            runtime_env={"env_vars": judge_env}).remote(name=f"judge-{i}", **judge_options(cfg))
+            name=f"judge-{i}", num_cpus=j.num_cpus, num_gpus=j.num_gpus, **placed(j.resources, j.node_labels),
+            runtime_env={"env_vars": judge_env}).remote(name=f"judge-{i}", **judge_options(cfg, files))
             for i in range(j.num_actors)]
         broker = ray.remote(Broker).options(name="broker", num_cpus=0).remote(cfg.sync.max_policy_lag)
-        topo = cls(samplers, judges, broker)
+        topo = cls(samplers, judges, broker, files)
         if cfg.serve.enabled:
             topo.start_serving(cfg, policy_path)
         ray.get([a.ready.remote() for a in samplers + judges])
@@ -125,7 +138,7 @@ class Topology:
         namespace = ray.get_runtime_context().namespace
         self.store = ray.remote(PolicyStore).options(name=serving.STORE_NAME, num_cpus=0).remote()
         spec, options = serving.from_config(cfg.serve, policy_path, cfg.serve.model_name or cfg.run.name,
-                                            namespace, cfg.run.log_level)
+                                            namespace, cfg.run.log_level, self.files)
         self.serve_url = serving.deploy(spec, options, cfg.serve.host, cfg.serve.port, cfg.serve.route_prefix)
 
     def shutdown(self) -> None:
@@ -134,7 +147,9 @@ class Topology:
         if self.serve_url:
             from .serve import undeploy
             undeploy()
-        for actor in self.samplers + self.judges + [self.broker]:
+        for actor in self.samplers + self.judges + [self.broker, self.files, self.store]:
+            if actor is None:
+                continue
             try:
                 ray.kill(actor)
             except Exception:
@@ -205,7 +220,10 @@ class Learner(threading.Thread):
                                "store": self.topo.store},
             scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                          resources_per_worker={"CPU": t.num_cpus_per_worker,
-                                                               **({"GPU": 1} if t.use_gpu else {})}),
+                                                               **({"GPU": 1} if t.use_gpu else {}),
+                                                               **t.resources_per_worker},
+                                         placement_strategy=t.placement_strategy,
+                                         label_selector=dict(t.node_labels) or None),
             run_config=RunConfig(name="trainer", storage_path=self.storage,
                                  checkpoint_config=CheckpointConfig(num_to_keep=self.cfg.checkpoint.keep)))
         try:
@@ -244,6 +262,17 @@ class Controller:
                 heldout, train = train[:self.cfg.eval.prompts], train[self.cfg.eval.prompts:]
         return PromptSource(train, seed=self.cfg.run.seed, shuffle=d.shuffle), heldout[:self.cfg.eval.prompts]
 
+    def check_placement(self) -> None:
+        """Refuse a plan the cluster cannot hold, instead of leaving actors pending."""
+        from .placement import check, cluster_nodes
+
+        if not self.cfg.run.check_resources:
+            return
+        text, problems = check(self.cfg, cluster_nodes())
+        if problems:
+            raise RunFailed("the cluster cannot hold this run (set run.check_resources: false on an "
+                            "autoscaling cluster):\n" + text)
+
     def run(self) -> dict:
         cfg = self.cfg
         policy_path = resolve_model(cfg.model.policy)
@@ -251,6 +280,7 @@ class Controller:
         source, heldout = self.prepare_data(policy_path)
         self.log.info(f"prompts: {len(source.prompts)} train, {len(heldout)} held-out")
         self.run_dir.write_config(dump(cfg))
+        self.check_placement()
         topo = Topology.start(cfg, policy_path)
         self.log.info(f"actors up: {len(topo.samplers)} sampler(s), {len(topo.judges)} judge(s) "
                       f"({time.time() - self.start_time:.0f}s)")
@@ -270,7 +300,7 @@ class Controller:
         rollouts = Rollouts(topo, cfg)
         self.heldout = heldout
         before = self.baseline = self.evaluate(rollouts, heldout, version=0)
-        learner = Learner(cfg, learner_spec(cfg, policy_path, reference_path), topo,
+        learner = Learner(cfg, learner_spec(cfg, policy_path, reference_path, topo.files), topo,
                           str(self.run_dir.path / "ray"))
         learner.start()
         self.rollout_loop(rollouts, topo, source, learner)

@@ -29,6 +29,7 @@ class EngineSpec:
     seed: int = 0
     trust_remote_code: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    file_server: Any = None   # fetches `model` when this node cannot see it (artifacts.py)
 
 
 def engine_env(num_threads: int, kv_cache_gib: int, on_gpu: bool, log_level: str,
@@ -54,7 +55,9 @@ def engine_env(num_threads: int, kv_cache_gib: int, on_gpu: bool, log_level: str
 def build_llm(spec: EngineSpec, on_gpu: bool):
     from vllm import LLM
 
-    kwargs = dict(model=spec.model, dtype=spec.dtype, tensor_parallel_size=spec.tensor_parallel_size,
+    from .artifacts import local_model
+
+    kwargs = dict(model=local_model(spec.model, spec.file_server), dtype=spec.dtype, tensor_parallel_size=spec.tensor_parallel_size,
                   seed=spec.seed, trust_remote_code=spec.trust_remote_code,
                   worker_extension_cls="online_dpo.vllm_ext.WeightLoader")
     if spec.max_model_len:

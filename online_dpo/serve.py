@@ -39,6 +39,7 @@ class ServerSpec:
     poll_seconds: float = 0.5
     gpu_memory_utilization: float = 0.85
     engine: dict[str, Any] = field(default_factory=dict)
+    file_server: Any = None   # fetches `model` when this node cannot see it (artifacts.py)
 
 
 class VersionGate:
@@ -77,7 +78,10 @@ def build_engine(spec: ServerSpec, on_gpu: bool):
     from vllm import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    kwargs = dict(model=spec.model, dtype=spec.dtype, worker_extension_cls="online_dpo.vllm_ext.WeightLoader")
+    from .artifacts import local_model
+
+    kwargs = dict(model=local_model(spec.model, spec.file_server), dtype=spec.dtype,
+                  worker_extension_cls="online_dpo.vllm_ext.WeightLoader")
     if spec.max_model_len:
         kwargs["max_model_len"] = spec.max_model_len
     if on_gpu:
@@ -256,10 +260,13 @@ def make_app():
 
 def deployment_options(num_replicas: int, min_replicas: int | None, max_replicas: int | None,
                        num_cpus: float, num_gpus: float, max_ongoing_requests: int,
-                       env: dict[str, str]) -> dict:
-    opts: dict[str, Any] = dict(max_ongoing_requests=max_ongoing_requests,
-                                ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus,
-                                                   "runtime_env": {"env_vars": env}})
+                       env: dict[str, str], resources: dict | None = None, labels: dict | None = None) -> dict:
+    actor: dict[str, Any] = {"num_cpus": num_cpus, "num_gpus": num_gpus, "runtime_env": {"env_vars": env}}
+    if resources:
+        actor["resources"] = dict(resources)
+    if labels:
+        actor["label_selector"] = dict(labels)
+    opts: dict[str, Any] = dict(max_ongoing_requests=max_ongoing_requests, ray_actor_options=actor)
     if max_replicas and max_replicas > (min_replicas or num_replicas):
         opts["autoscaling_config"] = {"min_replicas": min_replicas if min_replicas is not None else num_replicas,
                                       "max_replicas": max_replicas,
@@ -287,7 +294,7 @@ def undeploy() -> None:
 
 
 def from_config(serve_cfg, model_path: str, served_name: str, store_namespace: str | None,
-                log_level: str = "quiet") -> tuple[ServerSpec, dict]:
+                log_level: str = "quiet", file_server=None) -> tuple[ServerSpec, dict]:
     """ServerSpec and deployment options from a validated `serve` config section."""
     from .sampler import engine_env
 
@@ -301,7 +308,8 @@ def from_config(serve_cfg, model_path: str, served_name: str, store_namespace: s
         env[s.api_key_env] = os.environ[s.api_key_env]
     spec = ServerSpec(model=model_path, served_name=served_name, dtype=s.dtype, max_model_len=s.max_model_len,
                       default_max_tokens=s.default_max_tokens, api_key_env=s.api_key_env,
-                      store_namespace=store_namespace, poll_seconds=s.poll_seconds, engine=dict(s.engine))
+                      store_namespace=store_namespace, poll_seconds=s.poll_seconds, engine=dict(s.engine),
+                      file_server=file_server)
     options = deployment_options(s.num_replicas, s.min_replicas, s.max_replicas, s.num_cpus, s.num_gpus,
-                                 s.max_ongoing_requests, env)
+                                 s.max_ongoing_requests, env, s.resources, s.node_labels)
     return spec, options

@@ -19,7 +19,8 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from typing import Any
 
 import torch
 
@@ -53,6 +54,7 @@ class LearnerSpec:
     transport: str = "object_store"
     trust_remote_code: bool = False
     take_timeout_s: float = 1800.0
+    file_server: Any = None   # fetches local model paths this node cannot see (artifacts.py)
 
 
 def lr_lambda(schedule: str, warmup: int, total: int):
@@ -179,7 +181,11 @@ def train_loop(config: dict) -> None:
 
     from .weight_sync import export_state_dict, get_transport, push
 
+    from .artifacts import local_model
+
     spec: LearnerSpec = config["spec"]
+    spec = replace(spec, policy=local_model(spec.policy, spec.file_server),
+                   reference=local_model(spec.reference, spec.file_server), file_server=None)
     broker, receivers, store = config["broker"], config["receivers"], config.get("store")
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()

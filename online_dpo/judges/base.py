@@ -101,8 +101,9 @@ def build_judge(kind: str, **options) -> Judge:
         from .rule import RuleJudge
         return RuleJudge(options["function"])
     if kind == "reward_model":
+        from ..artifacts import local_model
         from .reward_model import RewardModelJudge
-        return RewardModelJudge(options["model"], batch_size=options.get("batch_size", 16),
+        return RewardModelJudge(local_model(options["model"], options.get("file_server")), batch_size=options.get("batch_size", 16),
                                 max_length=options.get("max_length", 1024),
                                 device=options.get("device"))
     if kind == "llm":
@@ -110,5 +111,5 @@ def build_judge(kind: str, **options) -> Judge:
         return LLMJudge(options["model"], template=options["template"],
                         max_new_tokens=options.get("max_new_tokens", 8),
                         constrained=options.get("constrained", True),
-                        engine=options.get("engine") or {})
+                        engine=options.get("engine") or {}, file_server=options.get("file_server"))
     raise ValueError(f"unknown judge kind {kind!r}: use rule, reward_model or llm")

@@ -35,7 +35,7 @@ def combine(first: str | None, swapped: str | None) -> float:
 
 class LLMJudge:
     def __init__(self, model: str, template: str, max_new_tokens: int = 8, constrained: bool = True,
-                 engine: dict | None = None, generate=None):
+                 engine: dict | None = None, generate=None, file_server=None):
         """`generate(list[str]) -> list[str]` may be injected (unit tests); else vLLM is used."""
         for key in ("{prompt}", "{a}", "{b}"):
             if key not in template:
@@ -47,8 +47,8 @@ class LLMJudge:
             from ..sampler import EngineSpec, build_llm
 
             engine = dict(engine or {})
-            self.llm = build_llm(EngineSpec(model=model, dtype=engine.pop("dtype", "auto"), extra=engine),
-                                 on_gpu=_on_gpu())
+            self.llm = build_llm(EngineSpec(model=model, dtype=engine.pop("dtype", "auto"), extra=engine,
+                                            file_server=file_server), on_gpu=_on_gpu())
             self.tokenizer = self.llm.get_tokenizer()
             generate = self._vllm_generate
         self.generate = generate

@@ -1,0 +1,167 @@
+"""Placement: what each actor group asks for, and whether the cluster can hold it.
+
+The run YAML places samplers, judges, trainer workers and serve replicas by
+Ray resources (CPU, GPU, custom resources such as a node type's) and node
+labels. `plan()` lists the asks, `fit()` packs them onto the cluster's nodes
+(first fit, largest first; the trainer gang as its placement group's strategy
+says), and `render()` prints the plan. A plan that cannot fit is refused with
+a message naming the fields to change, in a dry run and before a real run
+starts any actor, instead of leaving actors pending forever.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from .config import Config
+
+
+@dataclass(frozen=True)
+class Ask:
+    group: str                 # "sampler", "judge", "trainer", "serve"
+    count: int
+    resources: dict[str, float]
+    labels: dict[str, str] = field(default_factory=dict)
+    strategy: str | None = None  # the trainer gang's placement group strategy
+    fields: str = ""           # the config fields to change when it does not fit
+
+
+@dataclass
+class Node:
+    node_id: str
+    address: str
+    resources: dict[str, float]
+    labels: dict[str, str] = field(default_factory=dict)
+    free: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.free = dict(self.resources)
+
+    def fits(self, ask: Ask, times: int = 1) -> bool:
+        if any(self.labels.get(k) != v for k, v in ask.labels.items()):
+            return False
+        return all(self.free.get(r, 0.0) + 1e-9 >= amount * times for r, amount in ask.resources.items())
+
+    def take(self, ask: Ask, times: int = 1) -> None:
+        for r, amount in ask.resources.items():
+            self.free[r] = self.free.get(r, 0.0) - amount * times
+
+
+def _res(cpus: float, gpus: float, extra: dict[str, float]) -> dict[str, float]:
+    out = {"CPU": cpus} if cpus else {}
+    if gpus:
+        out["GPU"] = gpus
+    out.update(extra)
+    return out
+
+
+def plan(cfg: Config) -> list[Ask]:
+    s, j, t, v = cfg.sampler, cfg.judge, cfg.train, cfg.serve
+    asks = [
+        Ask("sampler", s.num_actors, _res(s.num_cpus, s.num_gpus * s.tensor_parallel_size if s.num_gpus else 0,
+                                           s.resources), s.node_labels,
+            fields="sampler.num_actors / num_cpus / num_gpus / resources / node_labels"),
+        Ask("judge", j.num_actors, _res(j.num_cpus, j.num_gpus, j.resources), j.node_labels,
+            fields="judge.num_actors / num_cpus / num_gpus / resources / node_labels"),
+        Ask("trainer", t.num_workers, _res(t.num_cpus_per_worker, 1 if t.use_gpu else 0, t.resources_per_worker),
+            t.node_labels, strategy=t.placement_strategy,
+            fields="train.num_workers / num_cpus_per_worker / use_gpu / resources_per_worker / node_labels"),
+    ]
+    if v.enabled:
+        start = v.min_replicas if v.min_replicas is not None else v.num_replicas  # replicas at deploy time
+        asks.append(Ask("serve", start,
+                        _res(v.num_cpus, v.num_gpus, v.resources), v.node_labels,
+                        fields="serve.num_replicas / num_cpus / num_gpus / resources / node_labels"))
+    return asks
+
+
+def cluster_nodes() -> list[Node]:
+    """The alive nodes of the connected Ray cluster."""
+    import ray
+
+    return [Node(n["NodeID"], n.get("NodeManagerAddress", "?"),
+                 {k: float(v) for k, v in n["Resources"].items() if not k.startswith("node:")},
+                 dict(n.get("Labels") or {}))
+            for n in ray.nodes() if n.get("Alive")]
+
+
+def local_nodes() -> list[Node]:
+    """The single node a local run would start on this machine."""
+    gpus = 0
+    try:
+        import torch
+        gpus = torch.cuda.device_count()
+    except Exception:
+        pass
+    res = {"CPU": float(os.cpu_count() or 1)}
+    if gpus:
+        res["GPU"] = float(gpus)
+    return [Node("local", "127.0.0.1", res)]
+
+
+def fit(asks: list[Ask], nodes: list[Node]) -> tuple[dict[str, list[str]], list[str]]:
+    """Pack the asks onto the nodes; returns node addresses per group and the problems."""
+    placed: dict[str, list[str]] = {a.group: [] for a in asks}
+    problems: list[str] = []
+    order = sorted(asks, key=lambda a: (-a.resources.get("GPU", 0), -sum(a.resources.values())))
+    for ask in order:
+        if ask.strategy == "STRICT_PACK":
+            node = next((n for n in nodes if n.fits(ask, ask.count)), None)
+            if node:
+                node.take(ask, ask.count)
+                placed[ask.group] += [node.address] * ask.count
+            else:
+                problems.append(_problem(ask, nodes, together=True))
+            continue
+        used: set[str] = set()
+        for _ in range(ask.count):
+            candidates = [n for n in nodes if n.fits(ask) and not (ask.strategy == "STRICT_SPREAD"
+                                                                    and n.node_id in used)]
+            if not candidates:
+                problems.append(_problem(ask, nodes))
+                break
+            node = candidates[0]
+            node.take(ask)
+            used.add(node.node_id)
+            placed[ask.group].append(node.address)
+    return placed, problems
+
+
+def _problem(ask: Ask, nodes: list[Node], together: bool = False) -> str:
+    want = ", ".join(f"{k} {v:g}" for k, v in ask.resources.items()) or "nothing"
+    labels = f" on nodes labelled {ask.labels}" if ask.labels else ""
+    totals: dict[str, float] = {}
+    for n in nodes:
+        for k, v in n.resources.items():
+            totals[k] = totals.get(k, 0.0) + v
+    missing = [k for k in ask.resources if totals.get(k, 0.0) < ask.resources[k] * (ask.count if together else 1)]
+    have = ", ".join(f"{k} {totals.get(k, 0):g}" for k in ask.resources)
+    why = (f"the cluster has no {' or '.join(missing)} to give" if missing
+           else "no node has that much free once the other actors are placed")
+    how = f"{ask.count} together ({ask.strategy})" if together else f"{ask.count} x"
+    return (f"{ask.group}: {how} {{{want}}}{labels} does not fit: {why} (cluster total: {have}); "
+            f"change {ask.fields}, or add nodes")
+
+
+def render(asks: list[Ask], nodes: list[Node], placed: dict[str, list[str]], problems: list[str]) -> str:
+    lines = ["plan:"]
+    for a in asks:
+        want = ", ".join(f"{k} {v:g}" for k, v in a.resources.items()) or "-"
+        extra = f" labels {a.labels}" if a.labels else ""
+        extra += f" placement group {a.strategy}" if a.strategy else ""
+        where = ", ".join(sorted(set(placed.get(a.group, [])))) or "-"
+        lines.append(f"  {a.group:<8} {a.count} x {{{want}}}{extra}  ->  {where}")
+    lines.append("cluster:")
+    for n in nodes:
+        res = ", ".join(f"{k} {v:g}" for k, v in sorted(n.resources.items())
+                        if k in ("CPU", "GPU") or not k.startswith(("memory", "object_store")))
+        lines.append(f"  {n.address} ({n.node_id[:8]}): {res}" + (f" labels {n.labels}" if n.labels else ""))
+    lines.append("result: fits" if not problems else "result: does NOT fit\n  " + "\n  ".join(problems))
+    return "\n".join(lines)
+
+
+def check(cfg: Config, nodes: list[Node]) -> tuple[str, list[str]]:
+    asks = plan(cfg)
+    placed, problems = fit(asks, nodes)
+    return render(asks, nodes, placed, problems), problems
