@@ -91,3 +91,20 @@ def test_validate_every_shipped_config():
     proc = run_cli("validate", *configs, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("ok: ") == len(configs)
+
+
+def test_dry_run_prints_the_plan_and_refuses_more_gpus_than_exist():
+    ok = run_cli("train", "--dry-run", timeout=120)
+    assert ok.returncode == 0 and "result: fits" in ok.stdout
+    assert "sampler  2 x {CPU 0.4}" in ok.stdout and "trainer  2 x {CPU 0.4}" in ok.stdout
+    bad = run_cli("train", "--dry-run", "--set", "sampler.num_gpus=64", timeout=120)
+    assert bad.returncode == 1
+    assert "does NOT fit" in bad.stdout and "sampler.num_actors / num_cpus / num_gpus" in bad.stdout
+    assert "no GPU" in bad.stdout
+
+
+def test_a_real_run_refuses_an_impossible_plan_instead_of_hanging(tmp_path):
+    proc = run_cli("train", "--set", f"run.output_dir={tmp_path}", "--set", "train.num_cpus_per_worker=64",
+                   timeout=300)
+    assert proc.returncode == 1
+    assert "cannot hold this run" in proc.stderr and "train.num_workers / num_cpus_per_worker" in proc.stderr
