@@ -181,7 +181,7 @@ class Rollouts:
     def label(self, groups: list):
         import ray
 
-        chunks = [c for c in split(groups, len(self.topo.judges))]
+        chunks = split(groups, len(self.topo.judges))
         results = ray.get([j.label.remote(c) for j, c in zip(self.topo.judges, chunks) if c])
         pairs = [p for ps, _ in results for p in ps]
         stats = [st for _, st in results]
@@ -327,7 +327,7 @@ class Controller:
             need = min(cfg.pairs_per_version, remaining)
             produced, asked = 0, 0
             while produced < need:
-                self._check(learner)
+                self._check(learner, expect_more=True)
                 if asked > STARVED * need:
                     raise RunFailed(
                         f"the judge separated only {produced} of {asked} prompts' samples for policy "
@@ -341,7 +341,7 @@ class Controller:
             remaining -= need
             while True:  # lock step: wait for the learner to publish the next version
                 self.drain(topo)
-                self._check(learner)
+                self._check(learner, expect_more=remaining > 0)
                 new = ray.get(topo.broker.wait_version.remote(version, 1.0))
                 if new > version or not learner.is_alive():
                     break
@@ -387,10 +387,10 @@ class Controller:
             if m["step"] % self.cfg.metrics.log_every_steps == 0 or m["step"] == self.cfg.train.max_steps:
                 self.log.step(record, self.cfg.train.max_steps)
 
-    def _check(self, learner: Learner) -> None:
+    def _check(self, learner: Learner, expect_more: bool) -> None:
         if learner.error is not None:
             raise RunFailed(f"the learner failed: {learner.error}") from learner.error
-        if not learner.is_alive() and learner.result is not None:
+        if expect_more and not learner.is_alive():
             raise RunFailed("the learner stopped before the rollout loop finished")
 
     def maybe_eval(self, rollouts: Rollouts, version: int) -> None:

@@ -13,7 +13,6 @@ cluster/monitoring/ uses the names below with that prefix.
 from __future__ import annotations
 
 import sys
-import time
 
 # name -> (record kind, how to read it from the record, description)
 METRICS: dict[str, tuple[str, object, str]] = {
@@ -139,7 +138,6 @@ def _fmt(x, spec: str, missing: str = "-") -> str:
 class ConsoleLog:
     def __init__(self, stream=None):
         self.stream = stream or sys.stdout
-        self.start = time.time()
 
     def _print(self, text: str) -> None:
         print(text, file=self.stream, flush=True)

@@ -11,7 +11,6 @@ running batch to finish, and the next batch starts on the new version.
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,22 +51,30 @@ def engine_env(num_threads: int, kv_cache_gib: int, on_gpu: bool, log_level: str
     return env
 
 
+def engine_kwargs(model: str, dtype: str, max_model_len: int | None, gpu_memory_utilization: float,
+                  extra: dict, on_gpu: bool, file_server=None, **more) -> dict:
+    """vLLM engine arguments shared by samplers, LLM judges and serve replicas."""
+    from .artifacts import local_model
+
+    kwargs = dict(model=local_model(model, file_server), dtype=dtype,
+                  worker_extension_cls="online_dpo.vllm_ext.WeightLoader", **more)
+    if max_model_len:
+        kwargs["max_model_len"] = max_model_len
+    if on_gpu:
+        kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+    else:
+        kwargs["enforce_eager"] = True
+    kwargs.update(extra)
+    return kwargs
+
+
 def build_llm(spec: EngineSpec, on_gpu: bool):
     from vllm import LLM
 
-    from .artifacts import local_model
-
-    kwargs = dict(model=local_model(spec.model, spec.file_server), dtype=spec.dtype, tensor_parallel_size=spec.tensor_parallel_size,
-                  seed=spec.seed, trust_remote_code=spec.trust_remote_code,
-                  worker_extension_cls="online_dpo.vllm_ext.WeightLoader")
-    if spec.max_model_len:
-        kwargs["max_model_len"] = spec.max_model_len
-    if on_gpu:
-        kwargs["gpu_memory_utilization"] = spec.gpu_memory_utilization
-    else:
-        kwargs["enforce_eager"] = True
-    kwargs.update(spec.extra)
-    return LLM(**kwargs)
+    return LLM(**engine_kwargs(spec.model, spec.dtype, spec.max_model_len, spec.gpu_memory_utilization,
+                               spec.extra, on_gpu, spec.file_server, seed=spec.seed,
+                               tensor_parallel_size=spec.tensor_parallel_size,
+                               trust_remote_code=spec.trust_remote_code))
 
 
 class Sampler:
@@ -121,12 +128,10 @@ class Sampler:
     def load_weights(self, handle) -> int:
         from .weight_sync import get_transport
 
-        start = time.time()
         blob = get_transport(handle.transport).fetch(handle)
         self.llm.collective_rpc("load_safetensors", args=(blob,))
         self.llm.reset_prefix_cache()
         self.version = handle.version
-        self.last_sync_seconds = time.time() - start
         self._report_version()
         return self.version
 

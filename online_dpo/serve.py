@@ -78,18 +78,11 @@ def build_engine(spec: ServerSpec, on_gpu: bool):
     from vllm import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    from .artifacts import local_model
+    from .sampler import engine_kwargs
 
-    kwargs = dict(model=local_model(spec.model, spec.file_server), dtype=spec.dtype,
-                  worker_extension_cls="online_dpo.vllm_ext.WeightLoader")
-    if spec.max_model_len:
-        kwargs["max_model_len"] = spec.max_model_len
-    if on_gpu:
-        kwargs["gpu_memory_utilization"] = spec.gpu_memory_utilization
-    else:
-        kwargs["enforce_eager"] = True
-    kwargs.update(spec.engine)
-    return AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
+    return AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs(
+        spec.model, spec.dtype, spec.max_model_len, spec.gpu_memory_utilization, spec.engine, on_gpu,
+        spec.file_server)))
 
 
 def make_app():
