@@ -160,8 +160,13 @@ def cmd_train(args) -> int:
     started = connect(namespace=f"online-dpo-{cfg.run.name}-{int(time.time())}",
                       log_to_driver=cfg.run.log_level != "quiet")
     console.info("started a local Ray cluster on 127.0.0.1" if started else "joined the Ray cluster")
+    from .data import DataError
+
     try:
         summary = train(cfg, console)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except RunFailed as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -24,7 +24,7 @@ import threading
 import time
 
 from .config import Config, dump
-from .data import PromptSource, load_rows, prepare
+from .data import PromptSource, load_splits
 from .embedded import EMBEDDED, resolve_model
 from .metrics import ConsoleLog, ExternalLoggers, RayMetrics, Tracker
 from .report import plot
@@ -248,19 +248,9 @@ class Controller:
 
         d = self.cfg.data
         tok = AutoTokenizer.from_pretrained(policy_path, trust_remote_code=self.cfg.model.trust_remote_code)
-        rows = load_rows(d.source, d.split, d.prompt_field)
-        train = prepare(rows, tok, d.format, d.system_prompt, d.max_prompt_tokens)
-        if d.eval_source or d.source == EMBEDDED:
-            eval_rows = load_rows(d.eval_source or d.source, d.eval_split if d.source != EMBEDDED else "heldout",
-                                  d.prompt_field)
-            heldout = prepare(eval_rows, tok, d.format, d.system_prompt, d.max_prompt_tokens)
-        else:  # hold out the first prompts of the source
-            try:
-                eval_rows = load_rows(d.source, d.eval_split, d.prompt_field)
-                heldout = prepare(eval_rows, tok, d.format, d.system_prompt, d.max_prompt_tokens)
-            except Exception:
-                heldout, train = train[:self.cfg.eval.prompts], train[self.cfg.eval.prompts:]
-        return PromptSource(train, seed=self.cfg.run.seed, shuffle=d.shuffle), heldout[:self.cfg.eval.prompts]
+        train, heldout = load_splits(d.source, d.split, d.eval_source, d.eval_split, d.prompt_field, tok,
+                                     d.format, d.system_prompt, d.max_prompt_tokens, self.cfg.eval.prompts)
+        return PromptSource(train, seed=self.cfg.run.seed, shuffle=d.shuffle), heldout
 
     def check_placement(self) -> None:
         """Refuse a plan the cluster cannot hold, instead of leaving actors pending."""

@@ -116,3 +116,32 @@ class PromptSource:
     def restore(self, state: dict) -> None:
         self.epoch, self.pos = state["epoch"], state["pos"]
         self.order = self._order(self.epoch)
+
+
+def load_splits(source: str, split: str, eval_source: str | None, eval_split: str, field: str, tokenizer,
+                fmt: str, system_prompt: str | None, max_tokens: int, eval_prompts: int
+                ) -> tuple[list[Prompt], list[Prompt]]:
+    """Train prompts and held-out prompts, never overlapping.
+
+    Held-out prompts come from `eval_source` when given, the embedded default's
+    held-out split, or the source's `eval_split` on the hub; a local file (which
+    has no splits) or a hub dataset without that split gives up its first
+    `eval_prompts` prompts instead.
+    """
+    def read(src, spl):
+        return prepare(load_rows(src, spl, field), tokenizer, fmt, system_prompt, max_tokens)
+
+    train = read(source, split)
+    if eval_source:
+        return train, read(eval_source, eval_split)[:eval_prompts]
+    if source == EMBEDDED:
+        return train, read(source, "heldout")[:eval_prompts]
+    if not Path(source).expanduser().exists():
+        try:
+            return train, read(source, eval_split)[:eval_prompts]
+        except DataError:
+            pass  # no such split: hold out part of the training split
+    if eval_prompts >= len(train):
+        raise DataError(f"data.source has {len(train)} prompts, too few to hold out eval.prompts "
+                        f"({eval_prompts}) and train on the rest; lower eval.prompts or set data.eval_source")
+    return train[eval_prompts:], train[:eval_prompts]

@@ -1,0 +1,70 @@
+"""Prompt sources: local files, chat or plain, held-out prompts that never overlap, a resumable cursor."""
+
+import json
+
+import pytest
+
+from online_dpo.data import DataError, Prompt, PromptSource, load_splits, prepare
+
+
+class ByteTokenizer:
+    """Stands in for an HF tokenizer: one id per byte, and a tiny chat template."""
+    chat_template = "yes"
+
+    def __call__(self, text):
+        return {"input_ids": list(text.encode())}
+
+    def apply_chat_template(self, messages, tokenize, add_generation_prompt):
+        text = "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"
+        return list(text.encode())
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_local_file_holds_out_its_first_prompts(tmp_path):
+    src = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"prompt {i}"} for i in range(10)])
+    train, heldout = load_splits(src, "train", None, "test", "prompt", ByteTokenizer(), "plain", None, 64, 3)
+    assert [p.text for p in heldout] == ["prompt 0", "prompt 1", "prompt 2"]
+    assert len(train) == 7 and not {p.text for p in train} & {p.text for p in heldout}
+    assert train[0].ids == tuple(b"prompt 3")
+
+
+def test_chat_format_and_messages(tmp_path):
+    src = write_jsonl(tmp_path / "c.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}] * 4)
+    train, _ = load_splits(src, "train", None, "test", "messages", ByteTokenizer(), "chat", "be kind", 64, 1)
+    assert train[0].text == "hi" and bytes(train[0].ids) == b"<system>be kind<user>hi<assistant>"
+    with pytest.raises(DataError, match="data.format is 'plain'"):
+        load_splits(src, "train", None, "test", "messages", ByteTokenizer(), "plain", None, 64, 1)
+
+
+def test_errors_name_the_field(tmp_path):
+    src = write_jsonl(tmp_path / "p.jsonl", [{"text": "x"}] * 3)
+    with pytest.raises(DataError, match="data.prompt_field 'prompt' is not a column.*text"):
+        load_splits(src, "train", None, "test", "prompt", ByteTokenizer(), "plain", None, 64, 1)
+    with pytest.raises(DataError, match="eval.prompts"):
+        load_splits(write_jsonl(tmp_path / "q.jsonl", [{"prompt": "x"}] * 3), "train", None, "test",
+                    "prompt", ByteTokenizer(), "plain", None, 64, 3)
+    with pytest.raises(DataError, match="data.max_prompt_tokens"):
+        prepare(["a long prompt"], ByteTokenizer(), "plain", None, 4)
+    bad = tmp_path / "p.txt"
+    bad.write_text("x")
+    with pytest.raises(DataError, match="unsupported file type"):
+        load_splits(str(bad), "train", None, "test", "prompt", ByteTokenizer(), "plain", None, 64, 1)
+
+
+def test_cursor_is_seeded_reshuffles_each_epoch_and_resumes():
+    prompts = [Prompt(str(i), (i,)) for i in range(5)]
+    a = PromptSource(prompts, seed=3)
+    first = [p.text for p in a.next_batch(5)]
+    second = [p.text for p in a.next_batch(5)]
+    assert sorted(first) == sorted(second) == ["0", "1", "2", "3", "4"] and first != second
+    b = PromptSource(prompts, seed=3)
+    b.next_batch(3)
+    state = b.state()
+    rest = [p.text for p in b.next_batch(4)]
+    c = PromptSource(prompts, seed=3)
+    c.restore(state)
+    assert [p.text for p in c.next_batch(4)] == rest
