@@ -286,6 +286,8 @@ class Controller:
             topo.shutdown()
 
     def _run(self, topo, source, heldout, policy_path, reference_path) -> dict:
+        import ray
+
         cfg = self.cfg
         rollouts = Rollouts(topo, cfg)
         self.heldout = heldout
@@ -293,13 +295,17 @@ class Controller:
         learner = Learner(cfg, learner_spec(cfg, policy_path, reference_path, topo.files), topo,
                           str(self.run_dir.path / "ray"))
         learner.start()
-        self.rollout_loop(rollouts, topo, source, learner)
+        try:
+            self.rollout_loop(rollouts, topo, source, learner)
+        except BaseException:
+            # Release the learner (its next take returns None) before the actors go away.
+            ray.get(topo.broker.close.remote("the rollout loop failed"))
+            learner.join(timeout=120)
+            raise
         learner.join()
         self.drain(topo)
         if learner.error is not None:
             raise RunFailed(f"the learner failed: {learner.error}") from learner.error
-        import ray
-
         final_version = ray.get(topo.samplers[0].policy_version.remote())
         after = self.evaluate(rollouts, heldout, version=final_version, baseline=before)
         policy_dir = self.save_policy(learner)

@@ -20,3 +20,8 @@ class FakeReceiver:
 
     def history(self):
         return self.seen
+
+
+def constant(prompts, responses):
+    """A judge rule that cannot tell responses apart: every pair is a tie."""
+    return [0.0] * len(responses)

@@ -1,0 +1,23 @@
+"""A run that cannot make pairs stops with a message that says what to change, and releases the learner."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from online_dpo.config import load_config
+from online_dpo.controller import RunFailed, train
+from online_dpo.metrics import ConsoleLog
+
+
+def test_a_judge_that_only_ties_fails_fast_and_clearly(ray_local, embedded_model, tmp_path):
+    cfg = load_config(None, [f"run.output_dir={tmp_path}", "judge.function=fakes:constant", "train.max_steps=2",
+                             "sampler.num_actors=1", "train.num_workers=1", "train.micro_batch_size=16",
+                             "eval.prompts=0"])
+    start = time.time()
+    with pytest.raises(RunFailed, match="lower judge.margin, or raise sampler.n or sampler.temperature"):
+        train(cfg, ConsoleLog())
+    assert time.time() - start < 300
+    import threading
+    assert not [t for t in threading.enumerate() if t.name == "learner" and t.is_alive()]
