@@ -20,11 +20,12 @@ import time
 
 
 def _load(path, overrides):
-    from .config import ConfigError, check_paths, load_config
+    from .config import ConfigError, check_imports, check_paths, load_config
 
     try:
         cfg = load_config(path, overrides)
         check_paths(cfg)
+        check_imports(cfg)
         return cfg
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -309,6 +309,17 @@ def check_paths(cfg: Config) -> None:
                               f"a hub id, or {EMBEDDED}")
 
 
+def check_imports(cfg: Config) -> None:
+    """A rule judge's function must import (on the driver, as on the cluster)."""
+    if cfg.judge.kind == "rule" and cfg.judge.function:
+        from .judges.rule import import_function
+
+        try:
+            import_function(cfg.judge.function)
+        except ValueError as e:
+            raise ConfigError(f"{e}; give an importable 'pkg.module:function'") from None
+
+
 def dump(cfg: Config) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
 

@@ -78,6 +78,12 @@ def threads_for(num_cpus: float, explicit: int | None) -> int:
     return explicit or max(1, int(num_cpus))
 
 
+def last_line(err: BaseException) -> str:
+    """The cause at the bottom of a Ray error's remote traceback."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    return lines[-1] if lines else repr(err)
+
+
 def placed(resources: dict[str, float], labels: dict[str, str]) -> dict:
     """Ray actor options that place an actor by custom resources and node labels."""
     out: dict = {}
@@ -125,8 +131,20 @@ class Topology:
         topo = cls(samplers, judges, broker, files)
         if cfg.serve.enabled:
             topo.start_serving(cfg, policy_path)
-        ray.get([a.ready.remote() for a in samplers + judges])
+        topo.wait_ready()
         return topo
+
+    def wait_ready(self) -> None:
+        """Wait for every sampler and judge to build; a failure names the actor and its cause."""
+        import ray
+
+        for name, actor in [(f"sampler-{i}", a) for i, a in enumerate(self.samplers)] + \
+                           [(f"judge-{i}", a) for i, a in enumerate(self.judges)]:
+            try:
+                ray.get(actor.ready.remote())
+            except ray.exceptions.RayError as e:
+                self.shutdown()
+                raise RunFailed(f"{name} failed to start: {last_line(e)}") from None
 
     def start_serving(self, cfg: Config, policy_path: str) -> None:
         """The policy server, fed live by the PolicyStore the learner publishes to."""

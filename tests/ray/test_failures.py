@@ -21,3 +21,11 @@ def test_a_judge_that_only_ties_fails_fast_and_clearly(ray_local, embedded_model
     assert time.time() - start < 300
     import threading
     assert not [t for t in threading.enumerate() if t.name == "learner" and t.is_alive()]
+
+
+def test_an_actor_that_cannot_start_is_named(ray_local, embedded_model, tmp_path):
+    cfg = load_config(None, [f"run.output_dir={tmp_path}", "judge.kind=reward_model",
+                             f"judge.model={tmp_path}", "sampler.num_actors=1", "train.num_workers=1",
+                             "train.micro_batch_size=16", "eval.prompts=0"])
+    with pytest.raises(RunFailed, match="judge-0 failed to start"):
+        train(cfg, ConsoleLog())

@@ -87,3 +87,12 @@ def test_missing_local_paths_are_named(tmp_path):
 def test_missing_file():
     with pytest.raises(ConfigError, match="does not exist"):
         load_config("/no/such.yaml")
+
+
+def test_rule_function_must_import(tmp_path):
+    from online_dpo.config import check_imports
+
+    cfg = load_config(write(tmp_path, MINIMAL), ["judge.function=no_such_module:score"])
+    with pytest.raises(ConfigError, match="judge.function 'no_such_module:score' cannot be imported"):
+        check_imports(cfg)
+    check_imports(load_config(write(tmp_path, MINIMAL)))  # the default VADER rule imports
