@@ -152,11 +152,12 @@ def cmd_train(args) -> int:
     from .controller import RunFailed, train
     from .metrics import ConsoleLog
 
+    from .embedded import EMBEDDED
+    from .embedded.build import ensure_default, is_built
+
     console = ConsoleLog()
-    from .embedded.build import is_built
-    if "embedded:reviews" in (cfg.model.policy, cfg.data.source) and not is_built():
+    if EMBEDDED in (cfg.model.policy, cfg.data.source) and not is_built():
         console.info("building the embedded default (once; about two minutes on 2 cores)")
-        from .embedded.build import ensure_default
         ensure_default()
     started = connect(namespace=f"online-dpo-{cfg.run.name}-{int(time.time())}",
                       log_to_driver=cfg.run.log_level != "quiet")

@@ -70,7 +70,7 @@ def learner_spec(cfg: Config, policy: str, reference: str, files=None) -> Learne
                        batch_size=t.batch_size, micro_batch_size=t.micro_batch_size, max_steps=t.max_steps,
                        seed=cfg.run.seed if t.seed is None else t.seed, sync_every=cfg.sync.every_steps,
                        checkpoint_every=cfg.checkpoint.every_steps,
-                       num_threads=t.num_threads or max(1, int(t.num_cpus_per_worker)),
+                       num_threads=threads_for(t.num_cpus_per_worker, t.num_threads),
                        trust_remote_code=cfg.model.trust_remote_code, file_server=files)
 
 
@@ -258,6 +258,8 @@ class Controller:
     def __init__(self, cfg: Config, run_dir: RunDir, console: ConsoleLog, tracker: Tracker):
         self.cfg, self.run_dir, self.log, self.tracker = cfg, run_dir, console, tracker
         self.latest_rollout: dict = {}
+        self.last_train: dict = {}   # the latest learner step record
+        self.steps = 0
         self.round = 0
         self.start_time = time.time()
 
@@ -398,6 +400,7 @@ class Controller:
         for m in ray.get(topo.broker.drain.remote()):
             record = {"kind": "train", **m, "reward_mean": self.latest_rollout.get("reward_mean")}
             self.tracker.log(record)
+            self.last_train, self.steps = record, self.steps + 1
             if m["step"] % self.cfg.metrics.log_every_steps == 0 or m["step"] == self.cfg.train.max_steps:
                 self.log.step(record, self.cfg.train.max_steps)
 
@@ -437,16 +440,15 @@ class Controller:
             return str(self.run_dir.copy_policy(d))
 
     def summary(self, before: dict, after: dict, policy_dir: str | None) -> dict:
-        train = [r for r in _read_jsonl(self.run_dir.path / "metrics.jsonl") if r.get("kind") == "train"]
-        wall = time.time() - self.start_time
-        pairs = train[-1]["pairs"] if train else 0
+        last = self.last_train
+        pairs = last.get("pairs", 0)
         summary = {
             "reward_before": before.get("reward"), "reward_after": after.get("reward"),
-            "win_rate": after.get("win_rate"), "steps": len(train), "pairs": pairs,
-            "wall_seconds": round(wall, 1),
-            "train_seconds": round(train[-1]["wall_seconds"], 1) if train else None,
-            "pairs_per_second": round(pairs / train[-1]["wall_seconds"], 2) if train else None,
-            "final_policy_version": train[-1]["policy_version"] if train else 0,
+            "win_rate": after.get("win_rate"), "steps": self.steps, "pairs": pairs,
+            "wall_seconds": round(time.time() - self.start_time, 1),
+            "train_seconds": round(last["wall_seconds"], 1) if last else None,
+            "pairs_per_second": round(pairs / last["wall_seconds"], 2) if last else None,
+            "final_policy_version": last.get("policy_version", 0),
             "policy_dir": policy_dir, "run_dir": str(self.run_dir.path),
             "samples_before": before.get("responses", [])[:5], "samples_after": after.get("responses", [])[:5],
         }
@@ -460,13 +462,6 @@ def _wait_forever() -> None:
             time.sleep(3600)
     except KeyboardInterrupt:
         pass
-
-
-def _read_jsonl(path) -> list[dict]:
-    import json
-
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def train(cfg: Config, console: ConsoleLog | None = None) -> dict:

@@ -179,10 +179,7 @@ def make_app():
             rid = api.new_id("chatcmpl" if kind == "chat" else "cmpl")
             if req.stream:
                 return StreamingResponse(self.stream(rid, kind, ids, params), media_type="text/event-stream")
-            try:
-                return await self.complete(rid, kind, ids, params)
-            except api.APIError as e:
-                return error(e)
+            return await self.complete(rid, kind, ids, params)
 
         async def complete(self, rid: str, kind: str, ids: list[int], params):
             from vllm import TokensPrompt
