@@ -27,14 +27,18 @@ class FileServer:
         return buf.getvalue()
 
 
+NAME = "file-server"
+
+
 def start_file_server():
-    """A FileServer on this (the driver's) node."""
+    """A FileServer on this (the driver's) node. Actors that may restart get its NAME rather than
+    its handle (a handle among constructor arguments is kept in the object store)."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     node = ray.get_runtime_context().get_node_id()
     return ray.remote(FileServer).options(
-        num_cpus=0, name="file-server",
+        num_cpus=0, name=NAME,
         scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=False)).remote()
 
 
@@ -62,7 +66,12 @@ def fetch_model(path: str, server, root: Path | None = None) -> str:
 
 
 def local_model(path: str, server=None) -> str:
-    """A path this process can load `path` from: itself, a hub id, or a fetched copy."""
+    """A path this process can load `path` from: itself, a hub id, or a fetched copy.
+    `server` is a FileServer handle or its actor name (in this job's namespace)."""
     if server is None or os.path.exists(path) or not path.startswith("/"):
         return path
+    if isinstance(server, str):
+        import ray
+
+        server = ray.get_actor(server)
     return fetch_model(path, server)

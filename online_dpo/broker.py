@@ -1,95 +1,84 @@
-"""Broker: the bounded, versioned pair buffer between the rollout loop and the learner.
+"""Broker: the mailbox between the controller and trainer rank 0.
 
-The controller puts judged pairs in; trainer rank 0 takes a batch per step.
-Every pair carries the policy version that sampled it; a pair that lags the
-trainer's version by more than `max_policy_lag` is dropped and counted
-(lock-step mode uses lag 0: strictly on-policy). The trainer publishes each
-new version here after a weight sync, which is what the rollout loop waits on
-before sampling again, and posts its step metrics here for the controller to
-print and log. Runs as an async Ray actor.
+The controller owns the schedule and the pairs; the learner only executes
+step orders. `submit(order)` queues an order and resolves, as an ObjectRef
+the controller can wait on, when rank 0 reports the step `done`. Rank 0
+says `hello` when the gang (re)starts, with the step and version it
+restored; any order that was queued or running then resolves as
+`{"restarted": ...}` so the controller can plan again from there. `close`
+resolves everything as `{"closed": reason}` and makes `next` return None.
+Runs as an async Ray actor, so all of these wait without blocking each other.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import time
 
 
 class Broker:
-    def __init__(self, max_policy_lag: int = 0, capacity: int = 1 << 16):
-        self.max_policy_lag, self.capacity = max_policy_lag, capacity
-        self.pairs: collections.deque = collections.deque()
-        self.version = 0
-        self.stale_dropped = 0
-        self.overflow_dropped = 0
-        self.metrics: list[dict] = []
+    def __init__(self):
+        self.orders: collections.deque = collections.deque()
+        self.waiting: dict[int, asyncio.Future] = {}
+        self.hellos: list = []
         self.closed: str | None = None
-        self.finished = False
         self.changed = asyncio.Condition()
 
-    def _fresh(self, pair) -> bool:
-        return self.version - pair.policy_version <= self.max_policy_lag
-
-    def _prune(self) -> None:
-        while self.pairs and not self._fresh(self.pairs[0]):
-            self.pairs.popleft()
-            self.stale_dropped += 1
-
-    async def put(self, pairs: list) -> int:
+    async def submit(self, order) -> dict:
+        """Queue a step order; returns its result, or {"restarted"|"closed": ...}."""
+        loop = asyncio.get_running_loop()
         async with self.changed:
-            fresh = [p for p in pairs if self._fresh(p)]
-            self.stale_dropped += len(pairs) - len(fresh)
-            room = self.capacity - len(self.pairs)
-            self.overflow_dropped += max(0, len(fresh) - room)
-            self.pairs.extend(fresh[:room])
+            if self.closed is not None:
+                return {"closed": self.closed}
+            done = self.waiting[order.step] = loop.create_future()
+            self.orders.append(order)
             self.changed.notify_all()
-            return len(fresh[:room])
+        return await done
 
-    async def take(self, n: int, timeout: float | None = None) -> list | None:
-        """Wait for n fresh pairs and return them; None once the broker is closed."""
+    async def next(self, timeout: float | None = None):
+        """Rank 0: the next order (None once closed); waits up to `timeout` seconds."""
         async with self.changed:
-            def ready():
-                self._prune()
-                return self.closed is not None or len(self.pairs) >= n
-            await asyncio.wait_for(self.changed.wait_for(ready), timeout)
+            await asyncio.wait_for(self.changed.wait_for(lambda: self.orders or self.closed is not None), timeout)
             if self.closed is not None:
                 return None
-            return [self.pairs.popleft() for _ in range(n)]
+            return self.orders.popleft()
 
-    async def publish_version(self, version: int) -> None:
+    async def done(self, step: int, result) -> None:
+        future = self.waiting.pop(step, None)
+        if future is not None and not future.done():
+            future.set_result(result)
+
+    async def hello(self, start) -> None:
+        """Rank 0 (re)started from `start` (a LearnerStart): forget every queued or running order."""
         async with self.changed:
-            self.version = version
-            self._prune()
+            self._resolve_all({"restarted": start})
+            self.orders.clear()
+            self.hellos.append(start)
             self.changed.notify_all()
 
-    async def wait_version(self, above: int, timeout: float | None = None) -> int:
-        """Wait until the trainer publishes a version above `above`, finishes, the run
-        closes, or the timeout passes; returns the version then."""
+    async def wait_hello(self, count: int, timeout: float | None = None):
+        """The `count`-th hello (1-based), once it has come; None on timeout or close."""
         async with self.changed:
             try:
                 await asyncio.wait_for(self.changed.wait_for(
-                    lambda: self.version > above or self.finished or self.closed is not None), timeout)
+                    lambda: len(self.hellos) >= count or self.closed is not None), timeout)
             except asyncio.TimeoutError:
-                pass
-            return self.version
-
-    async def finish(self) -> None:
-        async with self.changed:
-            self.finished = True
-            self.changed.notify_all()
+                return None
+            return self.hellos[count - 1] if len(self.hellos) >= count else None
 
     async def close(self, reason: str) -> None:
         async with self.changed:
             self.closed = self.closed or reason
+            self._resolve_all({"closed": self.closed})
             self.changed.notify_all()
 
-    def post(self, metrics: dict) -> None:
-        self.metrics.append(metrics)
-
-    def drain(self) -> list[dict]:
-        out, self.metrics = self.metrics, []
-        return out
+    def _resolve_all(self, value: dict) -> None:
+        for future in self.waiting.values():
+            if not future.done():
+                future.set_result(value)
+        self.waiting.clear()
 
     def status(self) -> dict:
-        return {"version": self.version, "buffered": len(self.pairs), "stale_dropped": self.stale_dropped,
-                "overflow_dropped": self.overflow_dropped, "finished": self.finished, "closed": self.closed}
+        return {"queued": len(self.orders), "running": len(self.waiting), "hellos": len(self.hellos),
+                "closed": self.closed, "time": time.time()}

@@ -1,6 +1,7 @@
 """online-dpo: train | serve | validate | report | make-default.
 
   online-dpo train [CONFIG] [--set section.field=value ...] [-v] [--dry-run]
+  online-dpo train --resume RUN_DIR
   online-dpo serve RUN_DIR|MODEL_DIR [--config CONFIG] [--set serve.field=value ...]
   online-dpo validate CONFIG [CONFIG ...]
   online-dpo report RUN_DIR
@@ -145,7 +146,17 @@ def cmd_dry_run(cfg) -> int:
 
 
 def cmd_train(args) -> int:
-    cfg = _load(args.config, args.set + (["run.log_level=info"] if args.verbose else []))
+    from pathlib import Path
+
+    config = args.config
+    if args.resume:
+        config = Path(args.resume) / "config.yaml"
+        if args.config or not config.exists():
+            print(f"error: --resume takes a run directory (with config.yaml) instead of CONFIG; "
+                  f"{args.resume} has none" if not config.exists() else
+                  "error: give either CONFIG or --resume RUN_DIR, not both", file=sys.stderr)
+            return 2
+    cfg = _load(config, args.set + (["run.log_level=info"] if args.verbose else []))
     if args.dry_run:
         return cmd_dry_run(cfg)
     from .cluster import connect
@@ -165,7 +176,7 @@ def cmd_train(args) -> int:
     from .data import DataError
 
     try:
-        summary = train(cfg, console)
+        summary = train(cfg, console, resume_dir=args.resume)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -190,6 +201,8 @@ def main(argv=None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field")
     p.add_argument("-v", "--verbose", action="store_true", help="show Ray, vLLM and actor logs")
     p.add_argument("--dry-run", action="store_true", help="print the placement plan and check it; run nothing")
+    p.add_argument("--resume", metavar="RUN_DIR", default=None,
+                   help="continue a stopped or killed run from its latest checkpoint")
     p.set_defaults(fn=cmd_train)
     p = sub.add_parser("serve", help="serve a run directory or model directory over OpenAI-compatible HTTP")
     p.add_argument("path", help="a run directory, an HF model directory, or embedded:reviews")

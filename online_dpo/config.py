@@ -37,7 +37,9 @@ class RunConfig(Section):
 class ModelConfig(Section):
     policy: str = Field(..., min_length=1, description="HF directory, hub id, or embedded:reviews")
     reference: str | None = Field(None, description="defaults to the policy's starting weights")
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="learner compute dtype (bfloat16: autocast over fp32 master weights); "
+                               "float16 is refused: the learner has no loss scaling")
     trust_remote_code: bool = False
 
 
@@ -67,6 +69,9 @@ class SamplerConfig(Section):
     kv_cache_gib: int = Field(1, ge=1, description="CPU KV cache in GiB (VLLM_CPU_KVCACHE_SPACE)")
     max_model_len: int | None = Field(None, gt=0)
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    logprobs: bool = Field(False, description="return the sampler's per-token log-probs (costs ~25% speed)")
+    prompts_per_call: int | None = Field(None, gt=0, description="async: prompts per sampler request")
+    max_restarts: int = Field(3, ge=0, description="Ray restarts of a crashed sampler")
     engine: dict[str, Any] = Field(default_factory=dict, description="extra vllm.LLM arguments")
     resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per actor")
     node_labels: dict[str, str] = Field(default_factory=dict, description="place only on nodes with these labels")
@@ -85,6 +90,7 @@ class JudgeConfig(Section):
     template: str | None = Field(None, description="llm: prompt with {prompt}, {a}, {b}")
     max_new_tokens: int = Field(8, gt=0)
     constrained: bool = Field(True, description="llm: restrict the verdict to 'A' or 'B'")
+    max_restarts: int = Field(3, ge=0, description="Ray restarts of a crashed judge")
     engine: dict[str, Any] = Field(default_factory=dict)
     resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per actor")
     node_labels: dict[str, str] = Field(default_factory=dict, description="place only on nodes with these labels")
@@ -120,6 +126,7 @@ class TrainConfig(Section):
     batch_size: int = Field(32, gt=0, description="pairs per optimizer step, all workers together")
     micro_batch_size: int = Field(8, gt=0, description="pairs per worker per forward pass")
     max_steps: int = Field(100, gt=0)
+    max_failures: int = Field(3, ge=-1, description="Ray Train restarts of the gang from its latest checkpoint")
     seed: int | None = None
 
     @property
@@ -138,9 +145,16 @@ class TrainConfig(Section):
 
 
 class SyncConfig(Section):
-    every_steps: int = Field(1, ge=1)
-    mode: Literal["sync"] = Field("sync", description="lock-step; 'async' is planned")
-    max_policy_lag: int = Field(0, ge=0)
+    every_steps: int = Field(1, ge=1, description="publish the weights every N steps (and at the last)")
+    mode: Literal["sync", "async"] = Field("sync", description="sync: lock-step; async: samplers run ahead")
+    max_policy_lag: int = Field(1, ge=0, description="async: train on pairs at most this many versions old")
+    buffer_pairs: int | None = Field(None, gt=0, description="async: pairs sampled ahead of the learner (default: one batch)")
+
+    @model_validator(mode="after")
+    def _lag(self):
+        if self.mode == "async" and self.max_policy_lag < 1:
+            raise ValueError("sync.mode 'async' needs sync.max_policy_lag >= 1 (with 0, use sync.mode: sync)")
+        return self
 
 
 class CheckpointConfig(Section):

@@ -13,10 +13,11 @@ cluster/monitoring/ uses the names below with that prefix.
 from __future__ import annotations
 
 import sys
+import threading
 
-# name -> (record kind, how to read it from the record, description)
+# name -> (record kind, how to read it from the record, description); grouped as the dashboard shows them
 METRICS: dict[str, tuple[str, object, str]] = {
-    # training (trainer rank 0, per optimizer step)
+    # training (per optimizer step)
     "online_dpo_train_loss": ("train", "loss", "DPO loss"),
     "online_dpo_train_reward_chosen": ("train", "rewards/chosen", "implicit reward of chosen responses"),
     "online_dpo_train_reward_rejected": ("train", "rewards/rejected", "implicit reward of rejected responses"),
@@ -28,21 +29,30 @@ METRICS: dict[str, tuple[str, object, str]] = {
     "online_dpo_train_step": ("train", "step", "optimizer steps taken"),
     "online_dpo_train_pairs_per_second": ("train", lambda r: r["pairs"] / r["wall_seconds"]
                                           if r.get("wall_seconds") else None, "pairs consumed per second"),
-    # sync (rank 0 -> samplers)
-    "online_dpo_sync_seconds": ("train", "sync_seconds", "seconds to push one version to all samplers"),
-    "online_dpo_sync_bytes": ("train", "sync_bytes", "bytes of one pushed version"),
+    # the pipeline (per optimizer step; cumulative fractions since training started)
+    "online_dpo_pipeline_policy_lag_min": ("train", "lag_min", "youngest pair's lag behind the learner (versions)"),
+    "online_dpo_pipeline_policy_lag_mean": ("train", "lag_mean", "mean lag of the step's pairs (versions)"),
+    "online_dpo_pipeline_policy_lag_max": ("train", "lag_max", "oldest pair's lag behind the learner (versions)"),
+    "online_dpo_pipeline_stale_dropped": ("train", "stale_dropped", "pairs dropped for lagging too far, in total"),
+    "online_dpo_pipeline_efficiency": ("train", "pipeline_efficiency", "learner busy time / training wall time"),
+    "online_dpo_pipeline_learner_idle": ("train", "learner_idle", "share of the learner's time spent waiting"),
+    "online_dpo_pipeline_sampler_idle": ("train", "sampler_idle", "share of the samplers' time spent idle"),
+    # sync (rank 0 -> policy store -> samplers)
+    "online_dpo_sync_seconds": ("train", "sync_seconds", "seconds to export and publish one version"),
+    "online_dpo_sync_bytes": ("train", "sync_bytes", "bytes of one published version"),
+    "online_dpo_sync_load_seconds": ("rollout", "load_seconds", "seconds a sampler spent loading a new version"),
     "online_dpo_policy_version": ("train", "policy_version", "latest policy version published"),
-    # sampling (per rollout round)
+    # sampling (per sampler batch)
     "online_dpo_sample_prompts_per_second": ("rollout", lambda r: r["prompts"] / r["sample_seconds"],
                                              "prompts sampled per second"),
     "online_dpo_sample_tokens_per_second": ("rollout", lambda r: r["completions"] * r["response_tokens"]
                                             / r["sample_seconds"], "response tokens generated per second"),
     "online_dpo_sample_response_tokens": ("rollout", "response_tokens", "mean response length in tokens"),
     "online_dpo_sample_eos_rate": ("rollout", "eos_rate", "share of responses that ended with EOS"),
-    # judging (per rollout round)
-    "online_dpo_judge_seconds": ("rollout", "judge_seconds", "judge latency for one round"),
-    "online_dpo_judge_ties_dropped": ("rollout", "ties", "ties dropped in the latest round"),
-    "online_dpo_judge_identical_dropped": ("rollout", "identical", "identical pairs dropped in the latest round"),
+    # judging (per sampler batch)
+    "online_dpo_judge_seconds": ("rollout", "judge_seconds", "judge latency for one batch"),
+    "online_dpo_judge_ties_dropped": ("rollout", "ties", "ties dropped in the latest batch"),
+    "online_dpo_judge_identical_dropped": ("rollout", "identical", "identical pairs dropped in the latest batch"),
     "online_dpo_judge_score_mean": ("rollout", "reward_mean", "mean judge score of all samples"),
     "online_dpo_judge_score_chosen": ("rollout", "chosen_score", "mean judge score of chosen responses"),
     "online_dpo_judge_score_rejected": ("rollout", "rejected_score", "mean judge score of rejected responses"),
@@ -52,6 +62,12 @@ METRICS: dict[str, tuple[str, object, str]] = {
 }
 # Emitted by each sampler actor itself, tagged with its name.
 SAMPLER_VERSION = "online_dpo_sampler_policy_version"
+GROUPS = {"train": "Training", "pipeline": "Pipeline", "sync": "Weight sync", "policy": "Weight sync",
+          "sample": "Sampling", "judge": "Judging", "eval": "Evaluation", "sampler": "Weight sync"}
+
+
+def group(name: str) -> str:
+    return GROUPS[name.removeprefix("online_dpo_").split("_")[0]]
 
 
 def _read(record: dict, how) -> float | None:
@@ -148,10 +164,11 @@ class ConsoleLog:
     def step(self, r: dict, total: int) -> None:
         wall = r.get("wall_seconds") or 0.0
         rate = r["pairs"] / wall if wall else 0.0
+        lag = f"  lag {r['lag_mean']:.1f}" if r.get("lag_max") else ""
         self._print(
             f"step {r['step']:>4}/{total}  pairs {r['pairs']:>6}  reward {_fmt(r.get('reward_mean'), '+.3f')}  "
             f"loss {r['loss']:.4f}  acc {r['rewards/accuracy']:.2f}  kl {r['kl']:+.3f}  "
-            f"v{r['policy_version']}  {rate:.1f} pairs/s")
+            f"v{r['policy_version']}{lag}  {rate:.1f} pairs/s")
 
     def eval(self, result: dict) -> None:
         parts = [f"eval v{result['policy_version']}: held-out reward {_fmt(result.get('reward'), '+.3f')}"]
@@ -165,13 +182,15 @@ class Tracker:
 
     def __init__(self, run_dir, ray_metrics: RayMetrics | None = None, external: ExternalLoggers | None = None):
         self.run_dir, self.ray_metrics, self.external = run_dir, ray_metrics, external
+        self.lock = threading.Lock()   # the rollout thread and the controller both log
 
     def log(self, record: dict) -> None:
-        self.run_dir.log(record)
-        if self.ray_metrics is not None:
-            self.ray_metrics.record(record)
-        if self.external is not None:
-            self.external.record(record)
+        with self.lock:
+            self.run_dir.log(record)
+            if self.ray_metrics is not None:
+                self.ray_metrics.record(record)
+            if self.external is not None:
+                self.external.record(record)
 
     def close(self) -> None:
         if self.external is not None:

@@ -1,4 +1,4 @@
-"""The run directory: resolved config, metrics.jsonl, summary.json, policy/."""
+"""The run directory: resolved config, metrics.jsonl, summary.json, curves.png, policy/."""
 
 from __future__ import annotations
 
@@ -24,6 +24,24 @@ class RunDir:
             path = path.with_name(f"{name}-{stamp}-{k}")
         return cls(path)
 
+    @classmethod
+    def open(cls, path: str | Path) -> "RunDir":
+        """An existing run directory, to continue it."""
+        path = Path(path).expanduser().resolve()
+        if not (path / "config.yaml").exists():
+            raise FileNotFoundError(f"{path} is not a run directory (it has no config.yaml)")
+        return cls(path)
+
+    def truncate_metrics(self, keep) -> int:
+        """Keep only the records `keep(record)` accepts (on resume: those up to the checkpoint)."""
+        self._metrics.close()
+        path = self.path / "metrics.jsonl"
+        lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+        kept = [ln for ln in lines if keep(json.loads(ln))]
+        path.write_text("".join(ln + "\n" for ln in kept))
+        self._metrics = open(path, "a", buffering=1)
+        return len(lines) - len(kept)
+
     def write_config(self, text: str) -> None:
         (self.path / "config.yaml").write_text(text)
 
@@ -33,9 +51,11 @@ class RunDir:
     def write_json(self, name: str, data: dict) -> None:
         (self.path / name).write_text(json.dumps(data, indent=2, default=float) + "\n")
 
-    def copy_policy(self, checkpoint_dir: str | Path) -> Path:
+    def copy_policy(self, checkpoint) -> Path:
+        """The checkpoint's policy/ into the run directory (the checkpoint may live in remote storage)."""
         dest = self.path / "policy"
-        shutil.copytree(Path(checkpoint_dir) / "policy", dest, dirs_exist_ok=True)
+        with checkpoint.as_directory() as d:
+            shutil.copytree(Path(d) / "policy", dest, dirs_exist_ok=True)
         return dest
 
     def close(self) -> None:

@@ -1,119 +1,69 @@
 """Sampler actor: a vLLM engine that samples n completions per prompt.
 
-Each completion carries its token ids, text, finish reason, per-token
-log-probs, and the policy version that made it. New weights arrive through
-`load_weights` (see weight_sync.py) and are loaded in place into the running
-engine. The actor runs one method at a time (Ray's default for a sync actor),
-so a generate call never sees half-loaded weights: a sync waits for the
-running batch to finish, and the next batch starts on the new version.
+Each completion carries its token ids, text, finish reason, the policy
+version that made it, and (when asked) per-token log-probs. A request may
+carry the latest published weights (`weights`): the sampler loads them first
+if it holds another version, so a load always lands between two batches and
+never mixes versions inside one (the actor runs one call at a time). A
+sampler that Ray restarted after a crash comes back with the starting
+weights and moves to the current version with its next request.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
-from typing import Any
+import time
 
-from .types import Completion, SampleGroup
-
-
-@dataclass(frozen=True)
-class EngineSpec:
-    """Plain arguments for building a vLLM engine."""
-    model: str
-    dtype: str = "auto"
-    tensor_parallel_size: int = 1
-    max_model_len: int | None = None
-    gpu_memory_utilization: float = 0.85
-    seed: int = 0
-    trust_remote_code: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
-    file_server: Any = None   # fetches `model` when this node cannot see it (artifacts.py)
-
-
-def engine_env(num_threads: int, kv_cache_gib: int, on_gpu: bool, log_level: str,
-               in_process: bool = True) -> dict[str, str]:
-    """Environment for a process that builds a vLLM engine (set before vllm is imported).
-
-    `in_process` keeps the CPU engine core inside the calling process, so weights
-    load without crossing a process boundary and no step pays for IPC."""
-    env = {
-        "OMP_NUM_THREADS": str(num_threads),
-        "MKL_NUM_THREADS": str(num_threads),
-        "VLLM_LOGGING_LEVEL": {"quiet": "WARNING", "info": "INFO", "debug": "DEBUG"}[log_level],
-        "VLLM_CONFIGURE_LOGGING": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-    }
-    if not on_gpu:
-        env.update({"VLLM_ENABLE_V1_MULTIPROCESSING": "0" if in_process else "1",
-                    "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib),
-                    "VLLM_CPU_OMP_THREADS_BIND": "nobind"})
-    return env
-
-
-def engine_kwargs(model: str, dtype: str, max_model_len: int | None, gpu_memory_utilization: float,
-                  extra: dict, on_gpu: bool, file_server=None, **more) -> dict:
-    """vLLM engine arguments shared by samplers, LLM judges and serve replicas."""
-    from .artifacts import local_model
-
-    kwargs = dict(model=local_model(model, file_server), dtype=dtype,
-                  worker_extension_cls="online_dpo.vllm_ext.WeightLoader", **more)
-    if max_model_len:
-        kwargs["max_model_len"] = max_model_len
-    if on_gpu:
-        kwargs["gpu_memory_utilization"] = gpu_memory_utilization
-    else:
-        kwargs["enforce_eager"] = True
-    kwargs.update(extra)
-    return kwargs
-
-
-def build_llm(spec: EngineSpec, on_gpu: bool):
-    from vllm import LLM
-
-    return LLM(**engine_kwargs(spec.model, spec.dtype, spec.max_model_len, spec.gpu_memory_utilization,
-                               spec.extra, on_gpu, spec.file_server, seed=spec.seed,
-                               tensor_parallel_size=spec.tensor_parallel_size,
-                               trust_remote_code=spec.trust_remote_code))
+from .engine import EngineSpec, build_llm
+from .types import Completion, SampleBatch, SampleGroup
+from .weight_sync import EngineWeights, WeightsHandle
 
 
 class Sampler:
     def __init__(self, spec: EngineSpec, name: str = "sampler", on_gpu: bool = False, run: str = "run"):
         self.name = name
-        self.version = 0
         self.llm = build_llm(spec, on_gpu)
+        self.weights = EngineWeights()
         self.gauge, self.tags = _version_gauge(), {"run": run, "sampler": name}
         self._report_version()
 
     def _report_version(self) -> None:
         if self.gauge is not None:
-            self.gauge.set(self.version, tags=self.tags)
+            self.gauge.set(self.weights.version, tags=self.tags)
 
     def ready(self) -> dict:
-        return {"name": self.name, "pid": os.getpid(), "version": self.version}
+        return {"name": self.name, "pid": os.getpid(), "version": self.weights.version}
 
     def policy_version(self) -> int:
-        return self.version
+        return self.weights.version
 
     def generate(self, prompt_ids: list[list[int]], prompts: list[str], *, n: int, temperature: float,
-                 top_p: float = 1.0, max_tokens: int = 64, seed: int | None = None) -> list[SampleGroup]:
-        """n completions for each tokenized prompt; `prompts` are the raw texts the judge sees."""
+                 top_p: float = 1.0, max_tokens: int = 64, seed: int | None = None,
+                 weights: WeightsHandle | None = None, logprobs: bool = False) -> SampleBatch:
+        """n completions for each tokenized prompt; `prompts` are the raw texts the judge sees.
+
+        Request i is seeded with `seed + i`, so a request gives the same completions
+        on any sampler holding the same weights."""
         from vllm import SamplingParams, TokensPrompt
 
+        load_seconds = self.load_weights(weights) if self.weights.wants(weights) else 0.0
+        start = time.time()
         params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
-                                 logprobs=0, seed=None if seed is None else seed + i)
+                                 logprobs=0 if logprobs else None, seed=None if seed is None else seed + i)
                   for i in range(len(prompt_ids))]
         inputs = [TokensPrompt(prompt_token_ids=list(ids)) for ids in prompt_ids]
         outs = self.llm.generate(inputs, params, use_tqdm=False)
+        version = self.weights.version
         groups = []
         for raw, ids, out in zip(prompts, prompt_ids, outs):
             comps = tuple(
                 Completion(token_ids=tuple(c.token_ids), text=c.text,
-                           finish_reason=c.finish_reason or "length", policy_version=self.version,
+                           finish_reason=c.finish_reason or "length", policy_version=version,
                            logprobs=tuple(next(iter(d.values())).logprob for d in (c.logprobs or [])))
                 for c in out.outputs)
             groups.append(SampleGroup(prompt=raw, prompt_ids=tuple(ids), completions=comps))
-        return groups
+        return SampleBatch(groups=tuple(groups), version=version, seconds=time.time() - start,
+                           load_seconds=load_seconds)
 
     def score_tokens(self, prompt_ids: list[int], response_ids: list[int]) -> list[float]:
         """vLLM's log-prob of each response token given the prompt (for parity checks)."""
@@ -125,15 +75,11 @@ class Sampler:
         lps = out.prompt_logprobs[len(prompt_ids):]
         return [d[tok].logprob for d, tok in zip(lps, response_ids)]
 
-    def load_weights(self, handle) -> int:
-        from .weight_sync import get_transport
-
-        blob = get_transport(handle.transport).fetch(handle)
-        self.llm.collective_rpc("load_safetensors", args=(blob,))
-        self.llm.reset_prefix_cache()
-        self.version = handle.version
+    def load_weights(self, handle: WeightsHandle) -> float:
+        """Load a published version now; returns seconds."""
+        seconds = self.weights.load(self.llm, handle)
         self._report_version()
-        return self.version
+        return seconds
 
 
 def _version_gauge():

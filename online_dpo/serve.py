@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import serve_api as api
+from .weight_sync import EngineWeights
 
 STORE_NAME = "policy-store"
 APP_NAME = "online-dpo"
@@ -78,7 +79,7 @@ def build_engine(spec: ServerSpec, on_gpu: bool):
     from vllm import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    from .sampler import engine_kwargs
+    from .engine import engine_kwargs
 
     return AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs(
         spec.model, spec.dtype, spec.max_model_len, spec.gpu_memory_utilization, spec.engine, on_gpu,
@@ -106,7 +107,7 @@ def make_app():
             self.engine = build_engine(spec, torch.cuda.is_available())
             self.tokenizer = self.engine.get_tokenizer()
             self.max_model_len = self.engine.model_config.max_model_len
-            self.version, self.gate = 0, VersionGate()
+            self.weights, self.gate = EngineWeights(), VersionGate()
             self.api_key = os.environ.get(spec.api_key_env) if spec.api_key_env else None
             self.store = None
             if spec.store_namespace is not None:
@@ -119,15 +120,11 @@ def make_app():
         # ------------------------------------------------------------ weights
 
         async def sync_once(self) -> None:
-            latest = await self.store.version.remote()
-            if latest <= self.version:
-                return
             handle = await self.store.latest.remote()
-            blob = await handle.payload[0]
+            if not self.weights.wants(handle):
+                return
             async with self.gate.load():
-                await self.engine.collective_rpc("load_safetensors", args=(blob,))
-                await self.engine.reset_prefix_cache()
-                self.version = handle.version
+                await self.weights.load_async(self.engine, handle)
 
         async def poll(self) -> None:
             while True:
@@ -135,7 +132,7 @@ def make_app():
                 try:
                     await self.sync_once()
                 except Exception as e:  # keep serving the current version
-                    print(f"[online-dpo serve] weight update failed, still on v{self.version}: {e}")
+                    print(f"[online-dpo serve] weight update failed, still on v{self.weights.version}: {e}")
 
         # ------------------------------------------------------------ requests
 
@@ -186,7 +183,7 @@ def make_app():
 
             final = None
             async with self.gate.request():
-                version = self.version
+                version = self.weights.version
                 async for out in self.engine.generate(TokensPrompt(prompt_token_ids=ids), params, rid):
                     final = out
             n_out = sum(len(c.token_ids) for c in final.outputs)
@@ -206,7 +203,7 @@ def make_app():
 
             name = self.spec.served_name
             async with self.gate.request():
-                version = self.version
+                version = self.weights.version
                 if kind == "chat":
                     for i in range(params.n):
                         yield api.sse(api.chat_chunk(rid, name, version, i, {"role": "assistant", "content": ""},
@@ -235,11 +232,11 @@ def make_app():
                 self.authorize(request)
             except api.APIError as e:
                 return error(e)
-            return api.models_body(self.spec.served_name, self.version)
+            return api.models_body(self.spec.served_name, self.weights.version)
 
         @app.get("/health")
         async def health(self):
-            return {"status": "ok", "policy_version": self.version, "model": self.spec.served_name}
+            return {"status": "ok", "policy_version": self.weights.version, "model": self.spec.served_name}
 
         def check_health(self):
             if self.engine.errored:
@@ -286,7 +283,7 @@ def undeploy() -> None:
 def from_config(serve_cfg, model_path: str, served_name: str, store_namespace: str | None,
                 log_level: str = "quiet", file_server=None) -> tuple[ServerSpec, dict]:
     """ServerSpec and deployment options from a validated `serve` config section."""
-    from .sampler import engine_env
+    from .engine import engine_env
 
     s = serve_cfg
     env = engine_env(s.num_threads or max(1, int(s.num_cpus)), s.kv_cache_gib, s.num_gpus > 0, log_level,

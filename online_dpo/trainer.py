@@ -1,14 +1,16 @@
 """The learner: Ray Train TorchTrainer workers that take DPO steps on fresh pairs.
 
 Each worker holds the policy (DDP: gloo on CPU, NCCL on GPU) and a frozen
-reference copy. Per step, rank 0 takes `batch_size` pairs from the broker and
-broadcasts them; each worker scores its shard (chosen and rejected in one
-forward pass, in micro-batches with gradient accumulation) and DDP averages
-the gradients. Every `sync_every` steps, and at the last step, rank 0
-publishes the weights as the next policy version, pushes them to every
-sampler (and serve replica) through the weight-sync transport, and tells the
-broker, which releases the rollout loop. The final policy (and periodic
-checkpoints) go through Ray Train's checkpoint storage.
+reference copy. The learner keeps no schedule of its own: rank 0 takes the
+next `StepOrder` from the broker and broadcasts it; each worker scores its
+shard of the order's pairs (chosen and rejected in one forward pass, in
+micro-batches with gradient accumulation) and DDP averages the gradients.
+When the order says so, rank 0 publishes the weights as the next policy
+version (weight_sync.publish) and the gang writes a checkpoint through Ray
+Train: policy, optimizer, scheduler, RNG states, step, version, and the
+controller state the order carries, so one checkpoint restores the whole run.
+On a (re)start the gang restores the latest checkpoint Ray Train knows and
+says `hello` with where it stands.
 """
 
 from __future__ import annotations
@@ -46,14 +48,10 @@ class LearnerSpec:
     grad_clip: float | None = 1.0
     batch_size: int = 32
     micro_batch_size: int = 8
-    max_steps: int = 100
+    max_steps: int = 100          # the length of the learning-rate schedule
     seed: int = 0
-    sync_every: int = 1
-    checkpoint_every: int = 0
     num_threads: int | None = None
-    transport: str = "object_store"
     trust_remote_code: bool = False
-    take_timeout_s: float = 1800.0
     file_server: Any = None   # fetches local model paths this node cannot see (artifacts.py)
 
 
@@ -71,9 +69,17 @@ def lr_lambda(schedule: str, warmup: int, total: int):
 
 
 def load_causal_lm(path: str, dtype: torch.dtype, trust_remote_code: bool = False):
+    """A causal LM with dropout off: DPO's log-prob ratios must not carry dropout noise."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    for key in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "attn_pdrop", "embd_pdrop"):
+        if isinstance(getattr(model.config, key, None), float):
+            setattr(model.config, key, 0.0)
+    return model
 
 
 class DPOStep:
@@ -139,54 +145,100 @@ def _broadcast(obj, world: int):
     return box[0]
 
 
-def _mean_across(metrics: dict[str, float], world: int) -> dict[str, float]:
+def _mean_across(metrics: dict[str, float], world: int, device: torch.device) -> dict[str, float]:
+    """Average step metrics over workers; the tensor lives on the worker's device (NCCL needs that)."""
     if world == 1:
         return metrics
     import torch.distributed as dist
 
     keys = sorted(metrics)
-    t = torch.tensor([metrics[k] for k in keys], dtype=torch.float64)
+    t = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return {k: v / world for k, v in zip(keys, t.tolist())}
 
 
-def _save(model, spec: LearnerSpec, folder: str, state: dict, optimizer=None) -> None:
-    from transformers import AutoTokenizer
+# ---------------------------------------------------------------- checkpoints
 
+def _rng_state() -> dict:
+    import random
+
+    import numpy as np
+
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(folder: str, model, tokenizer, optimizer, scheduler, state: dict,
+                    controller: bytes | None) -> None:
+    """Everything a restart or `--resume` needs; the controller state rides along."""
     model = getattr(model, "module", model)
     model.save_pretrained(os.path.join(folder, "policy"))
-    AutoTokenizer.from_pretrained(spec.policy).save_pretrained(os.path.join(folder, "policy"))
-    if optimizer is not None:
-        torch.save(optimizer.state_dict(), os.path.join(folder, "optimizer.pt"))
-    with open(os.path.join(folder, "trainer_state.json"), "w") as f:
+    tokenizer.save_pretrained(os.path.join(folder, "policy"))
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()},
+               os.path.join(folder, "learner.pt"))
+    if controller is not None:
+        with open(os.path.join(folder, "controller.pkl"), "wb") as f:
+            f.write(controller)
+    with open(os.path.join(folder, "trainer_state.json"), "w") as f:   # written last
         json.dump(state, f)
 
 
-def _report(rank: int, metrics: dict, save=None) -> None:
+def read_checkpoint_state(folder: str) -> tuple[dict, bytes | None]:
+    with open(os.path.join(folder, "trainer_state.json")) as f:
+        state = json.load(f)
+    path = os.path.join(folder, "controller.pkl")
+    controller = open(path, "rb").read() if os.path.exists(path) else None
+    return state, controller
+
+
+def _report_checkpoint(rank: int, step: int, save) -> tuple[float, int]:
+    """All ranks report (Ray Train's collective); rank 0 attaches the checkpoint. Returns seconds, bytes."""
     import ray.train
 
-    if rank == 0 and save is not None:
-        with tempfile.TemporaryDirectory() as tmp:
-            save(tmp)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-    else:
-        ray.train.report(metrics)
+    start = time.time()
+    if rank != 0:
+        ray.train.report({"step": step})
+        return time.time() - start, 0
+    with tempfile.TemporaryDirectory() as tmp:
+        save(tmp)
+        nbytes = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(tmp) for f in fs)
+        ray.train.report({"step": step}, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                         checkpoint_dir_name=f"step-{step:06d}")
+    return time.time() - start, nbytes
 
+
+# ---------------------------------------------------------------- the worker loop
 
 def train_loop(config: dict) -> None:
-    """Ray Train's train_loop_per_worker."""
+    """Ray Train's train_loop_per_worker: restore, say hello, then run step orders until closed."""
     import ray
     import ray.train
     import ray.train.torch
-
-    from .weight_sync import export_state_dict, get_transport, push
+    from transformers import AutoTokenizer
 
     from .artifacts import local_model
+    from .types import LearnerStart
+    from .weight_sync import publish
 
+    began = time.time()
     spec: LearnerSpec = config["spec"]
     spec = replace(spec, policy=local_model(spec.policy, spec.file_server),
                    reference=local_model(spec.reference, spec.file_server), file_server=None)
-    broker, receivers, store = config["broker"], config["receivers"], config.get("store")
+    broker, store = config["broker"], config["store"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     if spec.num_threads:
@@ -194,49 +246,77 @@ def train_loop(config: dict) -> None:
     torch.manual_seed(spec.seed)
     device = ray.train.torch.get_device()
 
-    policy = load_causal_lm(spec.policy, torch.float32, spec.trust_remote_code)
-    reference = load_causal_lm(spec.reference, DTYPES[spec.dtype], spec.trust_remote_code)
+    checkpoint = ray.train.get_checkpoint()   # the latest of this run: after a failure, or on --resume
+    state, controller = {"step": 0, "policy_version": 0, "pairs": 0}, None
+    restored = None
+    with (checkpoint.as_directory() if checkpoint else contextlib.nullcontext()) as folder:
+        policy = load_causal_lm(os.path.join(folder, "policy") if folder else spec.policy, torch.float32,
+                                spec.trust_remote_code)
+        if folder:
+            state, controller = read_checkpoint_state(folder)
+            restored = torch.load(os.path.join(folder, "learner.pt"), weights_only=False)
+    reference = load_causal_lm(spec.reference, torch.float32, spec.trust_remote_code)
     reference.to(device).eval().requires_grad_(False)
+    tokenizer = AutoTokenizer.from_pretrained(spec.policy, trust_remote_code=spec.trust_remote_code)
     pad_id = policy.config.pad_token_id
     pad_id = 0 if pad_id is None else pad_id
     model = ray.train.torch.prepare_model(policy)
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(spec.lr_schedule, spec.warmup_steps, spec.max_steps))
+    if restored is not None:
+        optimizer.load_state_dict(restored["optimizer"])
+        scheduler.load_state_dict(restored["scheduler"])
+        _set_rng_state(restored["rng"])
     step_fn = DPOStep(model, reference, optimizer, scheduler, spec, pad_id, device)
-    transport = get_transport(spec.transport)
+    pairs_seen, dtype = state["pairs"], DTYPES[spec.dtype]
 
-    version, pairs_seen, start = 0, 0, time.time()
-    for step in range(1, spec.max_steps + 1):
-        t0 = time.time()
-        batch = ray.get(broker.take.remote(spec.batch_size, spec.take_timeout_s)) if rank == 0 else None
-        batch = _broadcast(batch, world)
-        if batch is None:  # the controller closed the run
-            return
-        model.train()
-        metrics = _mean_across(step_fn(batch[rank::world]), world)
-        pairs_seen += len(batch)
-        metrics.update(step=step, pairs=pairs_seen, policy_version=version,
-                       batch_version_min=min(p.policy_version for p in batch),
-                       step_seconds=time.time() - t0)
-        if step % spec.sync_every == 0 or step == spec.max_steps:
-            version += 1
-            if rank == 0:
-                handle = transport.publish(export_state_dict(model, DTYPES[spec.dtype]), version)
-                report = push(handle, receivers)
-                if store is not None:  # serve replicas pull it from here
-                    ray.get(store.publish.remote(handle))
-                ray.get(broker.publish_version.remote(version))
-                metrics.update(policy_version=version, sync_seconds=report.seconds,
-                               sync_bytes=report.nbytes)
-                del handle
-        if rank == 0:
-            metrics["wall_seconds"] = time.time() - start
-            broker.post.remote(metrics)
-        last = step == spec.max_steps
-        if last or (spec.checkpoint_every and step % spec.checkpoint_every == 0):
-            state = {"step": step, "policy_version": version, "pairs": pairs_seen, "spec": asdict(spec)}
-            _report(rank, {"step": step, "loss": metrics["loss"]},
-                    lambda d: _save(model, spec, d, state, None if last else optimizer))
+    step = state["step"]
     if rank == 0:
-        ray.get(broker.finish.remote())
+        weights = publish(model, state["policy_version"], store, dtype)[0] if checkpoint else None
+        start = LearnerStart(step=step, version=state["policy_version"], weights=weights, controller=controller,
+                             checkpoint=checkpoint.path if checkpoint else None, seconds=time.time() - began)
+        ray.get(broker.hello.remote(start))
+    while True:
+        waited = time.time()
+        order = _next_order(broker, step + 1, start) if rank == 0 else None
+        order = _broadcast(order, world)
+        if order is None:  # the controller closed the run
+            return
+        waited = time.time() - waited
+        t0 = time.time()
+        model.train()
+        metrics = _mean_across(step_fn(list(order.pairs[rank::world])), world, device)
+        pairs_seen, step = pairs_seen + len(order.pairs), order.step
+        metrics.update(step=order.step, pairs=pairs_seen, policy_version=order.version,
+                       compute_seconds=time.time() - t0, wait_seconds=waited)
+        weights = None
+        if order.sync and rank == 0:
+            weights, seconds = publish(model, order.version, store, dtype)
+            metrics.update(sync_seconds=seconds, sync_bytes=weights.nbytes)
+        if order.checkpoint is not None or order.final:
+            state = {"step": order.step, "policy_version": order.version, "pairs": pairs_seen,
+                     "spec": asdict(spec)}
+            seconds, nbytes = _report_checkpoint(rank, order.step, lambda d: save_checkpoint(
+                d, model, tokenizer, optimizer, scheduler, state, order.checkpoint))
+            metrics.update(checkpoint_seconds=seconds, checkpoint_bytes=nbytes)
+        metrics["step_seconds"] = time.time() - t0
+        if rank == 0:
+            broker.done.remote(order.step, {"metrics": metrics, "weights": weights})
+
+
+def _next_order(broker, expected: int, start):
+    """Rank 0: the next order for step `expected`. An order for another step was planned before
+    this gang restored its checkpoint: it is answered with the restart, so the controller replans."""
+    import ray
+
+    while True:
+        try:
+            order = ray.get(broker.next.remote(600))
+        except ray.exceptions.RayTaskError as e:  # no order for 10 minutes: keep waiting
+            if "TimeoutError" not in str(e):
+                raise
+            continue
+        if order is None or order.step == expected:
+            return order
+        broker.done.remote(order.step, {"restarted": start})

@@ -51,3 +51,34 @@ class LabelStats:
     chosen_mean: float = 0.0
     rejected_mean: float = 0.0
     seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class SampleBatch:
+    """What one sampler call returns: its groups and what the call cost."""
+    groups: tuple[SampleGroup, ...]
+    version: int                # the policy version every completion came from
+    seconds: float              # generating
+    load_seconds: float = 0.0   # loading new weights first
+
+
+@dataclass(frozen=True)
+class StepOrder:
+    """What the controller tells the learner to do for one optimizer step."""
+    step: int
+    pairs: tuple[PreferencePair, ...]
+    sync: bool                  # publish the weights after the step as `version`
+    version: int                # the policy version once this step is done
+    checkpoint: bytes | None = None   # controller state to save with a checkpoint after the step
+    final: bool = False         # the last step: save the final policy
+
+
+@dataclass(frozen=True)
+class LearnerStart:
+    """Rank 0's hello when the gang (re)starts: where it restored to."""
+    step: int                   # steps already taken (0 on a fresh start)
+    version: int
+    weights: object = None      # a WeightsHandle of the restored weights (None on a fresh start)
+    controller: bytes | None = None   # the controller state saved with that checkpoint
+    checkpoint: str | None = None     # where it restored from
+    seconds: float = 0.0        # from the start of the train function to this hello

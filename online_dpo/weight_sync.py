@@ -1,49 +1,39 @@
-"""Versioned weight transport from trainer rank 0 to samplers and serve replicas.
+"""Versioned weights from trainer rank 0 to samplers and serve replicas.
 
-The trainer publishes a state dict as policy version v; every receiver then
-loads that version and reports it back. A transport owns how the bytes travel:
+Trainer rank 0 calls `publish(model, version, store)` after a sync step: the
+weights are exported (HF names, tied head dropped), serialised once to
+safetensors bytes and handed to the run's `PolicyStore` actor, which puts its
+own copy in Ray's object store. The store, not the trainer, owns those bytes,
+so they outlive a restarted or finished trainer: a serve replica that starts
+after training still finds the final version. Receivers on any node fetch the
+bytes through Ray (no shared filesystem).
 
-- `ObjectStoreTransport` (CPU, and any cluster): the weights are serialised
-  once to safetensors bytes and put into Ray's object store; receivers on any
-  node fetch them through Ray, so no shared filesystem is needed.
-- A GPU NCCL transport (vLLM's weight-transfer engine) can sit beside it with
-  the same `publish` / `fetch` pair.
-
-Receivers are Ray actors with a `load_weights(handle) -> int` method that
-returns the version they now hold.
+Receivers pull. The controller passes the latest `WeightsHandle` along with
+each sampling request, and a sampler loads it before it generates when it
+holds something else (`EngineWeights`), so loads land between sampler
+batches and a response never mixes two versions. Serve replicas poll the
+store. Every publish gets a new `serial`; a receiver compares serials, not
+version numbers, because a trainer restored from a checkpoint publishes an
+older version number again.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
+
+LOAD_RPC = "load_safetensors"   # engine.WeightLoader's method
 
 
 @dataclass(frozen=True)
 class WeightsHandle:
-    """What travels to each receiver: the version and where to get its bytes."""
+    """What travels to each receiver: the version, its publish serial and where its bytes are."""
     version: int
-    transport: str
-    payload: Any          # transport-specific (a one-item list holding an ObjectRef)
+    serial: int
+    payload: Any          # a one-item list holding an ObjectRef (a list, so Ray does not resolve it)
     nbytes: int
-
-
-@dataclass(frozen=True)
-class SyncReport:
-    version: int
-    receivers: int
-    nbytes: int
-    seconds: float
-    versions: tuple[int, ...]
-
-
-class Transport(Protocol):
-    name: str
-
-    def publish(self, state_dict: dict, version: int) -> WeightsHandle: ...
-
-    def fetch(self, handle: WeightsHandle) -> bytes: ...
+    transport: str = "object_store"
 
 
 def export_state_dict(model, dtype=None) -> dict:
@@ -61,62 +51,75 @@ def export_state_dict(model, dtype=None) -> dict:
     return out
 
 
-class ObjectStoreTransport:
-    name = "object_store"
+def serialise(state_dict: dict, version: int) -> bytes:
+    from safetensors.torch import save
 
-    def publish(self, state_dict: dict, version: int) -> WeightsHandle:
-        import ray
-        from safetensors.torch import save
-
-        blob = save(state_dict, metadata={"policy_version": str(version)})
-        return WeightsHandle(version=version, transport=self.name,
-                             payload=[ray.put(blob)], nbytes=len(blob))
-
-    def fetch(self, handle: WeightsHandle) -> bytes:
-        import ray
-
-        return ray.get(handle.payload[0])
+    return save(state_dict, metadata={"policy_version": str(version)})
 
 
-TRANSPORTS = {ObjectStoreTransport.name: ObjectStoreTransport}
-
-
-def get_transport(name: str) -> Transport:
-    return TRANSPORTS[name]()
-
-
-def push(handle: WeightsHandle, receivers: list, timeout: float | None = 600) -> SyncReport:
-    """Send one version to every receiver and wait until each holds it."""
+def publish(model, version: int, store, dtype=None) -> tuple[WeightsHandle, float]:
+    """Rank 0's one sync call: export, serialise, hand to the store; returns the handle and seconds."""
     import ray
 
     start = time.time()
-    versions = ray.get([r.load_weights.remote(handle) for r in receivers], timeout=timeout)
-    bad = [v for v in versions if v != handle.version]
-    if bad:
-        raise RuntimeError(f"weight sync to version {handle.version}: receivers report {versions}")
-    return SyncReport(version=handle.version, receivers=len(receivers), nbytes=handle.nbytes,
-                      seconds=time.time() - start, versions=tuple(versions))
+    handle = ray.get(store.publish.remote(version, serialise(export_state_dict(model, dtype), version)))
+    return handle, time.time() - start
+
+
+def fetch(handle: WeightsHandle) -> bytes:
+    import ray
+
+    return ray.get(handle.payload[0])
+
+
+class EngineWeights:
+    """The weights a vLLM engine holds, and how it moves to another published version."""
+
+    def __init__(self):
+        self.version, self.serial = 0, 0   # serial 0: the weights the engine was built with
+
+    def wants(self, handle: WeightsHandle | None) -> bool:
+        return handle is not None and handle.serial != self.serial
+
+    def load(self, llm, handle: WeightsHandle) -> float:
+        """Load into a `vllm.LLM`; returns seconds."""
+        start = time.time()
+        llm.collective_rpc(LOAD_RPC, args=(fetch(handle),))
+        llm.reset_prefix_cache()
+        self.version, self.serial = handle.version, handle.serial
+        return time.time() - start
+
+    async def load_async(self, engine, handle: WeightsHandle) -> float:
+        """Load into a vLLM `AsyncLLM`; returns seconds."""
+        start = time.time()
+        blob = await handle.payload[0]
+        await engine.collective_rpc(LOAD_RPC, args=(blob,))
+        await engine.reset_prefix_cache()
+        self.version, self.serial = handle.version, handle.serial
+        return time.time() - start
 
 
 class PolicyStore:
-    """The latest published version, for receivers that pull (serve replicas).
+    """Owns the latest published versions (their bytes), for receivers that pull.
 
-    Serve replicas cannot be addressed one by one, and autoscaling adds them
-    at any time, so they poll this actor and load any newer version
-    themselves; a new replica starts from the latest one. Holding the handle
-    keeps exactly one version's bytes alive in the object store.
+    Keeps the last `keep` publishes alive, so a sampler that was handed a
+    version a moment before the next publish can still fetch it; older ones
+    are released to Ray's object store (borrowers keep theirs alive).
     """
 
-    def __init__(self):
-        self.handle: WeightsHandle | None = None
+    def __init__(self, keep: int = 2):
+        self.keep, self.handles, self.serial = keep, [], 0
 
-    def publish(self, handle: WeightsHandle) -> int:
-        if self.handle is None or handle.version > self.handle.version:
-            self.handle = handle
-        return self.handle.version
+    def publish(self, version: int, blob: bytes) -> WeightsHandle:
+        import ray
+
+        self.serial += 1
+        handle = WeightsHandle(version=version, serial=self.serial, payload=[ray.put(blob)], nbytes=len(blob))
+        self.handles = (self.handles + [handle])[-self.keep:]
+        return handle
 
     def version(self) -> int:
-        return self.handle.version if self.handle is not None else 0
+        return self.handles[-1].version if self.handles else 0
 
     def latest(self) -> WeightsHandle | None:
-        return self.handle
+        return self.handles[-1] if self.handles else None

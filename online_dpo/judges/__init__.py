@@ -7,6 +7,27 @@ reward models) also implement `score(prompts, responses) -> list[float]`; their
 from plain arguments; `JudgeActor` runs it as a Ray actor.
 """
 
-from .base import Judge, PointwiseJudge, build_judge, label_groups, make_pairs
+from .base import Judge, PointwiseJudge, label_groups, make_pairs
+
+
+def build_judge(kind: str, **options) -> Judge:
+    """Make a judge from plain arguments (the controller maps the config to these)."""
+    if kind == "rule":
+        from .rule import RuleJudge
+        return RuleJudge(options["function"])
+    if kind == "reward_model":
+        from ..artifacts import local_model
+        from .reward_model import RewardModelJudge
+        return RewardModelJudge(local_model(options["model"], options.get("file_server")), batch_size=options.get("batch_size", 16),
+                                max_length=options.get("max_length", 1024),
+                                device=options.get("device"))
+    if kind == "llm":
+        from .llm import LLMJudge
+        return LLMJudge(options["model"], template=options["template"],
+                        max_new_tokens=options.get("max_new_tokens", 8),
+                        constrained=options.get("constrained", True),
+                        engine=options.get("engine") or {}, file_server=options.get("file_server"))
+    raise ValueError(f"unknown judge kind {kind!r}: use rule, reward_model or llm")
+
 
 __all__ = ["Judge", "PointwiseJudge", "build_judge", "label_groups", "make_pairs"]

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 
-from .base import PointwiseJudge, build_judge, compare_by_score, label_groups
+from . import build_judge
+from .base import PointwiseJudge, compare_by_score, label_groups
 
 
 class JudgeActor:

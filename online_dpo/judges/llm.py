@@ -44,7 +44,7 @@ class LLMJudge:
         self.tokenizer = None
         self.asked, self.malformed = 0, 0  # verdicts requested / unparseable, for monitoring
         if generate is None:
-            from ..sampler import EngineSpec, build_llm
+            from ..engine import EngineSpec, build_llm
 
             engine = dict(engine or {})
             self.llm = build_llm(EngineSpec(model=model, dtype=engine.pop("dtype", "auto"), extra=engine,

@@ -60,7 +60,7 @@ def live_run(tmp_path_factory, embedded_model):
     out, port = tmp_path_factory.mktemp("runs"), free_port()
     proc = spawn("train", "--set", f"run.output_dir={out}", "--set", "serve.enabled=true",
                  "--set", f"serve.port={port}", "--set", "serve.num_cpus=0.2", "--set", "serve.dtype=float32",
-                 "--set", "serve.poll_seconds=0.2", "--set", f"train.max_steps={STEPS}",
+                 "--set", "serve.poll_seconds=0.2", "--set", f"train.max_steps={STEPS}", "--set", "sync.every_steps=1",
                  "--set", "eval.prompts=8")
     base = f"http://127.0.0.1:{port}"
     seen, errors = [], []

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from online_dpo.judges.actor import JudgeActor
-from online_dpo.sampler import engine_env
+from online_dpo.engine import engine_env
 from online_dpo.types import Completion, SampleGroup
 
 POS, NEG = " it is excellent. I would happily buy it again.", " it is terrible. I regret buying it."

@@ -1,65 +1,80 @@
-"""The Ray Train learner with a real broker and fake receivers: steps, syncs in order, final policy."""
+"""The Ray Train learner driven through a real broker: it runs step orders, publishes in order,
+checkpoints what it published, and a restored gang starts from that checkpoint."""
 
 from __future__ import annotations
 
 import hashlib
+import threading
 
 import torch
 
 from online_dpo.broker import Broker
 from online_dpo.trainer import LearnerSpec, train_loop
-from online_dpo.types import Completion, PreferencePair
-
-from fakes import FakeReceiver
+from online_dpo.types import Completion, PreferencePair, StepOrder
+from online_dpo.weight_sync import PolicyStore, export_state_dict, fetch, serialise
 
 
 def pairs(tok, n, version):
     prompt = tuple(tok("I bought this kettle last month and")["input_ids"])
     good = tuple(tok(" it is excellent.")["input_ids"]) + (tok.eos_token_id,)
     bad = tuple(tok(" it is terrible.")["input_ids"]) + (tok.eos_token_id,)
-    return [PreferencePair("p", prompt, Completion(good, "g", "stop", version),
-                           Completion(bad, "b", "stop", version), 0.9, -0.9) for _ in range(n)]
+    return tuple(PreferencePair("p", prompt, Completion(good, "g", "stop", version),
+                                Completion(bad, "b", "stop", version), 0.9, -0.9) for _ in range(n))
 
 
-def test_two_gloo_workers_step_sync_in_order_and_save(ray_local, embedded_model, tmp_path):
+def fit_in_thread(ray_local, spec, broker, store, storage, name):
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+
+    trainer = TorchTrainer(train_loop, train_loop_config={"spec": spec, "broker": broker, "store": store},
+                           scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
+                           run_config=RunConfig(name=name, storage_path=storage))
+    box = {}
+    t = threading.Thread(target=lambda: box.update(result=trainer.fit()), daemon=True)
+    t.start()
+    return t, box
+
+
+def test_two_gloo_workers_follow_orders_publish_in_order_and_restore(ray_local, embedded_model, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from online_dpo.weight_sync import export_state_dict
-
     tok = AutoTokenizer.from_pretrained(embedded_model)
-    broker = ray_local.remote(Broker).remote(0)
-    receivers = [ray_local.remote(FakeReceiver).remote() for _ in range(2)]
+    broker, store = ray_local.remote(Broker).remote(), ray_local.remote(PolicyStore).remote()
     spec = LearnerSpec(policy=embedded_model, reference=embedded_model, lr=1e-3, batch_size=8,
-                       micro_batch_size=2, max_steps=4, sync_every=2, num_threads=1)
-    # Feed the broker one version at a time, as the lock-step rollout loop does.
-    ray_local.get(broker.put.remote(pairs(tok, 16, 0)))
-    trainer = TorchTrainer(train_loop, train_loop_config={"spec": spec, "broker": broker, "receivers": receivers},
-                           scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
-                           run_config=RunConfig(name="learner-test", storage_path=str(tmp_path)))
-    import threading
-    box = {}
-    t = threading.Thread(target=lambda: box.update(result=trainer.fit()))
-    t.start()
-    assert ray_local.get(broker.wait_version.remote(0, 300)) == 1
-    ray_local.get(broker.put.remote(pairs(tok, 16, 1)))
-    t.join(300)
-    result = box["result"]
+                       micro_batch_size=2, max_steps=4, num_threads=1)
+    t, box = fit_in_thread(ray_local, spec, broker, store, str(tmp_path), "learner-test")
+    start = ray_local.get(broker.wait_hello.remote(1, 300))
+    assert (start.step, start.version, start.weights, start.controller) == (0, 0, None, None)
 
-    metrics = ray_local.get(broker.drain.remote())
-    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
-    assert [m["policy_version"] for m in metrics] == [0, 1, 1, 2]
-    assert all(m["batch_version_min"] == (0 if m["step"] <= 2 else 1) for m in metrics)
+    results = []
+    for step in range(1, 5):   # sync after steps 2 and 4, checkpoint after 2 (with a controller state) and 4
+        order = StepOrder(step=step, pairs=pairs(tok, 8, (step - 1) // 2), sync=step % 2 == 0,
+                          version=step // 2, checkpoint=b"state-at-2" if step == 2 else None, final=step == 4)
+        results.append(ray_local.get(broker.submit.remote(order), timeout=300))
+    metrics = [r["metrics"] for r in results]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4] and [m["pairs"] for m in metrics] == [8, 16, 24, 32]
+    assert [r["weights"] is not None for r in results] == [False, True, False, True]
+    assert [r["weights"].version for r in results if r["weights"]] == [1, 2]
+    assert results[3]["weights"].serial > results[1]["weights"].serial
     assert metrics[-1]["rewards/margin"] > 0 and metrics[-1]["loss"] < metrics[0]["loss"]
-    assert ray_local.get(broker.status.remote())["finished"]
+    assert metrics[1]["checkpoint_bytes"] > 0 and metrics[1]["checkpoint_seconds"] > 0
 
-    histories = ray_local.get([r.history.remote() for r in receivers])
-    assert [v for v, _, _ in histories[0]] == [1, 2] and histories[0] == histories[1]
+    # An order for a step the gang is not at is answered with a restart, not run.
+    assert "restarted" in ray_local.get(broker.submit.remote(StepOrder(step=9, pairs=(), sync=False, version=2)))
 
-    # The last version pushed is exactly the saved final policy.
-    with result.checkpoint.as_directory() as d:
+    ray_local.get(broker.close.remote("done"))
+    t.join(300)
+    # The last version published is exactly the saved final policy.
+    with box["result"].checkpoint.as_directory() as d:
         final = AutoModelForCausalLM.from_pretrained(f"{d}/policy", dtype=torch.float32)
-    from safetensors.torch import save
-    digest = hashlib.sha256(save(export_state_dict(final), metadata={"policy_version": "2"})).hexdigest()
-    assert histories[0][-1][1] == digest
+    digest = hashlib.sha256(serialise(export_state_dict(final), 2)).hexdigest()
+    assert hashlib.sha256(fetch(results[3]["weights"])).hexdigest() == digest
+
+    # A new gang of the same run restores the latest checkpoint and says where it stands.
+    broker2 = ray_local.remote(Broker).remote()
+    t2, _ = fit_in_thread(ray_local, spec, broker2, store, str(tmp_path), "learner-test")
+    start = ray_local.get(broker2.wait_hello.remote(1, 300))
+    assert (start.step, start.version, start.controller) == (4, 2, None)
+    assert hashlib.sha256(fetch(start.weights)).hexdigest() == digest   # republished for the samplers
+    ray_local.get(broker2.close.remote("done"))
+    t2.join(300)

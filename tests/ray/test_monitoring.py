@@ -73,7 +73,9 @@ def test_every_metric_reaches_prometheus_with_a_plausible_value(monitored_run):
     assert not missing, f"not exported: {missing}"
     last = {n: vs[-1] for n, vs in values.items()}
     assert 0 < last["ray_online_dpo_train_loss"] < 5
-    assert last["ray_online_dpo_train_step"] == 4 and last["ray_online_dpo_policy_version"] == 4
+    assert last["ray_online_dpo_train_step"] == 4 and last["ray_online_dpo_policy_version"] == 2  # sync every 2
+    assert 0 < last["ray_online_dpo_pipeline_efficiency"] <= 1 and 0 <= last["ray_online_dpo_pipeline_learner_idle"] <= 1
+    assert 0 <= last["ray_online_dpo_pipeline_policy_lag_min"] <= last["ray_online_dpo_pipeline_policy_lag_max"] <= 2
     assert 0 <= last["ray_online_dpo_train_reward_accuracy"] <= 1
     assert 0 <= last["ray_online_dpo_sample_eos_rate"] <= 1
     assert last["ray_online_dpo_sample_tokens_per_second"] > 0

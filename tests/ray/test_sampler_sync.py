@@ -10,9 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from online_dpo.sampler import EngineSpec, Sampler, engine_env
+from online_dpo.engine import EngineSpec, engine_env
+from online_dpo.sampler import Sampler
 from online_dpo.sequences import pack, token_logprobs
-from online_dpo.weight_sync import ObjectStoreTransport, export_state_dict, push
+from online_dpo.weight_sync import PolicyStore, export_state_dict, serialise
 
 TOL = 2e-3
 PROMPT = "I bought this kettle last month and"
@@ -46,8 +47,10 @@ def hf(embedded_model):
 def test_samples_carry_tokens_text_and_version(ray_local, sampler, hf):
     _, tok = hf
     ids = tok(PROMPT)["input_ids"]
-    groups = ray_local.get(sampler.generate.remote([ids, ids], [PROMPT, PROMPT], n=3, temperature=1.0,
-                                                   max_tokens=24, seed=7))
+    batch = ray_local.get(sampler.generate.remote([ids, ids], [PROMPT, PROMPT], n=3, temperature=1.0,
+                                                  max_tokens=24, seed=7, logprobs=True))
+    groups = batch.groups
+    assert batch.version == 0 and batch.seconds > 0 and batch.load_seconds == 0
     assert len(groups) == 2 and all(len(g.completions) == 3 for g in groups)
     c = groups[0].completions[0]
     assert c.policy_version == 0 and c.finish_reason in ("stop", "length")
@@ -55,15 +58,16 @@ def test_samples_carry_tokens_text_and_version(ray_local, sampler, hf):
     assert len(c.logprobs) == len(c.token_ids)
     # Seeded requests are reproducible.
     again = ray_local.get(sampler.generate.remote([ids], [PROMPT], n=3, temperature=1.0, max_tokens=24, seed=7))
-    assert again[0].completions[0].token_ids == c.token_ids
+    assert again.groups[0].completions[0].token_ids == c.token_ids
+    assert again.groups[0].completions[0].logprobs == ()   # log-probs only when asked
 
 
 def test_trainer_logprobs_match_vllm_samples(ray_local, sampler, hf):
     model, tok = hf
     ids = tok(PROMPT)["input_ids"]
-    groups = ray_local.get(sampler.generate.remote([ids] * 4, [PROMPT] * 4, n=2, temperature=1.0,
-                                                   max_tokens=32, seed=11))
-    for g in groups:
+    batch = ray_local.get(sampler.generate.remote([ids] * 4, [PROMPT] * 4, n=2, temperature=1.0,
+                                                  max_tokens=32, seed=11, logprobs=True))
+    for g in batch.groups:
         for c in g.completions:
             ours = hf_token_logprobs(model, ids, list(c.token_ids))
             theirs = torch.tensor(c.logprobs)
@@ -86,13 +90,20 @@ def test_weight_sync_changes_sampler_to_trainer_weights(ray_local, sampler, hf, 
             p.add_(0.02 * torch.randn_like(p))
     expected = hf_token_logprobs(trained, prompt, response)
 
-    handle = ObjectStoreTransport().publish(export_state_dict(trained), version=1)
-    report = push(handle, [sampler])
-    assert report.versions == (1,) and report.nbytes > 0
+    store = ray_local.remote(PolicyStore).remote()
+    handle = ray_local.get(store.publish.remote(1, serialise(export_state_dict(trained), 1)))
+    assert handle.version == 1 and handle.nbytes > 0
+    # The new version travels with the next request and is loaded before it samples.
+    batch = ray_local.get(sampler.generate.remote([prompt], [PROMPT], n=2, temperature=1.0, max_tokens=8,
+                                                  seed=1, weights=handle))
+    assert batch.version == 1 and batch.load_seconds > 0
+    assert all(c.policy_version == 1 for c in batch.groups[0].completions)
     assert ray_local.get(sampler.policy_version.remote()) == 1
     after = torch.tensor(ray_local.get(sampler.score_tokens.remote(prompt, response)))
     assert (after - expected).abs().max().item() < TOL, "sampler does not hold the trainer's weights"
     assert (after - before).abs().max().item() > 50 * TOL, "sync did not change the sampler"
-    groups = ray_local.get(sampler.generate.remote([prompt], [PROMPT], n=2, temperature=1.0,
-                                                   max_tokens=8, seed=1))
-    assert all(c.policy_version == 1 for c in groups[0].completions)
+    # The same handle again is not loaded twice.
+    again = ray_local.get(sampler.generate.remote([prompt], [PROMPT], n=1, temperature=1.0, max_tokens=4,
+                                                  seed=1, weights=handle))
+    assert again.load_seconds == 0
+    ray_local.kill(store)

@@ -25,7 +25,8 @@ def test_shipped_configs_validate(path):
 def test_default_is_first_and_embedded():
     cfg = load_config()  # no path: the embedded default
     assert cfg.model.policy == "embedded:reviews" and cfg.judge.kind == "rule"
-    assert cfg.sampler.num_actors == 2 and cfg.train.num_workers == 2
+    assert cfg.sampler.num_actors == 1 and cfg.train.num_workers == 2
+    assert cfg.sync.mode == "async" and cfg.sync.max_policy_lag >= 1
 
 
 def test_overrides(tmp_path):
@@ -54,6 +55,9 @@ BAD = {
     "rm without model": (MINIMAL + "judge:\n  kind: reward_model\n", ["judge.model"]),
     "top_p zero": (MINIMAL + "sampler:\n  top_p: 0\n", ["sampler.top_p"]),
     "bad yaml": ("model: [unclosed\n", ["not valid YAML"]),
+    "float16 learner": (MINIMAL + "model:\n  policy: x\n  dtype: float16\n", ["model.dtype", "float32", "bfloat16"]),
+    "async without lag": (MINIMAL + "sync:\n  mode: async\n  max_policy_lag: 0\n", ["max_policy_lag >= 1"]),
+    "unknown mode": (MINIMAL + "sync:\n  mode: pipelined\n", ["sync.mode", "async"]),
     "bad run name": (MINIMAL + "run:\n  name: 'a b/c'\n", ["run.name"]),
     "tp without gpus": (MINIMAL + "sampler:\n  tensor_parallel_size: 2\n", ["tensor_parallel_size", "num_gpus"]),
 }

@@ -1,0 +1,55 @@
+"""Held-out evaluation and the run summary.
+
+Evaluation samples one response per held-out prompt with a fixed seed,
+from a given published version, scores it with the judge and, against the
+baseline (version 0), counts the judge's wins (ties are half). The summary is
+what a run reports at its end: quality, speed, what was dropped, what
+restarted.
+"""
+
+from __future__ import annotations
+
+from .rollout import split
+from .topology import ActorGroup
+
+EVAL_SEED = 424242
+
+
+def evaluate(samplers: ActorGroup, judges: ActorGroup, heldout: list, sampling: dict, weights,
+             version: int, baseline: dict | None = None) -> dict:
+    """Score one sample per held-out prompt from `weights` (None: the engines' starting weights)."""
+    if not heldout:
+        return {}
+    calls = [(([list(p.ids) for p in c], [p.text for p in c]),
+              dict(sampling, n=1, seed=EVAL_SEED + 10_000 * i, weights=weights))
+             for i, c in enumerate(split(heldout, len(samplers.handles))) if c]
+    groups = [g for batch in samplers.run("generate", calls) for g in batch.groups]
+    prompts = [g.prompt for g in groups]
+    responses = [g.completions[0].text for g in groups]
+    (scores,) = judges.run("score", [((prompts, responses), {})])
+    result = {"kind": "eval", "policy_version": version, "prompts": prompts, "responses": responses,
+              "reward": (sum(scores) / len(scores)) if scores else None}
+    if baseline is not None:
+        (wins,) = judges.run("compare", [((prompts, responses, baseline["responses"]), {})])
+        result["win_rate"] = sum(wins) / len(wins)
+    return result
+
+
+def summary(before: dict, after: dict, last_train: dict, train_wall: float | None, wall: float,
+            rollouts: dict, restarts: dict, extra: dict) -> dict:
+    pairs = last_train.get("pairs", 0)
+    return {
+        "reward_before": before.get("reward"), "reward_after": after.get("reward"),
+        "win_rate": after.get("win_rate"), "steps": last_train.get("step", 0), "pairs": pairs,
+        "final_kl": last_train.get("kl"),
+        "wall_seconds": round(wall, 1),
+        "train_seconds": round(train_wall, 1) if train_wall else None,
+        "pairs_per_second": round(pairs / train_wall, 2) if train_wall else None,
+        "final_policy_version": last_train.get("policy_version", 0),
+        "prompts_sampled": rollouts.get("prompts", 0), "ties_dropped": rollouts.get("ties", 0),
+        "identical_dropped": rollouts.get("identical", 0), "stale_dropped": rollouts.get("stale_dropped", 0),
+        "restart_dropped": rollouts.get("restart_dropped", 0),
+        "restarts": restarts,
+        **extra,
+        "samples_before": before.get("responses", [])[:5], "samples_after": after.get("responses", [])[:5],
+    }

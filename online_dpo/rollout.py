@@ -1,0 +1,341 @@
+"""Rollouts: prompts -> samplers -> judges -> a buffer of preference pairs.
+
+Two strategies behind one interface (`take`, `set_weights`, `reset`,
+`state`/`restore`, `stop`):
+
+- `LockStep` (sync.mode: sync) samples inside `take`, with every sampler on
+  the learner's current version, until the version's pairs are there. Pairs
+  are strictly on-policy and a run is deterministic for a seed.
+- `Pipelined` (sync.mode: async) keeps every sampler busy in a background
+  thread, judging as batches come back, into a bounded buffer: it stops
+  sampling while the buffer (and what is in flight) would overflow, instead
+  of sampling and dropping. `take` hands out pairs at most
+  `sync.max_policy_lag` versions behind the learner; older ones are dropped
+  and counted.
+
+Both send the latest published weights with each sampler request, so a
+sampler moves to a new version between two of its batches. Every request is
+seeded from a round counter, so a request that fails over to another
+sampler gives the same completions.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import threading
+import time
+
+from .data import PromptSource
+from .topology import ActorGroup, RunFailed
+from .types import PreferencePair, SampleBatch
+
+STARVED = 20  # give up after sampling this many times the prompts a batch needs without getting it
+
+
+def split(items: list, k: int) -> list[list]:
+    size = math.ceil(len(items) / k) if items else 0
+    return [items[i * size:(i + 1) * size] for i in range(k)]
+
+
+def starved_message(got: int, asked: int, last: dict) -> str:
+    return (f"the judge separated only {got} of {asked} prompts' samples (ties {last.get('ties')}, identical "
+            f"{last.get('identical')} in the last round): lower judge.margin, or raise sampler.n or "
+            f"sampler.temperature")
+
+
+class PairBuffer:
+    """Judged pairs waiting for the learner, oldest first; thread-safe."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.pairs: collections.deque[PreferencePair] = collections.deque()
+        self.stale = 0       # dropped: older than the lag allows
+        self.discarded = 0   # dropped: sampled by versions a restored learner no longer has
+        self.cond = threading.Condition()
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def put(self, pairs: list[PreferencePair]) -> None:
+        with self.cond:
+            self.pairs.extend(pairs)
+            self.cond.notify_all()
+
+    def prune(self, min_version: int) -> None:
+        """Drop pairs older than min_version (samplers finish out of order, so look at all of them)."""
+        with self.cond:
+            keep = [p for p in self.pairs if p.policy_version >= min_version]
+            if len(keep) < len(self.pairs):
+                self.stale += len(self.pairs) - len(keep)
+                self.pairs = collections.deque(keep)
+
+    def take(self, n: int, min_version: int, timeout: float | None = None) -> list[PreferencePair] | None:
+        """n pairs no older than min_version, or None if they are not there within timeout."""
+        deadline = None if timeout is None else time.time() + timeout
+        with self.cond:
+            while True:
+                self.prune(min_version)
+                if len(self.pairs) >= n:
+                    out = [self.pairs.popleft() for _ in range(n)]
+                    self.cond.notify_all()
+                    return out
+                left = None if deadline is None else deadline - time.time()
+                if left is not None and left <= 0:
+                    return None
+                self.cond.wait(left if left is not None else 1.0)
+
+    def discard_newer(self, version: int) -> int:
+        with self.cond:
+            keep = [p for p in self.pairs if p.policy_version <= version]
+            dropped = len(self.pairs) - len(keep)
+            self.pairs = collections.deque(keep)
+            self.discarded += dropped
+            return dropped
+
+    def state(self) -> dict:
+        with self.cond:
+            return {"pairs": list(self.pairs), "stale": self.stale, "discarded": self.discarded}
+
+    def restore(self, state: dict) -> None:
+        with self.cond:
+            self.pairs = collections.deque(state["pairs"])
+            self.stale, self.discarded = state["stale"], state["discarded"]
+
+
+class Rollouts:
+    """What both strategies share: the prompt source, the actor groups, the counters and the records."""
+
+    def __init__(self, samplers: ActorGroup, judges: ActorGroup, source: PromptSource, sampling: dict,
+                 seed: int, log, capacity: int):
+        self.samplers, self.judges, self.source = samplers, judges, source
+        self.sampling, self.seed, self.log = sampling, seed, log   # log(record): the tracker
+        self.buffer = PairBuffer(capacity)
+        self.weights = None          # the latest published WeightsHandle
+        self.version = 0             # its version
+        self.round = 0
+        self.counts = collections.Counter()   # prompts, completions, pairs, ties, identical
+        self.busy = collections.Counter()     # sampler index -> seconds generating or loading
+        self.latest: dict = {}
+
+    # ------------------------------------------------------------ requests
+
+    def request(self, prompts: list, chunk: int, weights) -> tuple[tuple, dict]:
+        """One sampler call's arguments; seeded by the round and the chunk, not by the sampler."""
+        kwargs = dict(self.sampling, seed=self.seed * 1_000_003 + self.round * 7919 + 10_000 * chunk,
+                      weights=weights)
+        return ([list(p.ids) for p in prompts], [p.text for p in prompts]), kwargs
+
+    def record(self, batches: list[SampleBatch], pairs: list, stats: list, judge_seconds: float) -> dict:
+        comps = [c for b in batches for g in b.groups for c in g.completions]
+        groups = sum(len(b.groups) for b in batches)
+        scores = [x for st in stats for x in st.scores]
+        record = {
+            "kind": "rollout", "round": self.round, "policy_version": min(b.version for b in batches),
+            "prompts": groups, "completions": len(comps), "pairs": len(pairs),
+            "ties": sum(st.ties for st in stats), "identical": sum(st.identical for st in stats),
+            "reward_mean": sum(scores) / max(1, len(scores)),
+            "chosen_score": sum(p.chosen_score for p in pairs) / max(1, len(pairs)),
+            "rejected_score": sum(p.rejected_score for p in pairs) / max(1, len(pairs)),
+            "response_tokens": sum(len(c.token_ids) for c in comps) / max(1, len(comps)),
+            "eos_rate": sum(c.finish_reason == "stop" for c in comps) / max(1, len(comps)),
+            "sample_seconds": max(b.seconds for b in batches),
+            "load_seconds": max(b.load_seconds for b in batches), "judge_seconds": judge_seconds,
+            "versions": sorted({b.version for b in batches}),
+        }
+        for key in ("prompts", "completions", "pairs", "ties", "identical"):
+            self.counts[key] += record[key]
+        self.latest = record
+        self.log(record)
+        return record
+
+    def label(self, batches: list[SampleBatch]) -> tuple[list, list]:
+        groups = [g for b in batches for g in b.groups]
+        chunks = [c for c in split(groups, len(self.judges.handles)) if c]
+        results = self.judges.run("label", [((c,), {}) for c in chunks])
+        return [p for ps, _ in results for p in ps], [st for _, st in results]
+
+    # ------------------------------------------------------------ the interface
+
+    def set_weights(self, handle) -> None:
+        self.weights, self.version = handle, handle.version
+
+    def reset(self, handle, version: int) -> int:
+        """A restored learner is back at `version`: forget newer pairs, sample from its weights."""
+        if handle is not None:
+            self.set_weights(handle)
+        self.version = version
+        return self.buffer.discard_newer(version)
+
+    def stats(self) -> dict:
+        return {**self.counts, "stale_dropped": self.buffer.stale, "restart_dropped": self.buffer.discarded,
+                "buffered": len(self.buffer), "rounds": self.round}
+
+    def state(self) -> dict:
+        return {"round": self.round, "counts": dict(self.counts), "source": self.source.state(),
+                "buffer": self.buffer.state()}
+
+    def restore(self, state: dict) -> None:
+        self.round, self.counts = state["round"], collections.Counter(state["counts"])
+        self.source.restore(state["source"])
+        self.buffer.restore(state["buffer"])
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+
+class LockStep(Rollouts):
+    """Sample, judge, learn, sync: one phase at a time, every sampler on the learner's version."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.keep_rate = 1.0
+
+    def take(self, n: int, min_version: int, want: int | None = None, timeout: float | None = None):
+        """n pairs of exactly min_version; samples until `want` of them (the version's share) are there."""
+        self.buffer.prune(min_version)
+        want, asked, start = max(n, want or n), 0, len(self.buffer)
+        while len(self.buffer) < n:
+            if asked > STARVED * want:
+                raise RunFailed(starved_message(len(self.buffer) - start, asked, self.latest))
+            k = max(len(self.samplers.handles), math.ceil((want - len(self.buffer)) / max(self.keep_rate, 0.2)))
+            self.buffer.put(self.one_round(self.source.next_batch(k)))
+            asked += k
+        return self.buffer.take(n, min_version, timeout=0)
+
+    def one_round(self, prompts: list) -> list:
+        chunks = split(prompts, len(self.samplers.handles))
+        calls = [self.request(c, i, self.weights) for i, c in enumerate(chunks) if c]
+        batches = self.samplers.run("generate", calls)
+        for i, b in enumerate(batches):
+            self.busy[i] += b.seconds + b.load_seconds
+        t = time.time()
+        pairs, stats = self.label(batches)
+        self.round += 1
+        self.record(batches, pairs, stats, time.time() - t)
+        self.keep_rate = 0.5 * self.keep_rate + 0.5 * len(pairs) / max(1, len(prompts))
+        return pairs
+
+    def state(self) -> dict:
+        return {**super().state(), "keep_rate": self.keep_rate}
+
+    def restore(self, state: dict) -> None:
+        super().restore(state)
+        self.keep_rate = state["keep_rate"]
+
+
+class Pipelined(Rollouts):
+    """Samplers run ahead of the learner in a background thread, into a bounded buffer."""
+
+    def __init__(self, *args, prompts_per_call: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.prompts_per_call = prompts_per_call
+        self.keep_rate = 0.5
+        self.error: BaseException | None = None
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="rollouts", daemon=True)
+        self.epoch = 0                       # bumped by reset(): results dispatched before are dropped
+        self.inflight_prompts = 0
+        self.asked_since_take = 0
+
+    def start(self) -> None:
+        if self.thread.ident is None:
+            self.thread.start()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        if self.thread.is_alive():
+            self.thread.join(timeout=60)
+
+    def reset(self, handle, version: int) -> int:
+        self.epoch += 1
+        return super().reset(handle, version)
+
+    def take(self, n: int, min_version: int, want: int | None = None, timeout: float | None = None):
+        if self.error is not None:
+            raise self.error
+        got = self.buffer.take(n, min_version, timeout=timeout)
+        if got is not None:
+            self.asked_since_take = 0
+        elif self.asked_since_take > STARVED * n:
+            raise RunFailed(starved_message(len(self.buffer), self.asked_since_take, self.latest))
+        return got
+
+    def room(self) -> bool:
+        expected = self.inflight_prompts * self.keep_rate
+        return len(self.buffer) + expected < self.buffer.capacity
+
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as e:  # surfaced by take()
+            self.error = e
+
+    def _loop(self) -> None:
+        import ray
+
+        sampling: dict = {}   # ref -> (sampler index, prompts, call, epoch)
+        judging: dict = {}    # ref -> (judge index, batch, call, epoch, started)
+        while not self.stopping.is_set():
+            busy = {i for i, *_ in sampling.values()}
+            for i in self.samplers.live():
+                if i in busy or not self.room():
+                    continue
+                prompts = self.source.next_batch(self.prompts_per_call)
+                call = self.request(prompts, i, self.weights)
+                self.round += 1
+                sampling[self.samplers.handles[i].generate.remote(*call[0], **call[1])] = (i, prompts, call,
+                                                                                          self.epoch)
+                self.inflight_prompts += len(prompts)
+                self.asked_since_take += len(prompts)
+            refs = list(sampling) + list(judging)
+            if not refs:
+                time.sleep(0.01)
+                continue
+            ready, _ = ray.wait(refs, num_returns=1, timeout=0.1)
+            for ref in ready:
+                if ref in sampling:
+                    self._sampled(ref, sampling, judging)
+                else:
+                    self._judged(ref, judging, sampling)
+
+    def _sampled(self, ref, sampling: dict, judging: dict) -> None:
+        import ray
+
+        i, prompts, call, epoch = sampling.pop(ref)
+        try:
+            batch = ray.get(ref)
+        except ray.exceptions.RayActorError as e:
+            self.samplers.failed(i, e)
+            live = self.samplers.wait_live()
+            j = live[0]
+            sampling[self.samplers.handles[j].generate.remote(*call[0], **call[1])] = (j, prompts, call, epoch)
+            return
+        self.busy[i] += batch.seconds + batch.load_seconds
+        self._judge(batch, judging, epoch, time.time())
+
+    def _judge(self, batch: SampleBatch, judging: dict, epoch: int, started: float) -> None:
+        live = self.judges.wait_live()
+        k = live[self.round % len(live)]
+        judging[self.judges.handles[k].label.remote(list(batch.groups))] = (k, batch, epoch, started)
+
+    def _judged(self, ref, judging: dict, sampling: dict) -> None:
+        import ray
+
+        k, batch, epoch, started = judging.pop(ref)
+        try:
+            pairs, stats = ray.get(ref)
+        except ray.exceptions.RayActorError as e:
+            self.judges.failed(k, e)
+            self._judge(batch, judging, epoch, started)
+            return
+        self.inflight_prompts -= len(batch.groups)
+        if epoch != self.epoch:   # sampled before the learner was restored: its version is gone
+            self.buffer.discarded += len(pairs)
+            return
+        self.record([batch], pairs, [stats], time.time() - started)
+        self.keep_rate = 0.8 * self.keep_rate + 0.2 * len(pairs) / max(1, len(batch.groups))
+        self.buffer.put(pairs)

@@ -1,0 +1,65 @@
+"""The pair buffer and the schedule: staleness, restarts, state; which step syncs (no Ray)."""
+
+import threading
+import time
+
+from online_dpo.rollout import PairBuffer, split
+from online_dpo.schedule import Schedule
+from online_dpo.types import Completion, PreferencePair
+
+
+def pair(version, tag=0):
+    c = Completion((1, tag), "a", "stop", version)
+    r = Completion((2, tag), "b", "stop", version)
+    return PreferencePair("p", (0,), c, r, 1.0, 0.0)
+
+
+def test_take_drops_pairs_older_than_the_lag_and_counts_them():
+    b = PairBuffer(capacity=64)
+    b.put([pair(3), pair(1), pair(2), pair(0)])       # samplers finish out of order
+    got = b.take(2, min_version=2, timeout=0)
+    assert [p.policy_version for p in got] == [3, 2] and b.stale == 2 and len(b) == 0
+
+
+def test_take_waits_for_enough_fresh_pairs_or_times_out():
+    b = PairBuffer(capacity=64)
+    b.put([pair(1)])
+    assert b.take(2, min_version=0, timeout=0.01) is None and len(b) == 1
+    threading.Timer(0.05, lambda: b.put([pair(1)])).start()
+    start = time.time()
+    assert len(b.take(2, min_version=1, timeout=5)) == 2
+    assert time.time() - start < 4
+
+
+def test_a_restored_learner_discards_pairs_from_versions_it_no_longer_has():
+    b = PairBuffer(capacity=64)
+    b.put([pair(4), pair(5), pair(6), pair(5)])
+    assert b.discard_newer(4) == 3 and b.discarded == 3 and [p.policy_version for p in b.pairs] == [4]
+
+
+def test_state_round_trips_the_contents_and_counters():
+    b = PairBuffer(capacity=8)
+    b.put([pair(1, k) for k in range(3)])
+    b.take(1, min_version=1, timeout=0)
+    b.stale = 7
+    c = PairBuffer(capacity=8)
+    c.restore(b.state())
+    assert list(c.pairs) == list(b.pairs) and c.stale == 7
+
+
+def test_split_covers_every_item_once():
+    items = list(range(10))
+    chunks = split(items, 3)
+    assert [x for c in chunks for x in c] == items and len(chunks) == 3
+
+
+def test_schedule_syncs_every_n_steps_and_at_the_end():
+    s = Schedule(max_steps=7, sync_every=3, checkpoint_every=4, eval_every=2)
+    plans = [s.plan(k) for k in range(1, 8)]
+    assert [p.sync for p in plans] == [False, False, True, False, False, True, True]
+    assert [p.version_before for p in plans] == [0, 0, 0, 1, 1, 1, 2]
+    assert [p.version_after for p in plans] == [0, 0, 1, 1, 1, 2, 3]
+    assert [p.checkpoint for p in plans] == [False, False, False, True, False, False, True]
+    assert [p.evaluate for p in plans] == [False, True, False, True, False, True, False]  # not at the end
+    assert plans[-1].final and not any(p.final for p in plans[:-1])
+    assert [s.steps_left_in_version(k) for k in range(1, 8)] == [3, 2, 1, 3, 2, 1, 1]
