@@ -106,7 +106,11 @@ def cmd_serve(args) -> int:
 
     model_path = resolve_model(args.path) if args.path == "embedded:reviews" else str(model.resolve())
     name = serve_cfg.model_name or (path.name if model != path else model.name)
+    from .signals import Interrupted, Stop
+
     started = connect(namespace=f"online-dpo-serve-{int(time.time())}", log_to_driver=args.verbose)
+    Stop().install()   # after ray.init(), whose SIGTERM handler aborts the process
+    code = 0
     try:
         spec, options = serving.from_config(serve_cfg, model_path, name, None, "info" if args.verbose else "quiet")
         url = serving.deploy(spec, options, serve_cfg.host, serve_cfg.port, serve_cfg.route_prefix)
@@ -116,14 +120,14 @@ def cmd_serve(args) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (KeyboardInterrupt, SystemExit):
-        pass
+    except Interrupted as e:
+        print(f"[online-dpo] {e.reason}", file=sys.stderr)
+        code = e.code
     finally:
         serving.undeploy()
         if started:
-            import ray
-            ray.shutdown()
-    return 0
+            _shutdown()
+    return code
 
 
 def cmd_dry_run(cfg) -> int:
@@ -162,6 +166,7 @@ def cmd_train(args) -> int:
     from .cluster import connect
     from .controller import RunFailed, train
     from .metrics import ConsoleLog
+    from .signals import Interrupted, Stop
 
     from .embedded import EMBEDDED
     from .embedded.build import ensure_default, is_built
@@ -172,24 +177,45 @@ def cmd_train(args) -> int:
         ensure_default()
     started = connect(namespace=f"online-dpo-{cfg.run.name}-{int(time.time())}",
                       log_to_driver=cfg.run.log_level != "quiet")
+    stop = Stop()
+    stop.install()   # after ray.init(): Ray's own SIGTERM handler aborts the process
     console.info("started a local Ray cluster on 127.0.0.1" if started else "joined the Ray cluster")
     from .data import DataError
 
     try:
-        summary = train(cfg, console, resume_dir=args.resume)
+        summary = train(cfg, console, resume_dir=args.resume, stop=stop)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except RunFailed as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e}{_resume_hint(e)}", file=sys.stderr)
         return 1
+    except Interrupted as e:
+        print(f"[online-dpo] {e.reason}{_resume_hint(e)}", file=sys.stderr)
+        return e.code
     finally:
         if started:
-            import ray
-            ray.shutdown()
+            _shutdown()
     shown = {k: v for k, v in summary.items() if not k.startswith("samples")}
     console.info("summary: " + json.dumps(shown))
     return 0
+
+
+def _resume_hint(err) -> str:
+    """How to continue a run that stopped, when it has a checkpoint to continue from."""
+    run_dir = getattr(err, "run_dir", None)
+    if run_dir is None or not any(run_dir.glob("**/step-*/trainer_state.json")):
+        return ""
+    return f"\n  continue it with: online-dpo train --resume {run_dir}"
+
+
+def _shutdown() -> None:
+    """Stop the local cluster this command started, all its processes; signals wait until it is down."""
+    from .cluster import shutdown
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    shutdown(started=True)
 
 
 def main(argv=None) -> int:
@@ -222,10 +248,14 @@ def main(argv=None) -> int:
     p.set_defaults(fn=cmd_make_default)
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # SIGTERM (e.g. `kill`, a job stopping) unwinds like Ctrl-C, so a local cluster is shut down.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    return args.fn(args)
+    from .signals import Interrupted, Stop
+
+    Stop().install()   # a signal before a run starts interrupts at once (exit 130 / 143)
+    try:
+        return args.fn(args)
+    except Interrupted as e:
+        print(f"[online-dpo] {e.reason}", file=sys.stderr)
+        return e.code
 
 
 if __name__ == "__main__":

@@ -30,6 +30,28 @@ def use_loopback() -> None:
     ray_constants.ENABLE_RAY_CLUSTER = False
 
 
+def quiet_ray_notices() -> None:
+    """Drop two Ray notices the run reports better itself: a worker death (the run names the
+    actor and says it restarts) and Ray Train's 'SIGTERM handler is not set' from its thread."""
+    import logging
+
+    from ray._private import worker
+
+    logging.getLogger("ray._private.worker").addFilter(
+        lambda r: "SIGTERM handler is not set" not in r.getMessage())
+    original = worker.print_to_stdstream
+    if getattr(original, "quiet", False):
+        return
+
+    def filtered(data, ignore_prefix=False):
+        lines = [ln for ln in data.get("lines", []) if "A worker died or was killed" not in ln]
+        if lines:
+            original({**data, "lines": lines}, ignore_prefix)
+
+    filtered.quiet = True
+    worker.print_to_stdstream = filtered
+
+
 def connect(namespace: str, num_cpus: float | None = None, dashboard: bool = True,
             log_to_driver: bool = True) -> bool:
     """Join or start a cluster; returns True when this call started a local one."""
@@ -37,6 +59,12 @@ def connect(namespace: str, num_cpus: float | None = None, dashboard: bool = Tru
 
     if ray.is_initialized():
         return False
+    from ray._private import auto_init_hook
+
+    # A Ray call from a thread still winding down after shutdown() must not start a new cluster.
+    auto_init_hook.enable_auto_connect = False
+    if not log_to_driver:
+        quiet_ray_notices()
     address = existing_address()
     env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
     if address:
@@ -52,3 +80,38 @@ def connect(namespace: str, num_cpus: float | None = None, dashboard: bool = Tru
              dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
              log_to_driver=log_to_driver, runtime_env=env)
     return True
+
+
+def shutdown(started: bool, timeout: float = 15) -> None:
+    """Disconnect; when this process started the local cluster, also wait until every process of
+    it (GCS, raylet, dashboard and their children: workers, agents) is gone, killing stragglers."""
+    import ray
+
+    procs = local_processes() if started and ray.is_initialized() else []
+    ray.shutdown()
+    if procs:
+        import psutil
+
+        _, alive = psutil.wait_procs(procs, timeout=timeout)
+        for proc in alive:
+            try:
+                proc.kill()
+            except psutil.Error:
+                pass
+
+
+def local_processes() -> list:
+    """The processes of the cluster this driver started (ray.init's node) and their descendants."""
+    import psutil
+    from ray._private import worker
+
+    node = getattr(worker, "_global_node", None)
+    out = []
+    for infos in (node.all_processes.values() if node is not None else []):
+        for info in infos:
+            try:
+                proc = psutil.Process(info.process.pid)
+                out += [proc] + proc.children(recursive=True)
+            except (psutil.Error, AttributeError):
+                continue
+    return out

@@ -34,13 +34,17 @@ from .report import plot
 from .rollout import LockStep, Pipelined
 from .run_dir import RunDir
 from .schedule import Schedule
+from .rollout import Starved
+from .signals import Interrupted, Stop
 from .topology import RunFailed, Topology
 from .types import StepOrder
 
 
 class Controller:
-    def __init__(self, cfg: Config, run_dir: RunDir, console: ConsoleLog, tracker: Tracker, resume: bool = False):
+    def __init__(self, cfg: Config, run_dir: RunDir, console: ConsoleLog, tracker: Tracker, resume: bool = False,
+                 stop: Stop | None = None):
         self.cfg, self.run_dir, self.log, self.tracker, self.resume = cfg, run_dir, console, tracker, resume
+        self.stop = stop or Stop()
         t = cfg.train
         self.schedule = Schedule(t.max_steps, cfg.sync.every_steps, cfg.checkpoint.every_steps,
                                  cfg.eval.every_steps)
@@ -50,6 +54,10 @@ class Controller:
         self.last_train: dict = {}
         self.totals = collections.Counter()      # learner seconds: busy, waiting
         self.learner_restarts, self.steps_lost = 0, 0
+        self.checkpointed = 0       # the step of the latest checkpoint
+        self.start_step = 0         # where this process started (a resumed run starts past 0)
+        self.last_result = time.time()
+        self.learner_restart_seconds: list[float] = []
         self.lags: dict[int, dict] = {}
         self.start_time = time.time()
         self.train_start: float | None = None
@@ -95,7 +103,8 @@ class Controller:
         if not self.resume:
             self.run_dir.write_config(dump(cfg))
         self.check_placement()
-        topo = Topology.start(cfg, policy_path)
+        topo = self.topo = Topology.start(cfg, policy_path)
+        topo.samplers.notify = topo.judges.notify = lambda event: self.actor_event(event, topo)
         storage = cfg.checkpoint.storage or str(self.run_dir.path / "ray")
         learner = Learner(cfg, learner_spec(cfg, policy_path, reference_path, FILES), topo.broker,
                           topo.store, storage, self.run_dir.path.name)
@@ -116,8 +125,7 @@ class Controller:
                 _wait_forever()
             return result
         finally:
-            # After a finished run fit() winds down by itself; after a failure, wait for it to stop.
-            learner.stop("the run ended", timeout=0 if self.train_end else 60)
+            learner.stop("the run ended", timeout=30)   # closed before the final evaluation: mostly done
             topo.shutdown()
 
     # ------------------------------------------------------------ the run
@@ -136,48 +144,78 @@ class Controller:
             self.restore(pickle.loads(start.controller), rollouts)
             self.run_dir.truncate_metrics(lambda r: _before(r, start.step, rollouts.round, start.version))
             self.log.info(f"resumed at step {start.step} (policy version {start.version}) from {start.checkpoint}")
-        self.step, self.version = start.step, start.version
+        self.step, self.version, self.checkpointed = start.step, start.version, start.step
+        self.start_step = start.step
         if start.weights is not None:
             rollouts.set_weights(start.weights)
         rollouts.start()
-        self.train_start = time.time()
+        self.tracker.log({"kind": "restart", "event": "counts", "step": self.step, **self.restart_counts(topo)})
+        self.train_start = self.last_result = time.time()
+        self.stop.graceful = True
         try:
-            self.learn(rollouts, learner, topo, heldout)
+            reason = self.learn(rollouts, learner, topo, heldout)
         finally:
+            self.stop.graceful = False
             rollouts.stop()
         self.train_end = time.time()
+        result = self.finish(topo, learner, rollouts, heldout, reason)
+        if self.stop.requested:
+            raise Interrupted(self.stop.code, self.stop.reason)
+        return result
+
+    def finish(self, topo: Topology, learner: Learner, rollouts, heldout: list, reason: str | None) -> dict:
+        """Final evaluation (not after a signal: stop fast), policy/, summary.json, curves.png."""
         learner.close("training is done")   # rank 0 leaves its loop; Ray Train winds down meanwhile
-        after = self.evaluated(evaluate(topo.samplers, topo.judges, heldout, sampling, rollouts.weights,
-                                        self.version, self.baseline))
-        policy_dir = str(self.run_dir.copy_policy(learner.checkpoint(self.step)))
-        extra = {"mode": self.cfg.sync.mode, "policy_dir": policy_dir, "run_dir": str(self.run_dir.path),
+        after = {} if self.stop.requested else self.evaluated(evaluate(
+            topo.samplers, topo.judges, heldout, rollouts.sampling, rollouts.weights, self.version, self.baseline))
+        policy_dir = str(self.run_dir.copy_policy(learner.checkpoint(self.step))) if self.step else None
+        extra = {"mode": self.cfg.sync.mode, "partial": reason is not None, "stop_reason": reason,
+                 "resumed_from_step": self.start_step if self.resume else None,
+                 "policy_dir": policy_dir, "run_dir": str(self.run_dir.path),
                  "learner_restarts": self.learner_restarts, "steps_lost": self.steps_lost,
                  **self.pipeline_stats(rollouts, len(topo.samplers.handles))}
         result = summary(self.baseline, after, self.last_train, self.train_end - self.train_start,
-                         time.time() - self.start_time, rollouts.stats(),
-                         {**topo.restarts(), "learner": self.learner_restarts}, extra)
+                         self.start_step * self.cfg.train.batch_size, time.time() - self.start_time, rollouts.stats(),
+                         {**topo.restarts(), "learner": {"restarts": self.learner_restarts,
+                                                           "restart_seconds": self.learner_restart_seconds}}, extra)
         self.run_dir.write_json("summary.json", result)
         plot(self.run_dir.path)
+        if reason is not None:
+            self.log.info(f"stopped early at step {self.step} ({reason}); saved summary.json, curves.png and "
+                          f"policy/; continue with: online-dpo train --resume {self.run_dir.path}")
         return result
 
-    def learn(self, rollouts, learner: Learner, topo: Topology, heldout: list) -> None:
-        """Feed the learner step orders until the schedule is done; keep `prefetch` orders queued."""
+    def learn(self, rollouts, learner: Learner, topo: Topology, heldout: list) -> str | None:
+        """Feed the learner step orders until the schedule is done; keep `prefetch` orders queued.
+        Returns why it stopped early (a signal, or a judge that cannot separate samples any more),
+        after a checkpoint of where it stopped; None when the schedule is done."""
         import ray
 
         prefetch = 0 if self.cfg.sync.mode == "sync" else 1
         pending: collections.deque = collections.deque()   # (plan, ref) in step order
+        reason = None
         while self.step < self.schedule.max_steps:
+            if self.stop.requested and reason is None:
+                reason = self.stop.reason
             next_step = self.step + len(pending) + 1
-            can_submit = len(pending) <= prefetch and next_step <= self.schedule.max_steps
+            can_submit = len(pending) <= prefetch and next_step <= self.schedule.max_steps and reason is None
             if pending and (not can_submit or ray.wait([pending[0][1]], timeout=0)[0]):
                 plan, ref = pending.popleft()
                 if not self.collect(plan, ray.get(ref), rollouts, learner, topo, heldout):
                     pending.clear()   # the gang restarted: plan again from its step
                 continue
+            if reason is not None:   # stopping early, and every submitted step is back
+                break
             plan = self.schedule.plan(next_step)
             want = self.schedule.steps_left_in_version(next_step) * self.cfg.train.batch_size
-            batch = rollouts.take(self.cfg.train.batch_size, plan.version_before - self.lag, want=want,
-                                  timeout=None if prefetch == 0 else 0.05)
+            try:
+                batch = rollouts.take(self.cfg.train.batch_size, plan.version_before - self.lag, want=want,
+                                      timeout=None if prefetch == 0 else 0.05)
+            except Starved as e:
+                if self.step == 0 and not pending:
+                    raise
+                reason = f"converged: {e}"
+                continue
             if batch is None:
                 continue
             lags = [plan.version_before - p.policy_version for p in batch]
@@ -186,6 +224,23 @@ class Controller:
             order = StepOrder(step=plan.step, pairs=tuple(batch), sync=plan.sync, version=plan.version_after,
                               checkpoint=state, final=plan.final)
             pending.append((plan, learner.submit(order)))
+        if reason is not None and self.step > 0:
+            self.save_now(rollouts, learner)
+        return reason
+
+    def save_now(self, rollouts, learner: Learner) -> None:
+        """A checkpoint of the step the learner is at, outside the schedule (before stopping early)."""
+        import ray
+
+        if self.checkpointed == self.step:
+            return
+        order = StepOrder(step=self.step, pairs=(), sync=False, version=self.version,
+                          checkpoint=pickle.dumps(self.state(rollouts)))
+        result = ray.get(learner.submit(order))
+        if "metrics" not in result:
+            raise RunFailed(f"the learner could not save step {self.step}: {result}")
+        self.checkpointed = self.step
+        self.log.info(f"saved a checkpoint at step {self.step}")
 
     def collect(self, plan, result: dict, rollouts, learner: Learner, topo: Topology, heldout: list) -> bool:
         """Record one finished step; False if the gang restarted instead (the controller rewinds)."""
@@ -196,7 +251,10 @@ class Controller:
             self.restarted(result["restarted"], rollouts, learner)
             return False
         m = result["metrics"]
+        self.last_result = time.time()
         self.step, self.version = plan.step, plan.version_after
+        if plan.checkpoint:
+            self.checkpointed = plan.step
         if result["weights"] is not None:
             rollouts.set_weights(result["weights"])
         self.totals["busy"] += m["step_seconds"]
@@ -215,16 +273,32 @@ class Controller:
         return True
 
     def restarted(self, start, rollouts, learner: Learner) -> None:
+        """Ray Train restored the gang from its latest checkpoint: replan from there."""
         learner.hellos += 1
-        lost = self.step - start.step
+        lost, seconds = self.step - start.step, time.time() - self.last_result
         self.learner_restarts += 1
         self.steps_lost += lost
+        self.learner_restart_seconds.append(round(seconds, 1))
         dropped = rollouts.reset(start.weights, start.version)
         self.step, self.version = start.step, start.version
-        self.log.info(f"the learner restarted from step {start.step} (version {start.version}); "
-                      f"{lost} step(s) to redo, {dropped} buffered pair(s) from newer versions dropped")
-        self.tracker.log({"kind": "restart", "actor": "learner", "step": start.step, "steps_lost": lost,
-                          "pairs_dropped": dropped})
+        self.log.info(f"the learner restarted from its checkpoint at step {start.step} after {seconds:.1f}s; "
+                      f"{lost} step(s) to redo, {dropped} pair(s) from newer versions dropped")
+        self.tracker.log({"kind": "restart", "actor": "learner", "event": "back", "step": start.step,
+                          "steps_lost": lost, "pairs_dropped": dropped, "seconds": round(seconds, 1),
+                          **self.restart_counts(self.topo)})
+
+    def actor_event(self, event: dict, topo: Topology) -> None:
+        """A sampler or judge died (Ray restarts it; its work went to a live one) or came back."""
+        if event["event"] == "died":
+            self.log.info(f"{event['actor']} died; Ray is restarting it (restart {event['restarts']} of "
+                          f"{event['max_restarts']} for its kind) and its work goes to a live one")
+        else:
+            self.log.info(f"{event['actor']} is back after {event['seconds']:.1f}s")
+        self.tracker.log({"kind": "restart", "step": self.step, **event, **self.restart_counts(topo)})
+
+    def restart_counts(self, topo: Topology) -> dict:
+        return {"sampler_restarts": topo.samplers.restarts, "judge_restarts": topo.judges.restarts,
+                "learner_restarts": self.learner_restarts}
 
     def pipeline_stats(self, rollouts, samplers: int) -> dict:
         wall = max(1e-9, time.time() - (self.train_start or time.time()))
@@ -264,15 +338,14 @@ def _before(record: dict, step: int, round_: int, version: int) -> bool:
 
 
 def _wait_forever() -> None:
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        pass
+    while True:   # until a signal (Interrupted)
+        time.sleep(3600)
 
 
-def train(cfg: Config, console: ConsoleLog | None = None, resume_dir: str | None = None) -> dict:
-    """Run one online DPO job on the connected Ray cluster (or continue one); returns the summary."""
+def train(cfg: Config, console: ConsoleLog | None = None, resume_dir: str | None = None,
+          stop: Stop | None = None) -> dict:
+    """Run one online DPO job on the connected Ray cluster (or continue one); returns the summary.
+    RunFailed and Interrupted carry `run_dir`, so the caller can say how to resume."""
     console = console or ConsoleLog()
     run_dir = RunDir.open(resume_dir) if resume_dir else RunDir.create(cfg.run.output_dir, cfg.run.name)
     console.info(f"run dir: {run_dir.path}")
@@ -281,7 +354,10 @@ def train(cfg: Config, console: ConsoleLog | None = None, resume_dir: str | None
         if (m.tensorboard or m.wandb) else None
     tracker = Tracker(run_dir, RayMetrics(cfg.run.name), external)
     try:
-        return Controller(cfg, run_dir, console, tracker, resume=resume_dir is not None).run()
+        return Controller(cfg, run_dir, console, tracker, resume=resume_dir is not None, stop=stop).run()
+    except (RunFailed, Interrupted) as e:
+        e.run_dir = run_dir.path
+        raise
     finally:
         tracker.close()
         run_dir.close()

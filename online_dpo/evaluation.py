@@ -35,8 +35,9 @@ def evaluate(samplers: ActorGroup, judges: ActorGroup, heldout: list, sampling: 
     return result
 
 
-def summary(before: dict, after: dict, last_train: dict, train_wall: float | None, wall: float,
-            rollouts: dict, restarts: dict, extra: dict) -> dict:
+def summary(before: dict, after: dict, last_train: dict, train_wall: float | None, pairs_before: int,
+            wall: float, rollouts: dict, restarts: dict, extra: dict) -> dict:
+    """`train_wall` and `wall` cover this process; `pairs_before` were trained before it (resume)."""
     pairs = last_train.get("pairs", 0)
     return {
         "reward_before": before.get("reward"), "reward_after": after.get("reward"),
@@ -44,7 +45,7 @@ def summary(before: dict, after: dict, last_train: dict, train_wall: float | Non
         "final_kl": last_train.get("kl"),
         "wall_seconds": round(wall, 1),
         "train_seconds": round(train_wall, 1) if train_wall else None,
-        "pairs_per_second": round(pairs / train_wall, 2) if train_wall else None,
+        "pairs_per_second": round((pairs - pairs_before) / train_wall, 2) if train_wall else None,
         "final_policy_version": last_train.get("policy_version", 0),
         "prompts_sampled": rollouts.get("prompts", 0), "ties_dropped": rollouts.get("ties", 0),
         "identical_dropped": rollouts.get("identical", 0), "stale_dropped": rollouts.get("stale_dropped", 0),

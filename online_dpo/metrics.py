@@ -37,6 +37,11 @@ METRICS: dict[str, tuple[str, object, str]] = {
     "online_dpo_pipeline_efficiency": ("train", "pipeline_efficiency", "learner busy time / training wall time"),
     "online_dpo_pipeline_learner_idle": ("train", "learner_idle", "share of the learner's time spent waiting"),
     "online_dpo_pipeline_sampler_idle": ("train", "sampler_idle", "share of the samplers' time spent idle"),
+    # failures (cumulative counts, per kind of actor)
+    "online_dpo_restarts_sampler": ("restart", "sampler_restarts", "sampler crashes Ray restarted"),
+    "online_dpo_restarts_judge": ("restart", "judge_restarts", "judge crashes Ray restarted"),
+    "online_dpo_restarts_learner": ("restart", "learner_restarts", "Ray Train gang restarts from a checkpoint"),
+    "online_dpo_checkpoint_seconds": ("train", "checkpoint_seconds", "seconds to write the latest checkpoint"),
     # sync (rank 0 -> policy store -> samplers)
     "online_dpo_sync_seconds": ("train", "sync_seconds", "seconds to export and publish one version"),
     "online_dpo_sync_bytes": ("train", "sync_bytes", "bytes of one published version"),
@@ -62,7 +67,7 @@ METRICS: dict[str, tuple[str, object, str]] = {
 }
 # Emitted by each sampler actor itself, tagged with its name.
 SAMPLER_VERSION = "online_dpo_sampler_policy_version"
-GROUPS = {"train": "Training", "pipeline": "Pipeline", "sync": "Weight sync", "policy": "Weight sync",
+GROUPS = {"train": "Training", "pipeline": "Pipeline", "restarts": "Failures", "checkpoint": "Failures", "sync": "Weight sync", "policy": "Weight sync",
           "sample": "Sampling", "judge": "Judging", "eval": "Evaluation", "sampler": "Weight sync"}
 
 

@@ -38,6 +38,10 @@ def split(items: list, k: int) -> list[list]:
     return [items[i * size:(i + 1) * size] for i in range(k)]
 
 
+class Starved(RunFailed):
+    """The judge no longer separates the policy's samples (ties or identical responses)."""
+
+
 def starved_message(got: int, asked: int, last: dict) -> str:
     return (f"the judge separated only {got} of {asked} prompts' samples (ties {last.get('ties')}, identical "
             f"{last.get('identical')} in the last round): lower judge.margin, or raise sampler.n or "
@@ -200,7 +204,7 @@ class LockStep(Rollouts):
         want, asked, start = max(n, want or n), 0, len(self.buffer)
         while len(self.buffer) < n:
             if asked > STARVED * want:
-                raise RunFailed(starved_message(len(self.buffer) - start, asked, self.latest))
+                raise Starved(starved_message(len(self.buffer) - start, asked, self.latest))
             k = max(len(self.samplers.handles), math.ceil((want - len(self.buffer)) / max(self.keep_rate, 0.2)))
             self.buffer.put(self.one_round(self.source.next_batch(k)))
             asked += k
@@ -261,7 +265,7 @@ class Pipelined(Rollouts):
         if got is not None:
             self.asked_since_take = 0
         elif self.asked_since_take > STARVED * n:
-            raise RunFailed(starved_message(len(self.buffer), self.asked_since_take, self.latest))
+            raise Starved(starved_message(len(self.buffer), self.asked_since_take, self.latest))
         return got
 
     def room(self) -> bool:

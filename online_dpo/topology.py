@@ -15,6 +15,7 @@ engines build while the trainer gang starts.
 
 from __future__ import annotations
 
+import threading
 import time
 
 from .config import Config
@@ -90,7 +91,8 @@ class ActorGroup:
         self.down: dict[int, float] = {}      # index -> when it was seen dead
         self.restarts = 0
         self.restart_seconds: list[float] = []
-        self.last_error: BaseException | None = None
+        self.notify = lambda event: None   # the controller logs restarts (one record, one console line)
+        self.lock = threading.RLock()      # the rollout thread and the controller both call in
 
     def name(self, i: int) -> str:
         return f"{self.kind}-{i}"
@@ -101,14 +103,17 @@ class ActorGroup:
 
     def failed(self, i: int, err: BaseException) -> None:
         """Actor i failed a call: Ray is restarting it, or it is dead for good (`poll` tells)."""
-        if i not in self.down:
+        with self.lock:
+            if i in self.down:
+                return
             self.down[i] = time.time()
             self.restarts += 1
-            self.last_error = err
+        self.notify({"actor": self.name(i), "event": "died", "restarts": self.restarts,
+                     "max_restarts": self.max_restarts})
 
     def obituary(self, i: int, err: BaseException) -> str:
-        return (f"{self.name(i)} died and cannot be restarted ({self.field} is {self.max_restarts}): "
-                f"{death_cause(err)}.")
+        return (f"{self.name(i)} died and was not restarted again ({self.restarts} restart(s) so far; "
+                f"{self.field} is {self.max_restarts}): {death_cause(err)}")
 
     def poll(self) -> None:
         """Bring restarted actors back into the group."""
@@ -117,13 +122,17 @@ class ActorGroup:
         for i in list(self.down):
             try:
                 ray.get(self.handles[i].ready.remote(), timeout=0.5)
-            except ray.exceptions.GetTimeoutError:
-                continue
-            except ray.exceptions.ActorUnavailableError:
+            except (ray.exceptions.GetTimeoutError, ray.exceptions.ActorUnavailableError):
                 continue
             except ray.exceptions.ActorDiedError as e:
                 raise RunFailed(self.obituary(i, e)) from None
-            self.restart_seconds.append(time.time() - self.down.pop(i))
+            with self.lock:
+                if i not in self.down:
+                    continue
+                seconds = time.time() - self.down.pop(i)
+                self.restart_seconds.append(seconds)
+            self.notify({"actor": self.name(i), "event": "back", "seconds": round(seconds, 1),
+                         "restarts": self.restarts})
 
     def wait_live(self, timeout: float = 600) -> list[int]:
         deadline = time.time() + timeout

@@ -285,6 +285,14 @@ def train_loop(config: dict) -> None:
             return
         waited = time.time() - waited
         t0 = time.time()
+        if not order.pairs:   # save now (the controller stops early)
+            state = {"step": step, "policy_version": order.version, "pairs": pairs_seen, "spec": asdict(spec)}
+            seconds, nbytes = _report_checkpoint(rank, step, lambda d: save_checkpoint(
+                d, model, tokenizer, optimizer, scheduler, state, order.checkpoint))
+            if rank == 0:
+                broker.done.remote(order.step, {"metrics": {"checkpoint_seconds": seconds,
+                                                            "checkpoint_bytes": nbytes}, "weights": None})
+            continue
         model.train()
         metrics = _mean_across(step_fn(list(order.pairs[rank::world])), world, device)
         pairs_seen, step = pairs_seen + len(order.pairs), order.step
@@ -317,6 +325,6 @@ def _next_order(broker, expected: int, start):
             if "TimeoutError" not in str(e):
                 raise
             continue
-        if order is None or order.step == expected:
-            return order
+        if order is None or order.step == expected or (order.step == expected - 1 and not order.pairs):
+            return order   # the next step, or a checkpoint of the step just taken
         broker.done.remote(order.step, {"restarted": start})
