@@ -289,7 +289,9 @@ class Controller:
 
     def actor_event(self, event: dict, topo: Topology) -> None:
         """A sampler or judge died (Ray restarts it; its work went to a live one) or came back."""
-        if event["event"] == "died":
+        if event["event"] == "died" and event["restarts"] > event["max_restarts"]:
+            self.log.info(f"{event['actor']} died")
+        elif event["event"] == "died":
             self.log.info(f"{event['actor']} died; Ray is restarting it (restart {event['restarts']} of "
                           f"{event['max_restarts']} for its kind) and its work goes to a live one")
         else:

@@ -58,13 +58,13 @@ def last_line(err: BaseException) -> str:
 
 
 def death_cause(err: BaseException) -> str:
-    """One line on why an actor died: out of memory, its exit, or its last error line."""
-    text = str(err)
-    if "OutOfMemoryError" in type(err).__name__ or "out of memory" in text.lower() or "OOM" in text:
-        return "killed for using too much memory (out of memory)"
-    for line in text.splitlines():
-        if "exit code" in line.lower() or "exit_code" in line.lower() or "SIGKILL" in line:
-            return line.strip()
+    """One line on why an actor died: out of memory, how its process exited, or its last error line."""
+    text = " ".join(str(err).split())
+    if "OutOfMemoryError" in type(err).__name__ or "running low on memory" in text:
+        return "Ray killed it because the node ran low on memory (out of memory)"
+    if "Worker exit detail:" in text:
+        detail = text.split("Worker exit detail:", 1)[1].strip()
+        return detail.split(". ")[0].rstrip(".")
     return last_line(err)
 
 
@@ -112,8 +112,8 @@ class ActorGroup:
                      "max_restarts": self.max_restarts})
 
     def obituary(self, i: int, err: BaseException) -> str:
-        return (f"{self.name(i)} died and was not restarted again ({self.restarts} restart(s) so far; "
-                f"{self.field} is {self.max_restarts}): {death_cause(err)}")
+        return (f"{self.name(i)} died and Ray will not restart it: its kind has used {self.restarts - 1} of "
+                f"{self.field}={self.max_restarts} restarts. Cause: {death_cause(err)}.")
 
     def poll(self) -> None:
         """Bring restarted actors back into the group."""

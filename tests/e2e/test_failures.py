@@ -169,3 +169,16 @@ def test_a_signal_stops_the_run_with_a_checkpoint_and_leaves_no_process(tmp_path
         assert resumed.finish() == 0, resumed.text()[-3000:]
         s = summary_of(run_dir)
         assert not s["partial"] and s["steps"] == 24 and s["resumed_from_step"] >= 7
+
+
+def test_an_actor_that_dies_for_good_is_named_in_one_paragraph(tmp_path, embedded_model):
+    out = tmp_path / "dead"
+    run = Run(out, "train", "--set", f"run.output_dir={out}", "--set", "sampler.max_restarts=0",
+              "--set", "checkpoint.every_steps=3", "--set", "train.max_steps=40")
+    run.wait_step(5)
+    run.actor("Sampler").kill()
+    assert run.finish(timeout=120) == 1
+    text = run.text()
+    assert "error: sampler-0 died and Ray will not restart it" in text and "sampler.max_restarts=0" in text
+    assert "Cause: " in text and "Traceback" not in text
+    assert f"online-dpo train --resume {run_dir_of(out)}" in text
