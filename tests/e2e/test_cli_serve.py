@@ -14,6 +14,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import psutil
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -57,8 +58,11 @@ def spawn(*args):
 
 @pytest.fixture(scope="module")
 def live_run(tmp_path_factory, embedded_model):
+    """Train with the server on and `serve.keep_alive`; once training is done, kill the replica:
+    the policy store (not the finished trainer) owns the final weights, so the new replica serves them."""
     out, port = tmp_path_factory.mktemp("runs"), free_port()
     proc = spawn("train", "--set", f"run.output_dir={out}", "--set", "serve.enabled=true",
+                 "--set", "serve.keep_alive=true",
                  "--set", f"serve.port={port}", "--set", "serve.num_cpus=0.2", "--set", "serve.dtype=float32",
                  "--set", "serve.poll_seconds=0.2", "--set", f"train.max_steps={STEPS}", "--set", "sync.every_steps=1",
                  "--set", "eval.prompts=8")
@@ -74,21 +78,42 @@ def live_run(tmp_path_factory, embedded_model):
                 break
         except Exception as e:
             errors.append(repr(e))
-    rest, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, rest[-3000:]
+    deadline = time.time() + 300
+    while not list(out.glob("*/summary.json")):   # training is over; the process keeps serving
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.2)
+    cluster = psutil.Process(proc.pid).children(recursive=True)
+    (replica,) = [p for p in cluster if p.cmdline() and p.cmdline()[0].startswith("ray::ServeReplica")]
+    replica.kill()
+    replica.wait(10)
+    deadline, after_restart = time.time() + 180, None
+    while time.time() < deadline and after_restart is None:   # Serve starts a new replica
+        try:
+            after_restart = post(base + "/v1/completions", {"prompt": "I bought", "max_tokens": 4}, timeout=5)
+        except (urllib.error.URLError, OSError, json.JSONDecodeError):
+            time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    rest, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 143, rest[-3000:]
+    assert not psutil.wait_procs(cluster, timeout=20)[1], "processes of the run's cluster are left"
     (run_dir,) = [p for p in out.iterdir() if p.is_dir()]
-    return run_dir, seen, errors
+    return run_dir, seen, errors, after_restart
+
+
+def test_a_replica_restarted_after_training_serves_the_final_version(live_run):
+    *_, after_restart = live_run
+    assert after_restart is not None and after_restart["policy_version"] == STEPS
 
 
 def test_clients_see_the_policy_improve_live(live_run):
-    _, seen, errors = live_run
+    _, seen, errors, _ = live_run
     assert not errors, errors[:3]
     assert seen == sorted(seen), "versions went backwards"
     assert seen[-1] == STEPS and len(set(seen)) >= 3, seen
 
 
 def test_serve_a_finished_run_directory_until_interrupted(live_run):
-    run_dir, _, _ = live_run
+    run_dir, *_ = live_run
     port = free_port()
     proc = spawn("serve", str(run_dir), "--set", f"serve.port={port}", "--set", "serve.dtype=float32",
                  "--set", "serve.num_cpus=1")
@@ -101,7 +126,7 @@ def test_serve_a_finished_run_directory_until_interrupted(live_run):
     finally:
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, out[-2000:]
+    assert proc.returncode == 130, out[-2000:]
 
 
 def test_serve_refuses_a_path_that_is_not_a_model(tmp_path):
