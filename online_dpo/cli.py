@@ -204,7 +204,7 @@ def cmd_train(args) -> int:
 def _resume_hint(err) -> str:
     """How to continue a run that stopped, when it has a checkpoint to continue from."""
     run_dir = getattr(err, "run_dir", None)
-    if run_dir is None or not any(run_dir.glob("**/step-*/trainer_state.json")):
+    if run_dir is None or not getattr(err, "checkpoint_step", 0):
         return ""
     return f"\n  continue it with: online-dpo train --resume {run_dir}"
 

@@ -355,10 +355,11 @@ def train(cfg: Config, console: ConsoleLog | None = None, resume_dir: str | None
     external = ExternalLoggers(run_dir.path, cfg.run.name, m.tensorboard, m.wandb, cfg.model_dump(mode="json")) \
         if (m.tensorboard or m.wandb) else None
     tracker = Tracker(run_dir, RayMetrics(cfg.run.name), external)
+    controller = Controller(cfg, run_dir, console, tracker, resume=resume_dir is not None, stop=stop)
     try:
-        return Controller(cfg, run_dir, console, tracker, resume=resume_dir is not None, stop=stop).run()
+        return controller.run()
     except (RunFailed, Interrupted) as e:
-        e.run_dir = run_dir.path
+        e.run_dir, e.checkpoint_step = run_dir.path, controller.checkpointed
         raise
     finally:
         tracker.close()

@@ -148,8 +148,9 @@ def test_resume_after_sigkill_of_the_driver_ends_with_the_same_weights(tmp_path,
 
 @pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_signal_stops_the_run_with_a_checkpoint_and_leaves_no_process(tmp_path, embedded_model, sig, code):
-    out = tmp_path / "signal"
-    run = Run(out, "train", "--set", f"run.output_dir={out}", "--set", "train.max_steps=24")
+    out, storage = tmp_path / "signal", tmp_path / "checkpoints"   # storage outside the run directory
+    run = Run(out, "train", "--set", f"run.output_dir={out}", "--set", "train.max_steps=24",
+              "--set", f"checkpoint.storage={storage}")
     run.wait_step(7)
     cluster = run.descendants()
     start = time.time()
@@ -164,6 +165,7 @@ def test_a_signal_stops_the_run_with_a_checkpoint_and_leaves_no_process(tmp_path
     s = summary_of(run_dir)
     assert s["partial"] and s["stop_reason"] == f"stopped by {signal.Signals(sig).name}" and s["steps"] >= 7
     assert (run_dir / "curves.png").exists() and (run_dir / "policy" / "model.safetensors").exists()
+    assert list(storage.glob(f"{run_dir.name}/step-*/trainer_state.json")) and not (run_dir / "ray").exists()
     if sig == signal.SIGTERM:   # what it left is enough to finish the run
         resumed = Run(out / "resume", "train", "--resume", str(run_dir))
         assert resumed.finish() == 0, resumed.text()[-3000:]
