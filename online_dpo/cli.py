@@ -163,7 +163,7 @@ def cmd_train(args) -> int:
     cfg = _load(config, args.set + (["run.log_level=info"] if args.verbose else []))
     if args.dry_run:
         return cmd_dry_run(cfg)
-    from .cluster import connect
+    from .cluster import connect, dashboard_note
     from .controller import RunFailed, train
     from .metrics import ConsoleLog
     from .signals import Interrupted, Stop
@@ -180,6 +180,9 @@ def cmd_train(args) -> int:
     stop = Stop()
     stop.install()   # after ray.init(): Ray's own SIGTERM handler aborts the process
     console.info("started a local Ray cluster on 127.0.0.1" if started else "joined the Ray cluster")
+    note = dashboard_note() if started else None
+    if note:
+        console.info(note)
     from .data import DataError
 
     try:

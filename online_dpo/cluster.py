@@ -115,3 +115,19 @@ def local_processes() -> list:
             except (psutil.Error, AttributeError):
                 continue
     return out
+
+
+def dashboard_note() -> str | None:
+    """Where the local cluster's dashboard is, and how to get past its token prompt."""
+    import os
+
+    from ray._private import worker
+
+    node = getattr(worker, "_global_node", None)
+    url = getattr(node, "webui_url", None) if node is not None else None
+    if not url:
+        return None
+    url = url if url.startswith("http") else f"http://{url}"
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
+        return f"Ray dashboard: {url}"
+    return f"Ray dashboard: {url} (it asks for a token: `ray get-auth-token` prints it)"

@@ -1,7 +1,7 @@
 """The real CLI, end to end, on the embedded default: a vLLM sampler running ahead (async mode) of
 2 Ray Train workers, a VADER judge actor, weights published every 2 steps. The held-out VADER reward
 must rise, and no pair is trained on more than sync.max_policy_lag versions after it was sampled.
-(Lock-step determinism and exact resume: test_failures.py.)"""
+(Lock-step determinism and exact resume: test_cli_failures.py.)"""
 
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def test_run_dir_layout(default_run):
     assert (run_dir / "config.yaml").exists()
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     kinds = {r["kind"] for r in records}
-    assert kinds == {"rollout", "train", "eval"}
+    assert kinds == {"rollout", "train", "eval", "restart"}   # restart: the counts, all 0 here
     train = [r for r in records if r["kind"] == "train"]
     assert [r["policy_version"] for r in train] == [k // 2 for k in range(1, 61)]  # a sync every 2 steps
     # No trained pair is older than the lag allows; the pipeline keeps the learner busy.
