@@ -2,15 +2,16 @@
 
 The controller owns the schedule and the pairs; the learner only executes
 step orders. `submit(order)` queues an order and resolves, as an ObjectRef
-the controller can wait on, when rank 0 reports the step `done`. Rank 0
-says `hello` when the gang (re)starts, with the step and version it
-restored; any order that was queued or running then resolves as
-`{"restarted": ...}` so the controller can plan again from there. `close`
-resolves everything as `{"closed": reason}` and makes `next` return None.
+the controller can wait on, when rank 0 reports the step `done`. Rank 0 says
+`hello` when the gang (re)starts, with the step and version it restored; any
+order queued or running then resolves as `{"restarted": ...}` so the
+controller can plan again from there, and so does an order planned for an
+earlier gang (its `incarnation` counts the hellos the controller had seen).
+`next(expected)` hands rank 0 the order for the step it expects (Ray may
+start two submits out of order; the broker puts them back in step order).
+`close` resolves everything as `{"closed": reason}` and makes `next` return None.
 Runs as an async Ray actor, so all of these wait without blocking each other.
 """
-
-from __future__ import annotations
 
 import asyncio
 import collections
@@ -31,18 +32,25 @@ class Broker:
         async with self.changed:
             if self.closed is not None:
                 return {"closed": self.closed}
+            if order.incarnation != len(self.hellos):   # planned before the gang restarted
+                return {"restarted": self.hellos[-1]}
             done = self.waiting[order.step] = loop.create_future()
             self.orders.append(order)
             self.changed.notify_all()
         return await done
 
-    async def next(self, timeout: float | None = None):
-        """Rank 0: the next order (None once closed); waits up to `timeout` seconds."""
+    async def next(self, expected: int, timeout: float | None = None):
+        """Rank 0: the queued order with the lowest step up to `expected` (None once closed);
+        waits up to `timeout` seconds."""
         async with self.changed:
-            await asyncio.wait_for(self.changed.wait_for(lambda: self.orders or self.closed is not None), timeout)
+            def ready():
+                return self.closed is not None or any(o.step <= expected for o in self.orders)
+            await asyncio.wait_for(self.changed.wait_for(ready), timeout)
             if self.closed is not None:
                 return None
-            return self.orders.popleft()
+            order = min((o for o in self.orders if o.step <= expected), key=lambda o: o.step)
+            self.orders.remove(order)
+            return order
 
     async def done(self, step: int, result) -> None:
         future = self.waiting.pop(step, None)

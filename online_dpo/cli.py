@@ -196,12 +196,13 @@ def cmd_train(args) -> int:
     except Interrupted as e:
         print(f"[online-dpo] {e.reason}{_resume_hint(e)}", file=sys.stderr)
         return e.code
+    else:
+        shown = {k: v for k, v in summary.items() if not k.startswith("samples")}
+        console.info("summary: " + json.dumps(shown))
+        return 0
     finally:
         if started:
             _shutdown()
-    shown = {k: v for k, v in summary.items() if not k.startswith("samples")}
-    console.info("summary: " + json.dumps(shown))
-    return 0
 
 
 def _resume_hint(err) -> str:

@@ -82,9 +82,10 @@ def connect(namespace: str, num_cpus: float | None = None, dashboard: bool = Tru
     return True
 
 
-def shutdown(started: bool, timeout: float = 15) -> None:
-    """Disconnect; when this process started the local cluster, also wait until every process of
-    it (GCS, raylet, dashboard and their children: workers, agents) is gone, killing stragglers."""
+def shutdown(started: bool, grace: float = 0.3) -> None:
+    """Disconnect; when this process started the local cluster, also make sure every process of
+    it (GCS, raylet, dashboard and their children: workers, agents) is gone: Ray's shutdown ends
+    most at once, a few (the dashboard's module processes, agents) linger and are killed."""
     import ray
 
     procs = local_processes() if started and ray.is_initialized() else []
@@ -92,12 +93,13 @@ def shutdown(started: bool, timeout: float = 15) -> None:
     if procs:
         import psutil
 
-        _, alive = psutil.wait_procs(procs, timeout=timeout)
+        _, alive = psutil.wait_procs(procs, timeout=grace)
         for proc in alive:
             try:
                 proc.kill()
             except psutil.Error:
                 pass
+        psutil.wait_procs(alive, timeout=10)
 
 
 def local_processes() -> list:

@@ -148,7 +148,7 @@ class SyncConfig(Section):
     every_steps: int = Field(1, ge=1, description="publish the weights every N steps (and at the last)")
     mode: Literal["sync", "async"] = Field("sync", description="sync: lock-step; async: samplers run ahead")
     max_policy_lag: int = Field(1, ge=0, description="async: train on pairs at most this many versions old")
-    buffer_pairs: int | None = Field(None, gt=0, description="async: pairs sampled ahead of the learner (default: one batch)")
+    buffer_pairs: int | None = Field(None, gt=0, description="async: pairs sampled ahead of the learner (default: two batches)")
 
     @model_validator(mode="after")
     def _lag(self):

@@ -89,7 +89,7 @@ class Controller:
         cfg, s = self.cfg, self.cfg.sampler
         sampling = dict(n=s.n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_new_tokens,
                         logprobs=s.logprobs)
-        capacity = cfg.sync.buffer_pairs or cfg.train.batch_size
+        capacity = cfg.sync.buffer_pairs or 2 * cfg.train.batch_size
         args = (topo.samplers, topo.judges, source, sampling, cfg.run.seed, self.tracker.log, capacity)
         if cfg.sync.mode == "sync":
             return LockStep(*args)
@@ -125,7 +125,9 @@ class Controller:
                 _wait_forever()
             return result
         finally:
-            learner.stop("the run ended", timeout=30)   # closed before the final evaluation: mostly done
+            # fit() must return before Ray shuts down (a Ray call after that ends the process); the
+            # broker closed before the final evaluation, so after a finished run it mostly has.
+            learner.stop("the run ended", timeout=60)
             topo.shutdown()
 
     # ------------------------------------------------------------ the run
@@ -222,7 +224,7 @@ class Controller:
             self.lags[plan.step] = {"lag_min": min(lags), "lag_mean": statistics.fmean(lags), "lag_max": max(lags)}
             state = pickle.dumps(self.state(rollouts)) if plan.checkpoint else None
             order = StepOrder(step=plan.step, pairs=tuple(batch), sync=plan.sync, version=plan.version_after,
-                              checkpoint=state, final=plan.final)
+                              checkpoint=state, final=plan.final, incarnation=learner.hellos)
             pending.append((plan, learner.submit(order)))
         if reason is not None and self.step > 0:
             self.save_now(rollouts, learner)
@@ -235,7 +237,7 @@ class Controller:
         if self.checkpointed == self.step:
             return
         order = StepOrder(step=self.step, pairs=(), sync=False, version=self.version,
-                          checkpoint=pickle.dumps(self.state(rollouts)))
+                          checkpoint=pickle.dumps(self.state(rollouts)), incarnation=learner.hellos)
         result = ray.get(learner.submit(order))
         if "metrics" not in result:
             raise RunFailed(f"the learner could not save step {self.step}: {result}")

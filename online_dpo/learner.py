@@ -39,7 +39,13 @@ class Learner(threading.Thread):
         self.hellos = 0
 
     def run(self) -> None:
+        import os
+
         import ray
+
+        # Ray Train's controller polls the workers this often (default 2 s): how soon it records a
+        # checkpoint, notices a dead worker, and returns from fit() after the last step.
+        os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
         from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchTrainer
 

@@ -279,7 +279,7 @@ def train_loop(config: dict) -> None:
         ray.get(broker.hello.remote(start))
     while True:
         waited = time.time()
-        order = _next_order(broker, step + 1, start) if rank == 0 else None
+        order = _next_order(broker, step + 1) if rank == 0 else None
         order = _broadcast(order, world)
         if order is None:  # the controller closed the run
             return
@@ -313,18 +313,13 @@ def train_loop(config: dict) -> None:
             broker.done.remote(order.step, {"metrics": metrics, "weights": weights})
 
 
-def _next_order(broker, expected: int, start):
-    """Rank 0: the next order for step `expected`. An order for another step was planned before
-    this gang restored its checkpoint: it is answered with the restart, so the controller replans."""
+def _next_order(broker, expected: int):
+    """Rank 0: the order for step `expected`, or a checkpoint of the step just taken (empty pairs)."""
     import ray
 
     while True:
         try:
-            order = ray.get(broker.next.remote(600))
+            return ray.get(broker.next.remote(expected, 600))
         except ray.exceptions.RayTaskError as e:  # no order for 10 minutes: keep waiting
             if "TimeoutError" not in str(e):
                 raise
-            continue
-        if order is None or order.step == expected or (order.step == expected - 1 and not order.pairs):
-            return order   # the next step, or a checkpoint of the step just taken
-        broker.done.remote(order.step, {"restarted": start})

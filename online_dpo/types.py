@@ -71,6 +71,7 @@ class StepOrder:
     version: int                # the policy version once this step is done
     checkpoint: bytes | None = None   # controller state to save with a checkpoint after the step
     final: bool = False         # the last step: save the final policy
+    incarnation: int = 1        # the gang it was planned for (1: the first; +1 per restart)
 
 
 @dataclass(frozen=True)

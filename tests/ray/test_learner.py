@@ -59,8 +59,9 @@ def test_two_gloo_workers_follow_orders_publish_in_order_and_restore(ray_local, 
     assert metrics[-1]["rewards/margin"] > 0 and metrics[-1]["loss"] < metrics[0]["loss"]
     assert metrics[1]["checkpoint_bytes"] > 0 and metrics[1]["checkpoint_seconds"] > 0
 
-    # An order for a step the gang is not at is answered with a restart, not run.
-    assert "restarted" in ray_local.get(broker.submit.remote(StepOrder(step=9, pairs=(), sync=False, version=2)))
+    # An order planned for an earlier gang is answered with the restart, not run.
+    stale = StepOrder(step=5, pairs=pairs(tok, 8, 2), sync=False, version=2, incarnation=0)
+    assert "restarted" in ray_local.get(broker.submit.remote(stale))
 
     ray_local.get(broker.close.remote("done"))
     t.join(300)

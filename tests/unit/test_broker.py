@@ -8,8 +8,12 @@ from online_dpo.broker import Broker
 from online_dpo.types import LearnerStart, StepOrder
 
 
-def order(step):
-    return StepOrder(step=step, pairs=(), sync=True, version=step)
+def order(step, incarnation=1):
+    return StepOrder(step=step, pairs=(), sync=True, version=step, incarnation=incarnation)
+
+
+async def started(b, step=0):
+    await b.hello(LearnerStart(step=step, version=step))
 
 
 def run(coro):
@@ -19,10 +23,12 @@ def run(coro):
 def test_submit_resolves_when_the_learner_reports_the_step():
     async def scenario():
         b = Broker()
-        first = asyncio.create_task(b.submit(order(1)))
-        second = asyncio.create_task(b.submit(order(2)))
+        await started(b)
+        second = asyncio.create_task(b.submit(order(2)))   # Ray may start two submits out of order
         await asyncio.sleep(0.01)
-        assert (await b.next(1)).step == 1 and (await b.next(1)).step == 2   # in submission order
+        first = asyncio.create_task(b.submit(order(1)))
+        await asyncio.sleep(0.01)
+        assert (await b.next(1, 1)).step == 1 and (await b.next(2, 1)).step == 2   # in step order
         assert not first.done()
         await b.done(2, {"metrics": {"step": 2}})
         await b.done(1, {"metrics": {"step": 1}})
@@ -33,28 +39,32 @@ def test_submit_resolves_when_the_learner_reports_the_step():
 def test_hello_answers_every_open_order_with_the_restart():
     async def scenario():
         b = Broker()
+        await started(b, 4)
         running = asyncio.create_task(b.submit(order(5)))
         queued = asyncio.create_task(b.submit(order(6)))
         await asyncio.sleep(0.01)
-        await b.next(1)                        # step 5 was taken by the gang that then died
+        await b.next(5, 1)                     # step 5 was taken by the gang that then died
         start = LearnerStart(step=3, version=3)
         await b.hello(start)
         assert (await running) == {"restarted": start} and (await queued) == {"restarted": start}
         assert b.status()["queued"] == 0
-        assert await b.wait_hello(1, timeout=1) == start
-        assert await b.wait_hello(2, timeout=0.01) is None
+        # An order planned for the gang that died is answered at once, not queued.
+        assert await b.submit(order(7, incarnation=1)) == {"restarted": start}
+        assert await b.wait_hello(2, timeout=1) == start
+        assert await b.wait_hello(3, timeout=0.01) is None
     run(scenario())
 
 
 def test_close_releases_the_learner_and_every_waiter():
     async def scenario():
         b = Broker()
+        await started(b)
         waiter = asyncio.create_task(b.submit(order(1)))
         await asyncio.sleep(0.01)
         await b.close("stop")
         assert await waiter == {"closed": "stop"}
-        assert await b.next(1) is None
+        assert await b.next(1, 1) is None
         assert await b.submit(order(2)) == {"closed": "stop"}
         with pytest.raises(asyncio.TimeoutError):
-            await Broker().next(0.01)
+            await Broker().next(1, 0.01)
     run(scenario())
