@@ -1,9 +1,10 @@
-"""online-dpo: train | serve | validate | report | make-default.
+"""online-dpo: train | serve | monitor | validate | report | make-default.
 
   online-dpo train [CONFIG] [--set section.field=value ...] [-v] [--dry-run]
   online-dpo train --resume RUN_DIR
   online-dpo serve RUN_DIR|MODEL_DIR [--config CONFIG] [--set serve.field=value ...]
   online-dpo validate CONFIG [CONFIG ...]
+  online-dpo monitor [--prometheus-port 9090] [--grafana-port 3000]
   online-dpo report RUN_DIR
   online-dpo make-default
 
@@ -130,6 +131,16 @@ def cmd_serve(args) -> int:
     return code
 
 
+def cmd_monitor(args) -> int:
+    """Prometheus and Grafana (where installed) for the Ray dashboard, until interrupted."""
+    from pathlib import Path
+
+    from .monitor import run
+
+    data = Path(args.data or Path.home() / ".cache" / "online-dpo" / "monitor-data")
+    return run(args.prometheus_port, args.grafana_port, data, say=lambda t: print(f"[online-dpo] {t}", flush=True))
+
+
 def cmd_dry_run(cfg) -> int:
     """Print which actor goes where against the cluster's resources; 1 if it cannot fit."""
     from .cluster import existing_address
@@ -163,8 +174,9 @@ def cmd_train(args) -> int:
     cfg = _load(config, args.set + (["run.log_level=info"] if args.verbose else []))
     if args.dry_run:
         return cmd_dry_run(cfg)
-    from .cluster import connect, dashboard_note
+    from .cluster import connect, dashboard_note, existing_address
     from .controller import RunFailed, train
+    from .monitor import EXPORT_SECONDS, attached, hold_seconds, ray_env
     from .metrics import ConsoleLog
     from .signals import Interrupted, Stop
 
@@ -175,14 +187,20 @@ def cmd_train(args) -> int:
     if EMBEDDED in (cfg.model.policy, cfg.data.source) and not is_built():
         console.info("building the embedded default (once; about two minutes on 2 cores)")
         ensure_default()
+    monitor = attached()
+    if monitor and not existing_address():   # the dashboard process inherits these
+        os.environ.update(ray_env(monitor))
     started = connect(namespace=f"online-dpo-{cfg.run.name}-{int(time.time())}",
-                      log_to_driver=cfg.run.log_level != "quiet")
+                      log_to_driver=cfg.run.log_level != "quiet",
+                      metrics_export_ms=EXPORT_SECONDS * 1000 if monitor else None)
     stop = Stop()
     stop.install()   # after ray.init(): Ray's own SIGTERM handler aborts the process
     console.info("started a local Ray cluster on 127.0.0.1" if started else "joined the Ray cluster")
     note = dashboard_note() if started else None
     if note:
         console.info(note)
+    if monitor:
+        console.info(f"metrics go to the monitor's Prometheus at {monitor['prometheus']}")
     from .data import DataError
 
     try:
@@ -201,6 +219,8 @@ def cmd_train(args) -> int:
         console.info("summary: " + json.dumps(shown))
         return 0
     finally:
+        if started and hold_seconds(monitor):   # let Prometheus scrape the final values
+            time.sleep(hold_seconds(monitor))
         if started:
             _shutdown()
 
@@ -240,6 +260,11 @@ def main(argv=None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="serve.KEY=VALUE")
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(fn=cmd_serve)
+    p = sub.add_parser("monitor", help="start Prometheus and Grafana (where installed) for live curves")
+    p.add_argument("--prometheus-port", type=int, default=9090)
+    p.add_argument("--grafana-port", type=int, default=3000)
+    p.add_argument("--data", default=None, help="where they keep their data (default ~/.cache/online-dpo/monitor-data)")
+    p.set_defaults(fn=cmd_monitor)
     p = sub.add_parser("report", help="print a run's summary table and redraw its curves.png")
     p.add_argument("run_dir")
     p.set_defaults(fn=cmd_report)

@@ -53,7 +53,7 @@ def quiet_ray_notices() -> None:
 
 
 def connect(namespace: str, num_cpus: float | None = None, dashboard: bool = True,
-            log_to_driver: bool = True) -> bool:
+            log_to_driver: bool = True, metrics_export_ms: int | None = None) -> bool:
     """Join or start a cluster; returns True when this call started a local one."""
     import ray
 
@@ -76,9 +76,10 @@ def connect(namespace: str, num_cpus: float | None = None, dashboard: bool = Tru
             if address != "auto":
                 raise
     use_loopback()
+    system = {"metrics_report_interval_ms": metrics_export_ms} if metrics_export_ms else None
     ray.init(num_cpus=num_cpus, namespace=namespace, include_dashboard=dashboard,
              dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
-             log_to_driver=log_to_driver, runtime_env=env)
+             log_to_driver=log_to_driver, runtime_env=env, _system_config=system)
     return True
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
 
 # name -> (record kind, how to read it from the record, description); grouped as the dashboard shows them
 METRICS: dict[str, tuple[str, object, str]] = {
@@ -81,14 +82,19 @@ def _read(record: dict, how) -> float | None:
 
 
 class RayMetrics:
-    """Gauges in Ray's metrics system, tagged with the run name."""
+    """Gauges in Ray's metrics system, tagged with the run name.
 
-    def __init__(self, run: str):
+    Every value is set again at least every `refresh` seconds: a gauge that
+    was set once (the baseline evaluation) otherwise drops out of Ray's
+    export, and Prometheus loses it mid-run."""
+
+    def __init__(self, run: str, refresh: float = 5.0):
         from ray.util.metrics import Gauge
 
-        self.tags = {"run": run}
+        self.tags, self.refresh, self.refreshed = {"run": run}, refresh, time.time()
         self.gauges = {name: Gauge(name, description=desc, tag_keys=("run",))
                        for name, (_, _, desc) in METRICS.items()}
+        self.last: dict[str, float] = {}
 
     def record(self, record: dict) -> None:
         for name, (kind, how, _) in METRICS.items():
@@ -99,6 +105,11 @@ class RayMetrics:
                     value = None
                 if value is not None:
                     self.gauges[name].set(value, tags=self.tags)
+                    self.last[name] = value
+        if time.time() - self.refreshed > self.refresh:
+            self.refreshed = time.time()
+            for name, value in self.last.items():
+                self.gauges[name].set(value, tags=self.tags)
 
 
 def sampler_version_gauge():

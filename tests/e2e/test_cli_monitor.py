@@ -1,0 +1,68 @@
+"""Live curves through the real CLI: `online-dpo monitor` starts Debian's Prometheus, a run sends
+every metric the Grafana dashboard charts there, the final evaluation included."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+DASHBOARD = ROOT / "cluster" / "monitoring" / "grafana-online-dpo.json"
+pytestmark = pytest.mark.skipif(shutil.which("prometheus") is None,
+                                reason="Prometheus is not installed (apt-get install prometheus; .ci/run does)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def query(base: str, expr: str) -> list:
+    url = f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return json.loads(r.read())["data"]["result"]
+
+
+def test_every_dashboard_metric_reaches_prometheus_with_the_final_evaluation(tmp_path, embedded_model):
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+           "ONLINE_DPO_MONITOR": str(tmp_path / "monitor.json")}
+    port = free_port()
+    monitor = subprocess.Popen([sys.executable, "-m", "online_dpo.cli", "monitor", "--prometheus-port", str(port),
+                                "--grafana-port", str(free_port()), "--data", str(tmp_path / "data")],
+                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 60
+        while not (tmp_path / "monitor.json").exists():
+            assert monitor.poll() is None and time.time() < deadline, monitor.stdout.read()
+            time.sleep(0.2)
+        run = subprocess.run([sys.executable, "-m", "online_dpo.cli", "train", "--set", "run.name=monitored-e2e",
+                              "--set", f"run.output_dir={tmp_path / 'runs'}", "--set", "train.max_steps=4",
+                              "--set", "eval.prompts=8"], cwd=ROOT, env=env, capture_output=True, text=True,
+                             timeout=600)
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        assert f"Prometheus at http://127.0.0.1:{port}" in run.stdout
+        base = f"http://127.0.0.1:{port}"
+        names = sorted(set(re.findall(r"(ray_online_dpo_\w+)\{", DASHBOARD.read_text())))
+        missing = [n for n in names if not query(base, f'last_over_time({n}{{run="monitored-e2e"}}[15m])')]
+        assert not missing, f"not in Prometheus: {missing}"
+        win = query(base, 'last_over_time(ray_online_dpo_eval_win_rate{run="monitored-e2e"}[15m])')
+        assert 0 <= float(win[0]["value"][1]) <= 1   # the final evaluation's win rate
+        steps = query(base, 'max_over_time(ray_online_dpo_train_step{run="monitored-e2e"}[15m])')
+        assert float(steps[0]["value"][1]) == 4
+    finally:
+        monitor.send_signal(signal.SIGINT)
+        out, _ = monitor.communicate(timeout=60)
+    assert not (tmp_path / "monitor.json").exists(), out
