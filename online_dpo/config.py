@@ -127,6 +127,8 @@ class TrainConfig(Section):
     micro_batch_size: int = Field(8, gt=0, description="pairs per worker per forward pass")
     max_steps: int = Field(100, gt=0)
     max_failures: int = Field(3, ge=-1, description="Ray Train restarts of the gang from its latest checkpoint")
+    max_kl: float | None = Field(None, gt=0, description="stop early once the KL estimate (nats per sequence, "
+                                                         "mean of the last 5 steps) passes this")
     seed: int | None = None
 
     @property

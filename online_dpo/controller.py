@@ -59,6 +59,7 @@ class Controller:
         self.last_result = time.time()
         self.learner_restart_seconds: list[float] = []
         self.lags: dict[int, dict] = {}
+        self.recent_kl: list[float] = []
         self.start_time = time.time()
         self.train_start: float | None = None
         self.train_end: float | None = None
@@ -183,8 +184,11 @@ class Controller:
         self.run_dir.write_json("summary.json", result)
         plot(self.run_dir.path)
         if reason is not None:
+            more = (f"continue with: online-dpo train --resume {self.run_dir.path}" if self.stop.requested else
+                    f"to go further: online-dpo train --resume {self.run_dir.path} --set train.max_kl=..."
+                    if reason.startswith("KL limit") else "")
             self.log.info(f"stopped early at step {self.step} ({reason}); saved summary.json, curves.png and "
-                          f"policy/; continue with: online-dpo train --resume {self.run_dir.path}")
+                          f"policy/{'; ' + more if more else ''}")
         return result
 
     def learn(self, rollouts, learner: Learner, topo: Topology, heldout: list) -> str | None:
@@ -199,6 +203,7 @@ class Controller:
         while self.step < self.schedule.max_steps:
             if self.stop.requested and reason is None:
                 reason = self.stop.reason
+            reason = reason or self.kl_guard()
             next_step = self.step + len(pending) + 1
             can_submit = len(pending) <= prefetch and next_step <= self.schedule.max_steps and reason is None
             if pending and (not can_submit or ray.wait([pending[0][1]], timeout=0)[0]):
@@ -230,6 +235,14 @@ class Controller:
             self.save_now(rollouts, learner)
         return reason
 
+    def kl_guard(self) -> str | None:
+        """Stop before the policy drifts into a collapse the judge still rewards (repetition)."""
+        limit, recent = self.cfg.train.max_kl, self.recent_kl[-5:]
+        if limit is None or len(recent) < 5 or statistics.fmean(recent) <= limit:
+            return None
+        return (f"KL limit: the KL estimate averaged {statistics.fmean(recent):.1f} nats per sequence over the "
+                f"last 5 steps, above train.max_kl ({limit:g})")
+
     def save_now(self, rollouts, learner: Learner) -> None:
         """A checkpoint of the step the learner is at, outside the schedule (before stopping early)."""
         import ray
@@ -259,6 +272,7 @@ class Controller:
             self.checkpointed = plan.step
         if result["weights"] is not None:
             rollouts.set_weights(result["weights"])
+        self.recent_kl.append(m["kl"])
         self.totals["busy"] += m["step_seconds"]
         self.totals["wait"] += m["wait_seconds"]
         record = {"kind": "train", **m, **self.lags.pop(plan.step, {}),

@@ -82,6 +82,19 @@ def test_final_policy_loads_in_transformers_and_vllm(default_run):
     assert "VLLM-OK" in proc.stdout, proc.stderr[-3000:]
 
 
+def test_a_five_times_longer_run_stops_before_it_collapses(default_run, tmp_path):
+    """train.max_steps=300 on the default: the KL guard (or a judge that stops separating) ends it
+    early with everything saved, and its policy is at least as good as the 60-step default's."""
+    proc = run_cli("train", "--set", f"run.output_dir={tmp_path}", "--set", "train.max_steps=300")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    long = json.loads((run_dir / "summary.json").read_text())
+    short = json.loads((default_run[0] / "summary.json").read_text())
+    assert long["steps"] == 300 or (long["partial"] and long["stop_reason"].startswith(("KL limit", "converged")))
+    assert long["reward_after"] >= short["reward_after"], (long, short)
+    assert (run_dir / "policy" / "model.safetensors").exists() and (run_dir / "curves.png").exists()
+
+
 def test_bad_config_exits_non_zero_with_a_clear_message(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model:\n  policy: embedded:reviews\ndata:\n  source: embedded:reviews\nsampler:\n  n: 1\n")
