@@ -281,8 +281,8 @@ class Pipelined(Rollouts):
     def _loop(self) -> None:
         import ray
 
-        sampling: dict = {}   # ref -> (sampler index, prompts, call, epoch)
-        judging: dict = {}    # ref -> (judge index, batch, call, epoch, started)
+        sampling: dict = {}   # ref -> (sampler index, prompts, call, epoch, sent at)
+        judging: dict = {}    # ref -> (judge index, batch, epoch, started, sent at)
         while not self.stopping.is_set():
             busy = {i for i, *_ in sampling.values()}
             for i in self.samplers.live():
@@ -291,8 +291,8 @@ class Pipelined(Rollouts):
                 prompts = self.source.next_batch(self.prompts_per_call)
                 call = self.request(prompts, i, self.weights)
                 self.round += 1
-                sampling[self.samplers.handles[i].generate.remote(*call[0], **call[1])] = (i, prompts, call,
-                                                                                          self.epoch)
+                sampling[self.samplers.handles[i].generate.remote(*call[0], **call[1])] = (
+                    i, prompts, call, self.epoch, time.time())
                 self.inflight_prompts += len(prompts)
                 self.asked_since_take += len(prompts)
             refs = list(sampling) + list(judging)
@@ -309,14 +309,14 @@ class Pipelined(Rollouts):
     def _sampled(self, ref, sampling: dict, judging: dict) -> None:
         import ray
 
-        i, prompts, call, epoch = sampling.pop(ref)
+        i, prompts, call, epoch, sent = sampling.pop(ref)
         try:
             batch = ray.get(ref)
         except ray.exceptions.RayActorError as e:
-            self.samplers.failed(i, e)
-            live = self.samplers.wait_live()
-            j = live[0]
-            sampling[self.samplers.handles[j].generate.remote(*call[0], **call[1])] = (j, prompts, call, epoch)
+            self.samplers.failed(i, e, sent)
+            j = self.samplers.wait_live()[0]   # the same seeded request, on a live sampler
+            sampling[self.samplers.handles[j].generate.remote(*call[0], **call[1])] = (
+                j, prompts, call, epoch, time.time())
             return
         self.busy[i] += batch.seconds + batch.load_seconds
         self._judge(batch, judging, epoch, time.time())
@@ -324,16 +324,16 @@ class Pipelined(Rollouts):
     def _judge(self, batch: SampleBatch, judging: dict, epoch: int, started: float) -> None:
         live = self.judges.wait_live()
         k = live[self.round % len(live)]
-        judging[self.judges.handles[k].label.remote(list(batch.groups))] = (k, batch, epoch, started)
+        judging[self.judges.handles[k].label.remote(list(batch.groups))] = (k, batch, epoch, started, time.time())
 
     def _judged(self, ref, judging: dict, sampling: dict) -> None:
         import ray
 
-        k, batch, epoch, started = judging.pop(ref)
+        k, batch, epoch, started, sent = judging.pop(ref)
         try:
             pairs, stats = ray.get(ref)
         except ray.exceptions.RayActorError as e:
-            self.judges.failed(k, e)
+            self.judges.failed(k, e, sent)
             self._judge(batch, judging, epoch, started)
             return
         self.inflight_prompts -= len(batch.groups)

@@ -92,6 +92,7 @@ class ActorGroup:
         self.restarts = 0
         self.restart_seconds: list[float] = []
         self.notify = lambda event: None   # the controller logs restarts (one record, one console line)
+        self.back_at: dict[int, float] = {}   # index -> when it last came back
         self.lock = threading.RLock()      # the rollout thread and the controller both call in
 
     def name(self, i: int) -> str:
@@ -101,10 +102,11 @@ class ActorGroup:
         self.poll()
         return [i for i in range(len(self.handles)) if i not in self.down]
 
-    def failed(self, i: int, err: BaseException) -> None:
-        """Actor i failed a call: Ray is restarting it, or it is dead for good (`poll` tells)."""
+    def failed(self, i: int, err: BaseException, sent: float = 0.0) -> None:
+        """Actor i failed a call sent at `sent`: Ray is restarting it, or it is dead for good
+        (`poll` tells). A call sent before the actor last came back died with the old process."""
         with self.lock:
-            if i in self.down:
+            if i in self.down or sent < self.back_at.get(i, 0.0):
                 return
             self.down[i] = time.time()
             self.restarts += 1
@@ -131,6 +133,7 @@ class ActorGroup:
                     continue
                 seconds = time.time() - self.down.pop(i)
                 self.restart_seconds.append(seconds)
+                self.back_at[i] = time.time()
             self.notify({"actor": self.name(i), "event": "back", "seconds": round(seconds, 1),
                          "restarts": self.restarts})
 
@@ -153,7 +156,7 @@ class ActorGroup:
         todo = list(range(len(calls)))
         while todo:
             live = self.wait_live()
-            refs = {}
+            refs, sent = {}, time.time()
             for k in todo:
                 i = live[k % len(live)]
                 args, kwargs = calls[k]
@@ -163,7 +166,7 @@ class ActorGroup:
                 try:
                     results[k] = ray.get(ref)
                 except ray.exceptions.RayActorError as e:
-                    self.failed(i, e)
+                    self.failed(i, e, sent)
                     todo.append(k)
         return results
 

@@ -90,8 +90,10 @@ def test_a_five_times_longer_run_stops_before_it_collapses(default_run, tmp_path
     (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     long = json.loads((run_dir / "summary.json").read_text())
     short = json.loads((default_run[0] / "summary.json").read_text())
-    assert long["steps"] == 300 or (long["partial"] and long["stop_reason"].startswith(("KL limit", "converged")))
-    assert long["reward_after"] >= short["reward_after"], (long, short)
+    stopped_early = long["partial"] and long["stop_reason"].startswith(("KL limit", "converged"))
+    assert long["reward_after"] >= short["reward_after"] or stopped_early, (long, short)
+    assert long["steps"] == 300 or stopped_early
+    assert long["reward_after"] >= 0.75 and long["win_rate"] >= 0.85   # not a collapse
     assert (run_dir / "policy" / "model.safetensors").exists() and (run_dir / "curves.png").exists()
 
 
