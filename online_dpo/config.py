@@ -125,6 +125,13 @@ class TrainConfig(Section):
     grad_clip: float | None = Field(1.0, gt=0)
     batch_size: int = Field(32, gt=0, description="pairs per optimizer step, all workers together")
     micro_batch_size: int = Field(8, gt=0, description="pairs per worker per forward pass")
+    micro_batch_tokens: int | None = Field(None, gt=0, description="size micro-batches by padded tokens "
+                                                                   "(chosen + rejected rows) instead of pairs")
+    strategy: Literal["ddp", "fsdp"] = Field("ddp", description="ddp: a full copy per worker; fsdp: FSDP2 shards "
+                                                                "parameters, gradients and optimizer state")
+    logprob_chunk: int | None = Field(None, gt=0, description="compute the LM head in chunks of this many "
+                                                              "positions (no full fp32 logits)")
+    checkpoint_every_layers: int = Field(0, ge=0, description="recompute every k-th decoder layer in backward")
     max_steps: int = Field(100, gt=0)
     max_failures: int = Field(3, ge=-1, description="Ray Train restarts of the gang from its latest checkpoint")
     max_kl: float | None = Field(None, gt=0, description="stop early once the KL estimate (nats per sequence, "
@@ -138,7 +145,10 @@ class TrainConfig(Section):
     @model_validator(mode="after")
     def _divides(self):
         per_pass = self.num_workers * self.micro_batch_size
-        if self.batch_size % per_pass:
+        if self.batch_size % self.num_workers:
+            raise ValueError(f"train.batch_size ({self.batch_size}) must be a multiple of train.num_workers "
+                             f"({self.num_workers})")
+        if self.micro_batch_tokens is None and self.batch_size % per_pass:
             raise ValueError(
                 f"train.batch_size ({self.batch_size}) must be a multiple of train.num_workers x "
                 f"train.micro_batch_size ({self.num_workers} x {self.micro_batch_size} = {per_pass}); "

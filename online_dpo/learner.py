@@ -22,7 +22,9 @@ def learner_spec(cfg: Config, policy: str, reference: str, files=None) -> Learne
     return LearnerSpec(policy=policy, reference=reference, dtype=cfg.model.dtype, loss=t.loss, beta=t.beta,
                        label_smoothing=t.label_smoothing, lr=t.lr, lr_schedule=t.lr_schedule,
                        warmup_steps=t.warmup_steps, weight_decay=t.weight_decay, grad_clip=t.grad_clip,
-                       batch_size=t.batch_size, micro_batch_size=t.micro_batch_size, max_steps=t.max_steps,
+                       batch_size=t.batch_size, micro_batch_size=t.micro_batch_size,
+                       micro_batch_tokens=t.micro_batch_tokens, max_steps=t.max_steps, strategy=t.strategy,
+                       logprob_chunk=t.logprob_chunk, checkpoint_every_layers=t.checkpoint_every_layers,
                        seed=cfg.run.seed if t.seed is None else t.seed,
                        num_threads=threads_for(t.num_cpus_per_worker, t.num_threads),
                        trust_remote_code=cfg.model.trust_remote_code, file_server=files)

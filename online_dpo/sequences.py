@@ -48,3 +48,56 @@ def sequence_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, response_ma
     if average:
         return total / mask.sum(-1).clamp(min=1.0)
     return total
+
+
+def _chunk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                    mask: torch.Tensor) -> torch.Tensor:
+    logits = (hidden @ weight.t()).float()
+    picked = torch.gather(logits, -1, targets.unsqueeze(-1)).squeeze(-1)
+    return ((picked - torch.logsumexp(logits, dim=-1)) * mask).sum(-1)
+
+
+def chunked_sequence_logprobs(hidden: torch.Tensor, head_weight: torch.Tensor, input_ids: torch.Tensor,
+                              response_mask: torch.Tensor, chunk: int = 64, average: bool = False) -> torch.Tensor:
+    """`sequence_logprobs` from the last hidden states, without the [B, T, V] logits.
+
+    The LM head and log-softmax run over `chunk` positions at a time under
+    activation checkpointing, so no chunk's logits are kept for backward, and
+    positions before the first response token (prompts) are skipped."""
+    from torch.utils.checkpoint import checkpoint
+
+    targets, mask = input_ids[:, 1:], response_mask[:, 1:].to(torch.float32)
+    hidden = hidden[:, :-1]
+    active = mask.any(0).nonzero()
+    first = int(active[0]) if len(active) else mask.shape[1]
+    total = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    for t0 in range(first - first % chunk, mask.shape[1], chunk):
+        sl = slice(t0, t0 + chunk)
+        if torch.is_grad_enabled():
+            total = total + checkpoint(_chunk_logprobs, hidden[:, sl], head_weight, targets[:, sl], mask[:, sl],
+                                       use_reentrant=False)
+        else:
+            total = total + _chunk_logprobs(hidden[:, sl], head_weight, targets[:, sl], mask[:, sl])
+    if average:
+        return total / mask.sum(-1).clamp(min=1.0)
+    return total
+
+
+class SequenceScorer(torch.nn.Module):
+    """A causal LM that returns each sequence's response log-prob (the learner's forward).
+
+    DDP or FSDP wrap this module, so their hooks see the whole computation.
+    `chunk` None computes full logits (`sequence_logprobs`); an int computes the
+    LM head in chunks of that many positions (`chunked_sequence_logprobs`)."""
+
+    def __init__(self, lm, chunk: int | None = None):
+        super().__init__()
+        self.lm, self.chunk = lm, chunk
+
+    def forward(self, input_ids, attention_mask, response_mask, average: bool = False):
+        if self.chunk is None:
+            logits = self.lm(input_ids=input_ids, attention_mask=attention_mask).logits
+            return sequence_logprobs(logits, input_ids, response_mask, average=average)
+        hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return chunked_sequence_logprobs(hidden, self.lm.get_output_embeddings().weight, input_ids, response_mask,
+                                         self.chunk, average)

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from .loss import dpo_loss, reward_stats
-from .sequences import pack, sequence_logprobs
+from .sequences import SequenceScorer, pack
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -48,7 +48,11 @@ class LearnerSpec:
     grad_clip: float | None = 1.0
     batch_size: int = 32
     micro_batch_size: int = 8
+    micro_batch_tokens: int | None = None   # size micro-batches by padded tokens instead of pairs
     max_steps: int = 100          # the length of the learning-rate schedule
+    strategy: str = "ddp"         # ddp | fsdp (sharding.py)
+    logprob_chunk: int | None = None   # LM head in chunks of this many positions (no full fp32 logits)
+    checkpoint_every_layers: int = 0   # recompute every k-th decoder layer in backward (0: off)
     seed: int = 0
     num_threads: int | None = None
     trust_remote_code: bool = False
@@ -83,51 +87,77 @@ def load_causal_lm(path: str, dtype: torch.dtype, trust_remote_code: bool = Fals
 
 
 class DPOStep:
-    """One optimizer step on a shard of pairs: forward, loss, backward, clip, step."""
+    """One optimizer step on a shard of pairs: forward, loss, backward, clip, step.
+
+    `model` and `reference` are SequenceScorers (the model wrapped by the
+    sharding strategy). A shard is split into micro-batches of
+    `micro_batch_size` pairs, or, with `micro_batch_tokens`, into as many
+    micro-batches as the largest rank's shard needs to stay under that many
+    padded tokens, balanced by length; every rank runs the same number (FSDP
+    gathers in every forward). Gradients are averaged over the shard's pairs."""
 
     def __init__(self, model, reference, optimizer, scheduler, spec: LearnerSpec, pad_id: int,
-                 device: torch.device):
+                 device: torch.device, strategy=None, agree=lambda n: n):
+        from .sharding import DDP
+
         self.model, self.reference = model, reference
         self.optimizer, self.scheduler = optimizer, scheduler
         self.spec, self.pad_id, self.device = spec, pad_id, device
+        self.strategy = strategy or DDP()
+        self.agree = agree   # the largest of a number over all ranks
         self.autocast = DTYPES[spec.dtype] if spec.dtype != "float32" else None
 
-    def _logps(self, model, pairs):
+    def _logps(self, scorer, pairs):
         prompts = [p.prompt_ids for p in pairs] * 2
         responses = [p.chosen.token_ids for p in pairs] + [p.rejected.token_ids for p in pairs]
         ids, attn, resp = (t.to(self.device) for t in pack(prompts, responses, self.pad_id))
         ctx = (torch.autocast(self.device.type, dtype=self.autocast) if self.autocast
                else contextlib.nullcontext())
         with ctx:
-            logits = model(input_ids=ids, attention_mask=attn).logits
-        lp = sequence_logprobs(logits, ids, resp, average=self.spec.loss == "ipo")
+            lp = scorer(ids, attn, resp, average=self.spec.loss == "ipo")
         return lp[:len(pairs)], lp[len(pairs):]
+
+    def micro_batches(self, shard: list) -> list[list]:
+        spec = self.spec
+        if not spec.micro_batch_tokens:
+            return [shard[i:i + spec.micro_batch_size] for i in range(0, len(shard), spec.micro_batch_size)]
+        length = [len(p.prompt_ids) + max(len(p.chosen.token_ids), len(p.rejected.token_ids)) for p in shard]
+        need = math.ceil(2 * sum(length) / spec.micro_batch_tokens)   # padding aside
+        count = min(len(shard), max(1, self.agree(need)))
+        bins: list[list] = [[] for _ in range(count)]
+        cost, longest = [0] * count, [0] * count   # padded tokens (chosen + rejected rows) per bin
+        for i in sorted(range(len(shard)), key=lambda i: -length[i]):   # longest first, to the lightest bin
+            k = min(range(count), key=lambda k: cost[k])
+            bins[k].append(shard[i])
+            longest[k] = max(longest[k], length[i])
+            cost[k] = 2 * len(bins[k]) * longest[k]
+        return bins
 
     def __call__(self, shard: list) -> dict[str, float]:
         spec = self.spec
-        chunks = [shard[i:i + spec.micro_batch_size] for i in range(0, len(shard), spec.micro_batch_size)]
+        batches = self.micro_batches(shard)
         totals: dict[str, float] = {}
-        for k, chunk in enumerate(chunks):
-            last = k == len(chunks) - 1
-            sync_ctx = self.model.no_sync() if hasattr(self.model, "no_sync") and not last \
-                else contextlib.nullcontext()
-            with sync_ctx:
-                pc, pr = self._logps(self.model, chunk)
+        for k, batch in enumerate(batches):
+            share = len(batch) / len(shard)
+            with self.strategy.accumulate(self.model, last=k == len(batches) - 1):
+                pc, pr = self._logps(self.model, batch)
                 with torch.no_grad():
-                    rc, rr = self._logps(self.reference, chunk)
+                    rc, rr = self._logps(self.reference, batch)
                 out = dpo_loss(pc, pr, rc, rr, beta=spec.beta, loss_type=spec.loss,
                                label_smoothing=spec.label_smoothing)
-                (out.losses.mean() / len(chunks)).backward()
+                (out.losses.mean() * share).backward()
             stats = reward_stats(out)
             stats["loss"] = out.losses.mean().item()
             stats["kl"] = 0.5 * ((pc - rc).mean() + (pr - rr).mean()).item()
             stats["logps/chosen"] = pc.mean().item()
             stats["logps/rejected"] = pr.mean().item()
             for key, v in stats.items():
-                totals[key] = totals.get(key, 0.0) + v / len(chunks)
+                totals[key] = totals.get(key, 0.0) + v * share
         params = [p for p in self.model.parameters() if p.grad is not None]
         clip = spec.grad_clip if spec.grad_clip else float("inf")
-        totals["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, clip))
+        norm = torch.nn.utils.clip_grad_norm_(params, clip)
+        totals["grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)   # FSDP: DTensor
+        totals["micro_batches"] = len(batches)
         totals["lr"] = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
@@ -182,13 +212,13 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(folder: str, model, tokenizer, optimizer, scheduler, state: dict,
+def save_checkpoint(folder: str, lm, weights: dict, tokenizer, optimizer_state: dict, scheduler, state: dict,
                     controller: bytes | None) -> None:
-    """Everything a restart or `--resume` needs; the controller state rides along."""
-    model = getattr(model, "module", model)
-    model.save_pretrained(os.path.join(folder, "policy"))
+    """Everything a restart or `--resume` needs; the controller state rides along. `weights` and
+    `optimizer_state` are full (gathered) state dicts."""
+    lm.save_pretrained(os.path.join(folder, "policy"), state_dict=weights)
     tokenizer.save_pretrained(os.path.join(folder, "policy"))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()},
+    torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": _rng_state()},
                os.path.join(folder, "learner.pt"))
     if controller is not None:
         with open(os.path.join(folder, "controller.pkl"), "wb") as f:
@@ -223,16 +253,73 @@ def _report_checkpoint(rank: int, step: int, save) -> tuple[float, int]:
 
 # ---------------------------------------------------------------- the worker loop
 
+class Worker:
+    """One Ray Train worker's policy, reference, optimizer and step, laid out by the sharding strategy."""
+
+    def __init__(self, spec: LearnerSpec, folder: str | None, device: torch.device, rank: int, world: int):
+        from transformers import AutoTokenizer
+
+        from .sharding import checkpoint_layers, strategy
+
+        self.spec, self.device, self.rank, self.world = spec, device, rank, world
+        self.strategy = strategy(spec.strategy)
+        self.lm = load_causal_lm(os.path.join(folder, "policy") if folder else spec.policy, torch.float32,
+                                 spec.trust_remote_code)
+        checkpoint_layers(self.lm, spec.checkpoint_every_layers)
+        reference = SequenceScorer(load_causal_lm(spec.reference, torch.float32, spec.trust_remote_code),
+                                   spec.logprob_chunk)
+        reference = self.strategy.wrap_frozen(reference.eval().requires_grad_(False), device)
+        self.tokenizer = AutoTokenizer.from_pretrained(spec.policy, trust_remote_code=spec.trust_remote_code)
+        pad_id = self.lm.config.pad_token_id
+        self.model = self.strategy.wrap(SequenceScorer(self.lm, spec.logprob_chunk), device)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(spec.lr_schedule, spec.warmup_steps, spec.max_steps))
+        self.step = DPOStep(self.model, reference, self.optimizer, self.scheduler, spec,
+                            0 if pad_id is None else pad_id, device, self.strategy, self._largest)
+        self.tied = bool(getattr(self.lm.config, "tie_word_embeddings", False))
+
+    def restore(self, folder: str) -> None:
+        restored = torch.load(os.path.join(folder, "learner.pt"), weights_only=False)
+        self.strategy.load_optim(self.model, self.optimizer, restored["optimizer"])
+        self.scheduler.load_state_dict(restored["scheduler"])
+        _set_rng_state(restored["rng"])
+
+    def _largest(self, n: int) -> int:
+        if self.world == 1:
+            return n
+        import torch.distributed as dist
+
+        t = torch.tensor([n], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+
+    def weights(self) -> dict:
+        """The full policy state dict (every rank calls it: under FSDP it is a gather)."""
+        return self.strategy.full_state(self.model)
+
+    def publish(self, version: int, store):
+        from .weight_sync import publish
+
+        weights = self.weights()
+        if self.rank != 0:
+            return None, 0.0
+        return publish(weights, version, store, DTYPES[self.spec.dtype], tied=self.tied)
+
+    def checkpoint(self, step: int, state: dict, controller: bytes | None) -> tuple[float, int]:
+        weights, optim = self.weights(), self.strategy.optim_state(self.model, self.optimizer)
+        return _report_checkpoint(self.rank, step, lambda d: save_checkpoint(
+            d, self.lm, weights, self.tokenizer, optim, self.scheduler, state, controller))
+
+
 def train_loop(config: dict) -> None:
     """Ray Train's train_loop_per_worker: restore, say hello, then run step orders until closed."""
     import ray
     import ray.train
     import ray.train.torch
-    from transformers import AutoTokenizer
 
     from .artifacts import local_model
     from .types import LearnerStart
-    from .weight_sync import publish
 
     began = time.time()
     spec: LearnerSpec = config["spec"]
@@ -248,32 +335,14 @@ def train_loop(config: dict) -> None:
 
     checkpoint = ray.train.get_checkpoint()   # the latest of this run: after a failure, or on --resume
     state, controller = {"step": 0, "policy_version": 0, "pairs": 0}, None
-    restored = None
     with (checkpoint.as_directory() if checkpoint else contextlib.nullcontext()) as folder:
-        policy = load_causal_lm(os.path.join(folder, "policy") if folder else spec.policy, torch.float32,
-                                spec.trust_remote_code)
+        learner = Worker(spec, folder, device, rank, world)
         if folder:
             state, controller = read_checkpoint_state(folder)
-            restored = torch.load(os.path.join(folder, "learner.pt"), weights_only=False)
-    reference = load_causal_lm(spec.reference, torch.float32, spec.trust_remote_code)
-    reference.to(device).eval().requires_grad_(False)
-    tokenizer = AutoTokenizer.from_pretrained(spec.policy, trust_remote_code=spec.trust_remote_code)
-    pad_id = policy.config.pad_token_id
-    pad_id = 0 if pad_id is None else pad_id
-    model = ray.train.torch.prepare_model(policy)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(spec.lr_schedule, spec.warmup_steps, spec.max_steps))
-    if restored is not None:
-        optimizer.load_state_dict(restored["optimizer"])
-        scheduler.load_state_dict(restored["scheduler"])
-        _set_rng_state(restored["rng"])
-    step_fn = DPOStep(model, reference, optimizer, scheduler, spec, pad_id, device)
-    pairs_seen, dtype = state["pairs"], DTYPES[spec.dtype]
-
-    step = state["step"]
+            learner.restore(folder)
+    pairs_seen, step = state["pairs"], state["step"]
+    weights = learner.publish(state["policy_version"], store)[0] if checkpoint else None
     if rank == 0:
-        weights = publish(model, state["policy_version"], store, dtype)[0] if checkpoint else None
         start = LearnerStart(step=step, version=state["policy_version"], weights=weights, controller=controller,
                              checkpoint=checkpoint.path if checkpoint else None, seconds=time.time() - began)
         ray.get(broker.hello.remote(start))
@@ -287,26 +356,25 @@ def train_loop(config: dict) -> None:
         t0 = time.time()
         if not order.pairs:   # save now (the controller stops early)
             state = {"step": step, "policy_version": order.version, "pairs": pairs_seen, "spec": asdict(spec)}
-            seconds, nbytes = _report_checkpoint(rank, step, lambda d: save_checkpoint(
-                d, model, tokenizer, optimizer, scheduler, state, order.checkpoint))
+            seconds, nbytes = learner.checkpoint(step, state, order.checkpoint)
             if rank == 0:
                 broker.done.remote(order.step, {"metrics": {"checkpoint_seconds": seconds,
                                                             "checkpoint_bytes": nbytes}, "weights": None})
             continue
-        model.train()
-        metrics = _mean_across(step_fn(list(order.pairs[rank::world])), world, device)
+        learner.model.train()
+        metrics = _mean_across(learner.step(list(order.pairs[rank::world])), world, device)
         pairs_seen, step = pairs_seen + len(order.pairs), order.step
         metrics.update(step=order.step, pairs=pairs_seen, policy_version=order.version,
                        compute_seconds=time.time() - t0, wait_seconds=waited)
         weights = None
-        if order.sync and rank == 0:
-            weights, seconds = publish(model, order.version, store, dtype)
-            metrics.update(sync_seconds=seconds, sync_bytes=weights.nbytes)
+        if order.sync:
+            weights, seconds = learner.publish(order.version, store)
+            if rank == 0:
+                metrics.update(sync_seconds=seconds, sync_bytes=weights.nbytes)
         if order.checkpoint is not None or order.final:
             state = {"step": order.step, "policy_version": order.version, "pairs": pairs_seen,
                      "spec": asdict(spec)}
-            seconds, nbytes = _report_checkpoint(rank, order.step, lambda d: save_checkpoint(
-                d, model, tokenizer, optimizer, scheduler, state, order.checkpoint))
+            seconds, nbytes = learner.checkpoint(order.step, state, order.checkpoint)
             metrics.update(checkpoint_seconds=seconds, checkpoint_bytes=nbytes)
         metrics["step_seconds"] = time.time() - t0
         if rank == 0:

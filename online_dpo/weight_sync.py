@@ -36,12 +36,17 @@ class WeightsHandle:
     transport: str = "object_store"
 
 
-def export_state_dict(model, dtype=None) -> dict:
-    """The HF-named weights to send: contiguous, on CPU, tied lm_head dropped."""
-    model = getattr(model, "module", model)  # unwrap DDP
-    tied = getattr(model.config, "tie_word_embeddings", False)
+def export_state_dict(model, dtype=None, tied: bool | None = None) -> dict:
+    """The HF-named weights to send: contiguous, on CPU, tied lm_head dropped. `model` is a model
+    (`tied` read from its config) or a full state dict (pass `tied`)."""
+    if isinstance(model, dict):
+        state = model
+    else:
+        model = getattr(model, "module", model)  # unwrap DDP
+        tied = getattr(model.config, "tie_word_embeddings", False) if tied is None else tied
+        state = model.state_dict()
     out = {}
-    for name, t in model.state_dict().items():
+    for name, t in state.items():
         if tied and name == "lm_head.weight":
             continue
         t = t.detach()
@@ -57,12 +62,12 @@ def serialise(state_dict: dict, version: int) -> bytes:
     return save(state_dict, metadata={"policy_version": str(version)})
 
 
-def publish(model, version: int, store, dtype=None) -> tuple[WeightsHandle, float]:
+def publish(model, version: int, store, dtype=None, tied: bool | None = None) -> tuple[WeightsHandle, float]:
     """Rank 0's one sync call: export, serialise, hand to the store; returns the handle and seconds."""
     import ray
 
     start = time.time()
-    handle = ray.get(store.publish.remote(version, serialise(export_state_dict(model, dtype), version)))
+    handle = ray.get(store.publish.remote(version, serialise(export_state_dict(model, dtype, tied), version)))
     return handle, time.time() - start
 
 

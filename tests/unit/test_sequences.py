@@ -52,3 +52,27 @@ def test_prompt_and_padding_do_not_change_results():
     noisy[0, :2] += torch.randn_like(noisy[0, :2]) * 5
     noisy[0, 5:] += torch.randn_like(noisy[0, 5:]) * 5
     assert torch.allclose(sequence_logprobs(noisy, batch[0], batch[2])[0], b[0])
+
+
+def tiny_lm():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    return Qwen2ForCausalLM(Qwen2Config(vocab_size=50, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=1, num_key_value_heads=1, head_dim=64,
+                                        tie_word_embeddings=True))
+
+
+def test_chunked_log_probs_match_full_logits_values_and_gradients():
+    from online_dpo.sequences import SequenceScorer
+
+    ids, attn, resp = pack([[5, 6, 7, 8], [9]], [[1, 2, 3], [4, 10, 11, 12, 13, 14]], pad_id=0)
+    full, chunked = SequenceScorer(tiny_lm()), SequenceScorer(tiny_lm(), chunk=3)
+    a = full(ids, attn, resp)
+    b = chunked(ids, attn, resp)
+    assert (a - b).abs().max().item() < 1e-4
+    assert (full(ids, attn, resp, average=True) - chunked(ids, attn, resp, average=True)).abs().max() < 1e-4
+    a.sum().backward()
+    b.sum().backward()
+    for (name, p), q in zip(full.named_parameters(), chunked.parameters()):
+        assert (p.grad - q.grad).abs().max().item() < 1e-4, name

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from online_dpo.loss import dpo_loss
-from online_dpo.sequences import pack, sequence_logprobs
+from online_dpo.sequences import SequenceScorer, pack, sequence_logprobs
 from online_dpo.trainer import DPOStep, LearnerSpec, lr_lambda
 from online_dpo.types import Completion, PreferencePair
 
@@ -47,7 +47,7 @@ def test_step_raises_the_chosen_margin_and_accumulates(micro):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     spec = LearnerSpec(policy="x", reference="x", batch_size=4, micro_batch_size=micro, beta=0.1)
-    step = DPOStep(model, ref, opt, sched, spec, pad_id=0, device=torch.device("cpu"))
+    step = DPOStep(SequenceScorer(model), SequenceScorer(ref), opt, sched, spec, pad_id=0, device=torch.device("cpu"))
     batch = pairs()
     assert margin(model, ref, batch) == 0.0
     stats = step(batch)
@@ -64,14 +64,20 @@ def test_accumulated_gradient_equals_full_batch_gradient():
             grads.append(torch.cat([p.grad.flatten() for g in self.param_groups for p in g["params"]]))
             return super().step(closure)
 
-    for micro in (4, 1):
+    # full batch; 1 pair per micro-batch; 3 token-sized micro-batches (uneven); LM head in chunks of 2 positions
+    for micro, tokens, chunk in ((4, None, None), (1, None, None), (4, 25, None), (4, None, 2)):
         model = tiny()
         ref = copy.deepcopy(model).eval().requires_grad_(False)
         opt = Capture(model.parameters(), lr=0.0)
-        spec = LearnerSpec(policy="x", reference="x", batch_size=4, micro_batch_size=micro, grad_clip=None)
-        DPOStep(model, ref, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), spec, 0,
-                torch.device("cpu"))(pairs())
-    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+        spec = LearnerSpec(policy="x", reference="x", batch_size=4, micro_batch_size=micro, grad_clip=None,
+                           micro_batch_tokens=tokens)
+        step = DPOStep(SequenceScorer(model, chunk), SequenceScorer(ref, chunk), opt,
+                       torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), spec, 0, torch.device("cpu"))
+        stats = step(pairs())
+        if tokens:
+            assert stats["micro_batches"] == 3   # 4 pairs x 2 rows x (3 + 4) tokens = 56 / 25 per batch
+    for g in grads[1:]:
+        assert torch.allclose(grads[0], g, atol=1e-6)
 
 
 def test_lr_schedules():
