@@ -8,10 +8,10 @@ with the embedded default, compiling costs ~18 s at start for no faster
 sampling (the decode loop is bound by Python, not by matmuls).
 
 `WeightLoader` is mixed into vLLM's worker class (`worker_extension_cls`);
-callers reach it through `collective_rpc("load_safetensors", ...)`. Weights
-arrive as safetensors bytes, which survive vLLM's rpc serialisation intact
-(tensors would arrive as nested lists), and are loaded in place with
-`reload_weights`, without restarting the engine.
+callers reach it through `collective_rpc("load_packed", ...)`. Weights arrive
+as one flat byte buffer and its layout (weight_sync.pack), which survive vLLM's
+rpc serialisation intact (tensors would arrive as nested lists), and are
+loaded in place with `reload_weights`, without restarting the engine.
 
 Tied embeddings: on the CPU backend, the tied `lm_head` keeps a pre-packed copy
 of the old embedding after `reload_weights`, so vLLM would silently sample from
@@ -89,10 +89,11 @@ def build_llm(spec: EngineSpec, on_gpu: bool):
 class WeightLoader:
     """Mixed into vLLM's worker class; `self` is the worker."""
 
-    def load_safetensors(self, blob: bytes) -> int:
-        from safetensors.torch import load
+    def load_packed(self, blob: bytes, layout) -> int:
+        """Load weights packed by weight_sync.pack (bytes + layout) in place."""
+        from .weight_sync import unpack
 
-        weights = load(blob)
+        weights = unpack(bytearray(blob), layout)   # writable: the loader may copy from these views
         model = self.model_runner.get_model()
         tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
         if tied:

@@ -1,9 +1,10 @@
 """Versioned weights from trainer rank 0 to samplers and serve replicas.
 
-Trainer rank 0 calls `publish(model, version, store)` after a sync step: the
-weights are exported (HF names, tied head dropped), serialised once to
-safetensors bytes and handed to the run's `PolicyStore` actor, which puts its
-own copy in Ray's object store. The store, not the trainer, owns those bytes,
+Trainer rank 0 calls `publish(weights, version, store)` after a sync step: the
+weights (HF names, tied head dropped) are packed into one flat buffer (`pack`:
+a single device-to-host copy into pinned memory on GPU, no serialisation
+format) and handed to the run's `PolicyStore` actor, which puts its own copy
+in Ray's object store. The store, not the trainer, owns those bytes,
 so they outlive a restarted or finished trainer: a serve replica that starts
 after training still finds the final version. Receivers on any node fetch the
 bytes through Ray (no shared filesystem).
@@ -23,7 +24,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-LOAD_RPC = "load_safetensors"   # engine.WeightLoader's method
+LOAD_RPC = "load_packed"   # engine.WeightLoader's method
 
 
 @dataclass(frozen=True)
@@ -36,42 +37,67 @@ class WeightsHandle:
     transport: str = "object_store"
 
 
-def export_state_dict(model, dtype=None, tied: bool | None = None) -> dict:
-    """The HF-named weights to send: contiguous, on CPU, tied lm_head dropped. `model` is a model
-    (`tied` read from its config) or a full state dict (pass `tied`)."""
-    if isinstance(model, dict):
-        state = model
-    else:
-        model = getattr(model, "module", model)  # unwrap DDP
-        tied = getattr(model.config, "tie_word_embeddings", False) if tied is None else tied
-        state = model.state_dict()
+ALIGN = 64   # bytes; every tensor starts at a multiple, so typed views of the buffer are aligned
+
+
+def pack(state_dict: dict, dtype=None, tied: bool = False) -> tuple:
+    """One flat byte buffer holding every tensor, and its layout [(name, dtype, shape, offset), ...].
+
+    GPU tensors are copied straight into a pinned host buffer (asynchronously,
+    then one synchronize), so export costs one device-to-host copy: no
+    per-tensor host round trip and no serialisation format. The receiver makes
+    views of the same bytes (`unpack`)."""
+    import torch
+
+    items = [(name, t.detach().to(dtype) if dtype is not None and t.is_floating_point() else t.detach())
+             for name, t in state_dict.items() if not (tied and name == "lm_head.weight")]
+    layout, offset = [], 0
+    for name, t in items:
+        layout.append((name, str(t.dtype).removeprefix("torch."), tuple(t.shape), offset))
+        offset += -(-t.numel() * t.element_size() // ALIGN) * ALIGN
+    cuda = any(t.is_cuda for _, t in items)
+    buffer = torch.empty(offset, dtype=torch.uint8, pin_memory=cuda)
+    for (name, t), (_, _, shape, start) in zip(items, layout):
+        n = t.numel() * t.element_size()
+        buffer[start:start + n].view(t.dtype).view(shape).copy_(t, non_blocking=cuda)
+    if cuda:
+        torch.cuda.synchronize()
+    return buffer, layout
+
+
+def unpack(data, layout) -> dict:
+    """Tensors viewing `data` (bytes, a numpy array or a uint8 tensor) as laid out by `pack`."""
+    import math
+
+    import torch
+
+    flat = data if isinstance(data, torch.Tensor) else torch.frombuffer(memoryview(data), dtype=torch.uint8)
     out = {}
-    for name, t in state.items():
-        if tied and name == "lm_head.weight":
-            continue
-        t = t.detach()
-        if dtype is not None and t.is_floating_point():
-            t = t.to(dtype)
-        out[name] = t.to("cpu", copy=False).contiguous()
+    for name, dtype, shape, start in layout:
+        kind = getattr(torch, dtype)
+        n = math.prod(shape) * torch.empty((), dtype=kind).element_size()
+        out[name] = flat[start:start + n].view(kind).view(tuple(shape))
     return out
 
 
-def serialise(state_dict: dict, version: int) -> bytes:
-    from safetensors.torch import save
-
-    return save(state_dict, metadata={"policy_version": str(version)})
-
-
 def publish(model, version: int, store, dtype=None, tied: bool | None = None) -> tuple[WeightsHandle, float]:
-    """Rank 0's one sync call: export, serialise, hand to the store; returns the handle and seconds."""
+    """Rank 0's one sync call: export, pack, hand to the store; returns the handle and seconds."""
     import ray
 
     start = time.time()
-    handle = ray.get(store.publish.remote(version, serialise(export_state_dict(model, dtype, tied), version)))
+    if isinstance(model, dict):
+        state = model
+    else:
+        model = getattr(model, "module", model)
+        tied = getattr(model.config, "tie_word_embeddings", False) if tied is None else tied
+        state = model.state_dict()
+    buffer, layout = pack(state, dtype, bool(tied))
+    handle = ray.get(store.publish.remote(version, buffer.numpy(), layout))
     return handle, time.time() - start
 
 
-def fetch(handle: WeightsHandle) -> bytes:
+def fetch(handle: WeightsHandle) -> tuple:
+    """The version's (bytes as a read-only numpy array, layout)."""
     import ray
 
     return ray.get(handle.payload[0])
@@ -89,7 +115,8 @@ class EngineWeights:
     def load(self, llm, handle: WeightsHandle) -> float:
         """Load into a `vllm.LLM`; returns seconds."""
         start = time.time()
-        llm.collective_rpc(LOAD_RPC, args=(fetch(handle),))
+        data, layout = fetch(handle)
+        llm.collective_rpc(LOAD_RPC, args=(data.tobytes(), layout))   # bytes cross vLLM's rpc intact
         llm.reset_prefix_cache()
         self.version, self.serial = handle.version, handle.serial
         return time.time() - start
@@ -97,8 +124,8 @@ class EngineWeights:
     async def load_async(self, engine, handle: WeightsHandle) -> float:
         """Load into a vLLM `AsyncLLM`; returns seconds."""
         start = time.time()
-        blob = await handle.payload[0]
-        await engine.collective_rpc(LOAD_RPC, args=(blob,))
+        data, layout = await handle.payload[0]
+        await engine.collective_rpc(LOAD_RPC, args=(data.tobytes(), layout))
         await engine.reset_prefix_cache()
         self.version, self.serial = handle.version, handle.serial
         return time.time() - start
@@ -115,11 +142,13 @@ class PolicyStore:
     def __init__(self, keep: int = 2):
         self.keep, self.handles, self.serial = keep, [], 0
 
-    def publish(self, version: int, blob: bytes) -> WeightsHandle:
+    def publish(self, version: int, data, layout) -> WeightsHandle:
+        """Own a copy of a packed version (`pack`'s bytes as a numpy array, and its layout)."""
         import ray
 
         self.serial += 1
-        handle = WeightsHandle(version=version, serial=self.serial, payload=[ray.put(blob)], nbytes=len(blob))
+        handle = WeightsHandle(version=version, serial=self.serial, payload=[ray.put((data, layout))],
+                               nbytes=int(data.nbytes))
         self.handles = (self.handles + [handle])[-self.keep:]
         return handle
 

@@ -13,7 +13,8 @@ import torch
 from online_dpo.engine import EngineSpec, engine_env
 from online_dpo.sampler import Sampler
 from online_dpo.sequences import pack, token_logprobs
-from online_dpo.weight_sync import PolicyStore, export_state_dict, serialise
+from online_dpo.weight_sync import PolicyStore
+from online_dpo.weight_sync import pack as pack_weights
 
 TOL = 2e-3
 PROMPT = "I bought this kettle last month and"
@@ -91,7 +92,8 @@ def test_weight_sync_changes_sampler_to_trainer_weights(ray_local, sampler, hf, 
     expected = hf_token_logprobs(trained, prompt, response)
 
     store = ray_local.remote(PolicyStore).remote()
-    handle = ray_local.get(store.publish.remote(1, serialise(export_state_dict(trained), 1)))
+    buffer, layout = pack_weights(trained.state_dict(), tied=True)
+    handle = ray_local.get(store.publish.remote(1, buffer.numpy(), layout))
     assert handle.version == 1 and handle.nbytes > 0
     # The new version travels with the next request and is loaded before it samples.
     batch = ray_local.get(sampler.generate.remote([prompt], [PROMPT], n=2, temperature=1.0, max_tokens=8,

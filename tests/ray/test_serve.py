@@ -16,7 +16,7 @@ import torch
 
 from online_dpo import serve as serving
 from online_dpo.config import ServeConfig
-from online_dpo.weight_sync import PolicyStore, export_state_dict, serialise
+from online_dpo.weight_sync import PolicyStore, pack
 
 KEY_ENV, KEY = "ONLINE_DPO_TEST_API_KEY", "test-secret"
 NAME = "reviews"
@@ -135,7 +135,8 @@ def test_parallel_clients_through_a_live_weight_sync(server, embedded_model):
     with torch.no_grad():
         for p in trained.parameters():
             p.add_(0.01 * torch.randn_like(p))
-    store.publish.remote(1, serialise(export_state_dict(trained), 1))
+    buffer, layout = pack(trained.state_dict(), tied=True)
+    store.publish.remote(1, buffer.numpy(), layout)
     for t in threads:
         t.join(300)
     assert not errors, errors[:5]

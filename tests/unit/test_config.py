@@ -6,6 +6,8 @@ import pytest
 
 from online_dpo.config import Config, ConfigError, check_paths, load_config
 
+ROOT = Path(__file__).resolve().parents[2]
+
 CONFIGS = sorted((Path(__file__).parents[2] / "configs").glob("*.yaml"))
 MINIMAL = "model:\n  policy: embedded:reviews\ndata:\n  source: embedded:reviews\n"
 
@@ -100,3 +102,17 @@ def test_rule_function_must_import(tmp_path):
     with pytest.raises(ConfigError, match="judge.function 'no_such_module:score' cannot be imported"):
         check_imports(cfg)
     check_imports(load_config(write(tmp_path, MINIMAL)))  # the default VADER rule imports
+
+
+@pytest.mark.parametrize("path", sorted(p for p in (ROOT / "configs").glob("*.yaml") if "hardware:" in p.read_text()))
+def test_gpu_configs_fit_the_hardware_they_name(path):
+    """Each GPU config names its hardware in a `# hardware:` line; the placement check agrees."""
+    import re
+
+    from online_dpo.placement import Node, check
+
+    hw = dict(re.findall(r"(\w+)=(\d+)", re.search(r"# hardware: (.*)", path.read_text()).group(1)))
+    nodes = [Node(f"node-{i}", f"10.0.0.{i}", {"CPU": float(hw["cpus_per_node"]), "GPU": float(hw["gpus_per_node"])})
+             for i in range(int(hw["nodes"]))]
+    text, problems = check(load_config(path), nodes)
+    assert not problems, text
