@@ -96,8 +96,9 @@ class SequenceScorer(torch.nn.Module):
 
     def forward(self, input_ids, attention_mask, response_mask, average: bool = False):
         if self.chunk is None:
-            logits = self.lm(input_ids=input_ids, attention_mask=attention_mask).logits
+            logits = self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
             return sequence_logprobs(logits, input_ids, response_mask, average=average)
-        hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                       use_cache=False).last_hidden_state
         return chunked_sequence_logprobs(hidden, self.lm.get_output_embeddings().weight, input_ids, response_mask,
                                          self.chunk, average)

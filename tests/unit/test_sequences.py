@@ -76,3 +76,19 @@ def test_chunked_log_probs_match_full_logits_values_and_gradients():
     b.sum().backward()
     for (name, p), q in zip(full.named_parameters(), chunked.parameters()):
         assert (p.grad - q.grad).abs().max().item() < 1e-4, name
+
+
+def test_recomputed_layers_give_the_same_gradients():
+    """Selective activation checkpointing (sharding.checkpoint_layers) changes memory, not results;
+    the recompute must not see a KV cache filled by the first pass."""
+    from online_dpo.sequences import SequenceScorer
+    from online_dpo.sharding import checkpoint_layers
+
+    ids, attn, resp = pack([[5, 6, 7, 8], [9]], [[1, 2, 3], [4, 10, 11, 12, 13, 14]], pad_id=0)
+    plain, recomputed = tiny_lm(), tiny_lm()
+    checkpoint_layers(recomputed, 1)
+    for lm in (plain, recomputed):
+        lm.train()
+        SequenceScorer(lm, chunk=4)(ids, attn, resp).sum().backward()
+    for (name, p), q in zip(plain.named_parameters(), recomputed.parameters()):
+        assert (p.grad - q.grad).abs().max().item() < 1e-5, name
