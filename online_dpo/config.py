@@ -115,7 +115,10 @@ class TrainConfig(Section):
     resources_per_worker: dict[str, float] = Field(default_factory=dict, description="custom Ray resources")
     node_labels: dict[str, str] = Field(default_factory=dict)
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
-    loss: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
+    loss: Literal["sigmoid", "ipo", "hinge", "robust", "sigmoid_norm", "simpo"] = "sigmoid"
+    simpo_gamma: float = Field(0.5, ge=0, description="simpo: target reward margin")
+    length_penalty: float = Field(0.0, ge=0, description="R-DPO alpha: per token the chosen response is longer, "
+                                                         "this much of the preference is put down to length")
     beta: float = Field(0.1, gt=0)
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)
     lr: float = Field(1e-6, gt=0, le=1)

@@ -20,7 +20,8 @@ from .trainer import LearnerSpec, train_loop
 def learner_spec(cfg: Config, policy: str, reference: str, files=None) -> LearnerSpec:
     t = cfg.train
     return LearnerSpec(policy=policy, reference=reference, dtype=cfg.model.dtype, loss=t.loss, beta=t.beta,
-                       label_smoothing=t.label_smoothing, lr=t.lr, lr_schedule=t.lr_schedule,
+                       label_smoothing=t.label_smoothing, simpo_gamma=t.simpo_gamma,
+                       length_penalty=t.length_penalty, lr=t.lr, lr_schedule=t.lr_schedule,
                        warmup_steps=t.warmup_steps, weight_decay=t.weight_decay, grad_clip=t.grad_clip,
                        batch_size=t.batch_size, micro_batch_size=t.micro_batch_size,
                        micro_batch_tokens=t.micro_batch_tokens, max_steps=t.max_steps, strategy=t.strategy,

@@ -28,6 +28,8 @@ METRICS: dict[str, tuple[str, object, str]] = {
     "online_dpo_train_lr": ("train", "lr", "learning rate"),
     "online_dpo_train_kl": ("train", "kl", "KL(policy || reference) estimate, nats per sequence"),
     "online_dpo_train_step": ("train", "step", "optimizer steps taken"),
+    "online_dpo_train_length_chosen": ("train", "length/chosen", "mean chosen response length in tokens"),
+    "online_dpo_train_length_rejected": ("train", "length/rejected", "mean rejected response length in tokens"),
     "online_dpo_train_pairs_per_second": ("train", lambda r: r["pairs"] / r["wall_seconds"]
                                           if r.get("wall_seconds") else None, "pairs consumed per second"),
     # the pipeline (per optimizer step; cumulative fractions since training started)

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from .loss import dpo_loss, reward_stats
+from .loss import LENGTH_AVERAGED, dpo_loss, reward_stats
 from .sequences import SequenceScorer, pack
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -41,6 +41,8 @@ class LearnerSpec:
     loss: str = "sigmoid"
     beta: float = 0.1
     label_smoothing: float = 0.0
+    simpo_gamma: float = 0.5      # SimPO's target reward margin
+    length_penalty: float = 0.0   # R-DPO's alpha per token of length difference
     lr: float = 1e-6
     lr_schedule: str = "constant"
     warmup_steps: int = 0
@@ -114,7 +116,7 @@ class DPOStep:
         ctx = (torch.autocast(self.device.type, dtype=self.autocast) if self.autocast
                else contextlib.nullcontext())
         with ctx:
-            lp = scorer(ids, attn, resp, average=self.spec.loss == "ipo")
+            lp = scorer(ids, attn, resp, average=self.spec.loss in LENGTH_AVERAGED)
         return lp[:len(pairs)], lp[len(pairs):]
 
     def micro_batches(self, shard: list) -> list[list]:
@@ -143,14 +145,19 @@ class DPOStep:
                 pc, pr = self._logps(self.model, batch)
                 with torch.no_grad():
                     rc, rr = self._logps(self.reference, batch)
+                lengths = torch.tensor([len(p.chosen.token_ids) - len(p.rejected.token_ids) for p in batch],
+                                       dtype=torch.float32, device=self.device)
                 out = dpo_loss(pc, pr, rc, rr, beta=spec.beta, loss_type=spec.loss,
-                               label_smoothing=spec.label_smoothing)
+                               label_smoothing=spec.label_smoothing, gamma=spec.simpo_gamma,
+                               length_margin=spec.length_penalty * lengths)
                 (out.losses.mean() * share).backward()
             stats = reward_stats(out)
             stats["loss"] = out.losses.mean().item()
             stats["kl"] = 0.5 * ((pc - rc).mean() + (pr - rr).mean()).item()
             stats["logps/chosen"] = pc.mean().item()
             stats["logps/rejected"] = pr.mean().item()
+            stats["length/chosen"] = sum(len(p.chosen.token_ids) for p in batch) / len(batch)
+            stats["length/rejected"] = sum(len(p.rejected.token_ids) for p in batch) / len(batch)
             for key, v in stats.items():
                 totals[key] = totals.get(key, 0.0) + v * share
         params = [p for p in self.model.parameters() if p.grad is not None]

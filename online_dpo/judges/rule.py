@@ -58,3 +58,8 @@ def vader_compound(prompts: list[str], responses: list[str]) -> list[float]:
 def response_length(prompts: list[str], responses: list[str]) -> list[float]:
     """Longer is better: a toy rule, handy for checking the wiring."""
     return [float(len(r)) for r in responses]
+
+
+def vader_length_bonus(prompts: list[str], responses: list[str]) -> list[float]:
+    """VADER plus 0.03 per word: a judge biased toward length, to test length control with."""
+    return [v + 0.03 * len(r.split()) for v, r in zip(vader_compound(prompts, responses), responses)]

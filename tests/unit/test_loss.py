@@ -10,6 +10,10 @@ With beta = 0.5, beta*h = 0.5:
   hinge:    max(0, 1 - 0.5) = 0.5
   ipo (beta 0.25): (1.0 - 1 / (2 * 0.25))^2 = (1 - 2)^2 = 1.0
 Implicit rewards (beta 0.5): chosen 0.5 * 0.5 = 0.25, rejected 0.5 * -0.5 = -0.25.
+  sigmoid_norm: the sigmoid loss (the caller passes length-averaged log-probs): 0.4740770
+  simpo (beta 2.0, gamma 0.5; the reference is ignored):
+            z = 2.0 * (-1.0 - -2.0) - 0.5 = 1.5;  -log sigmoid(1.5) = log(1 + e^-1.5) = 0.2014133
+            rewards: chosen 2.0 * -1.0 = -2.0, rejected 2.0 * -2.0 = -4.0
 """
 
 import pytest
@@ -62,3 +66,20 @@ def test_bad_arguments():
         dpo_loss(PC, PR, RC, RR, beta=0.1, loss_type="kto")
     with pytest.raises(ValueError, match="label_smoothing"):
         dpo_loss(PC, PR, RC, RR, beta=0.1, label_smoothing=0.5)
+
+
+def test_length_normalised_and_simpo_by_hand():
+    out = dpo_loss(PC, PR, RC, RR, beta=0.5, loss_type="sigmoid_norm")
+    assert out.losses.item() == pytest.approx(0.4740770, abs=1e-6)
+    out = dpo_loss(PC, PR, RC, RR, beta=2.0, loss_type="simpo", gamma=0.5)
+    assert out.losses.item() == pytest.approx(0.2014133, abs=1e-6)
+    assert out.chosen_rewards.item() == -2.0 and out.rejected_rewards.item() == -4.0
+    other_reference = dpo_loss(PC, PR, RC + 3.0, RR - 1.0, beta=2.0, loss_type="simpo", gamma=0.5)
+    assert other_reference.losses.item() == out.losses.item()   # reference-free
+
+
+def test_length_margin_credits_length_not_the_policy():
+    # R-DPO: alpha (|y_c| - |y_r|) = 0.1 * (12 - 7) = 0.5 joins the logit 0.5: -log sigmoid(1.0) = 0.3132617,
+    # so a pair that length explains pushes the policy less (the gradient shrinks with the loss)
+    out = dpo_loss(PC, PR, RC, RR, beta=0.5, length_margin=torch.tensor([0.5]))
+    assert out.losses.item() == pytest.approx(0.3132617, abs=1e-6)
