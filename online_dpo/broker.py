@@ -9,6 +9,8 @@ controller can plan again from there, and so does an order planned for an
 earlier gang (its `incarnation` counts the hellos the controller had seen).
 `next(expected)` hands rank 0 the order for the step it expects (Ray may
 start two submits out of order; the broker puts them back in step order).
+It also posts the current generation of the collective weight group
+(`set_weight_group`/`weight_group`), which trainer rank 0 polls (collective.py).
 `close` resolves everything as `{"closed": reason}` and makes `next` return None.
 Runs as an async Ray actor, so all of these wait without blocking each other.
 """
@@ -25,6 +27,7 @@ class Broker:
         self.hellos: list = []
         self.closed: str | None = None
         self.changed = asyncio.Condition()
+        self.group = None   # collective.GroupSpec of the weight group's current generation
 
     async def submit(self, order) -> dict:
         """Queue a step order; returns its result, or {"restarted"|"closed": ...}."""
@@ -74,6 +77,12 @@ class Broker:
             except asyncio.TimeoutError:
                 return None
             return self.hellos[count - 1] if len(self.hellos) >= count else None
+
+    async def set_weight_group(self, spec) -> None:
+        self.group = spec
+
+    async def weight_group(self):
+        return None if self.closed is not None else self.group
 
     async def close(self, reason: str) -> None:
         async with self.changed:

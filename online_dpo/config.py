@@ -164,6 +164,10 @@ class SyncConfig(Section):
     mode: Literal["sync", "async"] = Field("sync", description="sync: lock-step; async: samplers run ahead")
     max_policy_lag: int = Field(1, ge=0, description="async: train on pairs at most this many versions old")
     buffer_pairs: int | None = Field(None, gt=0, description="async: pairs sampled ahead of the learner (default: two batches)")
+    transport: Literal["object_store", "collective"] = Field(
+        "object_store", description="how weights reach the samplers: Ray's object store, or a broadcast over "
+        "a process group of trainer rank 0 and the sampler engines (gloo on CPU, NCCL on GPU)")
+    bucket_mb: int = Field(64, ge=1, description="collective: MiB per broadcast")
 
     @model_validator(mode="after")
     def _lag(self):

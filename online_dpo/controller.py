@@ -116,6 +116,7 @@ class Controller:
             topo.wait_ready()
             self.log.info(f"actors up: {len(topo.samplers.handles)} sampler(s), {len(topo.judges.handles)} "
                           f"judge(s) ({time.time() - self.start_time:.0f}s)")
+            topo.form_weight_group()
             if cfg.serve.enabled:
                 topo.start_serving(cfg, policy_path)
                 self.log.info(f"serving the live policy at {topo.serve_url}/v1 "
@@ -297,6 +298,7 @@ class Controller:
         self.learner_restart_seconds.append(round(seconds, 1))
         dropped = rollouts.reset(start.weights, start.version)
         self.step, self.version = start.step, start.version
+        self.topo.form_weight_group()   # the old generation's rank 0 is gone
         self.log.info(f"the learner restarted from its checkpoint at step {start.step} after {seconds:.1f}s; "
                       f"{lost} step(s) to redo, {dropped} pair(s) from newer versions dropped")
         self.tracker.log({"kind": "restart", "actor": "learner", "event": "back", "step": start.step,
@@ -312,6 +314,8 @@ class Controller:
                           f"{event['max_restarts']} for its kind) and its work goes to a live one")
         else:
             self.log.info(f"{event['actor']} is back after {event['seconds']:.1f}s")
+        if event["actor"].startswith("sampler"):
+            topo.form_weight_group()   # without the dead one, or with the one that came back
         self.tracker.log({"kind": "restart", "step": self.step, **event, **self.restart_counts(topo)})
 
     def restart_counts(self, topo: Topology) -> dict:

@@ -11,7 +11,10 @@ sampling (the decode loop is bound by Python, not by matmuls).
 callers reach it through `collective_rpc("load_packed", ...)`. Weights arrive
 as one flat byte buffer and its layout (weight_sync.pack), which survive vLLM's
 rpc serialisation intact (tensors would arrive as nested lists), and are
-loaded in place with `reload_weights`, without restarting the engine.
+loaded in place with `reload_weights`, without restarting the engine. With
+`sync.transport: collective` each worker instead joins the weight group
+(`join_weight_group`), stages broadcast versions in a listener thread, and
+`load_received` loads the staged one (collective.py).
 
 Tied embeddings: on the CPU backend, the tied `lm_head` keeps a pre-packed copy
 of the old embedding after `reload_weights`, so vLLM would silently sample from
@@ -93,7 +96,33 @@ class WeightLoader:
         """Load weights packed by weight_sync.pack (bytes + layout) in place."""
         from .weight_sync import unpack
 
-        weights = unpack(bytearray(blob), layout)   # writable: the loader may copy from these views
+        return self._load(unpack(bytearray(blob), layout))   # writable: the loader may copy from these views
+
+    def join_weight_group(self, host: str, port: int, gen: int, world: int, first_rank: int) -> int:
+        """Listen to a generation of the collective weight group (collective.py); returns this worker's rank."""
+        from .collective import GroupSpec, Receiver
+
+        if getattr(self, "weight_receiver", None) is None:
+            import torch
+
+            self.weight_receiver = Receiver(getattr(self, "device", None) or torch.device("cpu"))
+        rank = first_rank + _tp_rank()
+        self.weight_receiver.join(GroupSpec(host, port, gen, world), rank)
+        return rank
+
+    def load_received(self, serial: int, layout, timeout: float):
+        """Load the version the collective group delivered (serial or newer) in place;
+        (serial, version) loaded, or None if it did not arrive within `timeout` seconds."""
+        from .weight_sync import unpack
+
+        receiver = getattr(self, "weight_receiver", None)
+        got = receiver.wait(serial, timeout) if receiver is not None else None
+        if got is None:
+            return None
+        self._load(unpack(got[2], layout))
+        return got[0], got[1]
+
+    def _load(self, weights: dict) -> int:
         model = self.model_runner.get_model()
         tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
         if tied:
@@ -104,3 +133,12 @@ class WeightLoader:
         if tied and method is not None and hasattr(method, "process_weights_after_loading"):
             method.process_weights_after_loading(head)
         return len(weights)
+
+
+def _tp_rank() -> int:
+    try:
+        from vllm.distributed import get_tensor_model_parallel_rank
+
+        return get_tensor_model_parallel_rank()
+    except Exception:
+        return 0

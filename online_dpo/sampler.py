@@ -75,6 +75,11 @@ class Sampler:
         lps = out.prompt_logprobs[len(prompt_ids):]
         return [d[tok].logprob for d, tok in zip(lps, response_ids)]
 
+    def join_weight_group(self, spec, first_rank: int) -> list[int]:
+        """Listen to a generation of the collective weight group (collective.py): one rank per engine worker."""
+        return self.llm.collective_rpc("join_weight_group",
+                                       args=(spec.host, spec.port, spec.gen, spec.world, first_rank))
+
     def load_weights(self, handle: WeightsHandle) -> float:
         """Load a published version now; returns seconds."""
         seconds = self.weights.load(self.llm, handle)

@@ -4,6 +4,9 @@
   judge-i       judges that turn completions into preference pairs
   broker        the mailbox between the controller and trainer rank 0
   policy-store  owns the published weights (samplers and serve replicas pull them)
+  weight group  with sync.transport collective: trainer rank 0 and the sampler
+                engines in one process group (collective.py); a new generation
+                forms whenever its members change
   file-server   hands local model directories to nodes that cannot see them
   trainer       a Ray Train gang (learner.py), started beside these
 
@@ -177,8 +180,10 @@ class ActorGroup:
 class Topology:
     """The actors of one run; `start` creates them, `wait_ready` waits for them, `shutdown` ends them."""
 
-    def __init__(self, samplers: ActorGroup, judges: ActorGroup, broker, store, files=None):
+    def __init__(self, samplers: ActorGroup, judges: ActorGroup, broker, store, files=None,
+                 rendezvous=None, workers_per_sampler: int = 1):
         self.samplers, self.judges, self.broker, self.store, self.files = samplers, judges, broker, store, files
+        self.rendezvous, self.workers_per_sampler = rendezvous, workers_per_sampler
         self.serve_url = None
 
     @classmethod
@@ -212,8 +217,24 @@ class Topology:
         broker = ray.remote(Broker).options(name="broker", num_cpus=0).remote()
         from . import serve as serving
         store = ray.remote(PolicyStore).options(name=serving.STORE_NAME, num_cpus=0).remote()
+        rendezvous = None
+        if cfg.sync.transport == "collective":
+            from .collective import Rendezvous
+            rendezvous = Rendezvous()
         return cls(ActorGroup("sampler", samplers, s.max_restarts, "sampler.max_restarts"),
-                   ActorGroup("judge", judges, j.max_restarts, "judge.max_restarts"), broker, store, files)
+                   ActorGroup("judge", judges, j.max_restarts, "judge.max_restarts"), broker, store, files,
+                   rendezvous, s.tensor_parallel_size)
+
+    def form_weight_group(self) -> None:
+        """A new generation of the collective weight group: trainer rank 0 and the live samplers'
+        engine workers (no-op with the object-store transport)."""
+        if self.rendezvous is None:
+            return
+        live = [i for i in range(len(self.samplers.handles)) if i not in self.samplers.down]
+        spec = self.rendezvous.next(len(live) * self.workers_per_sampler)
+        for k, i in enumerate(live):
+            self.samplers.handles[i].join_weight_group.remote(spec, 1 + k * self.workers_per_sampler)
+        self.broker.set_weight_group.remote(spec)
 
     def wait_ready(self) -> None:
         """Wait for every sampler and judge to build; a failure names the actor and its cause."""

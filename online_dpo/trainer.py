@@ -58,6 +58,9 @@ class LearnerSpec:
     seed: int = 0
     num_threads: int | None = None
     trust_remote_code: bool = False
+    weights_transport: str = "object_store"   # object_store | collective (collective.py)
+    bucket_bytes: int = 64 << 20  # collective: bytes per broadcast
+    store_copy: bool = False      # collective: also put each version in the store (serve replicas read it)
     file_server: Any = None   # fetches local model paths this node cannot see (artifacts.py)
 
 
@@ -285,6 +288,7 @@ class Worker:
         self.step = DPOStep(self.model, reference, self.optimizer, self.scheduler, spec,
                             0 if pad_id is None else pad_id, device, self.strategy, self._largest)
         self.tied = bool(getattr(self.lm.config, "tie_word_embeddings", False))
+        self.sender = None   # rank 0 with sync.transport collective: a collective.Sender
 
     def restore(self, folder: str) -> None:
         restored = torch.load(os.path.join(folder, "learner.pt"), weights_only=False)
@@ -311,7 +315,8 @@ class Worker:
         weights = self.weights()
         if self.rank != 0:
             return None, 0.0
-        return publish(weights, version, store, DTYPES[self.spec.dtype], tied=self.tied)
+        return publish(weights, version, store, DTYPES[self.spec.dtype], tied=self.tied, sender=self.sender,
+                       store_copy=self.spec.store_copy)
 
     def checkpoint(self, step: int, state: dict, controller: bytes | None) -> tuple[float, int]:
         weights, optim = self.weights(), self.strategy.optim_state(self.model, self.optimizer)
@@ -347,6 +352,11 @@ def train_loop(config: dict) -> None:
         if folder:
             state, controller = read_checkpoint_state(folder)
             learner.restore(folder)
+    if rank == 0 and spec.weights_transport == "collective":
+        from .collective import Sender
+
+        learner.sender = Sender(lambda: ray.get(broker.weight_group.remote(), timeout=10), device,
+                                spec.bucket_bytes)
     pairs_seen, step = state["pairs"], state["step"]
     weights = learner.publish(state["policy_version"], store)[0] if checkpoint else None
     if rank == 0:
@@ -358,6 +368,8 @@ def train_loop(config: dict) -> None:
         order = _next_order(broker, step + 1) if rank == 0 else None
         order = _broadcast(order, world)
         if order is None:  # the controller closed the run
+            if learner.sender is not None:
+                learner.sender.stop()
             return
         waited = time.time() - waited
         t0 = time.time()

@@ -9,6 +9,12 @@ so they outlive a restarted or finished trainer: a serve replica that starts
 after training still finds the final version. Receivers on any node fetch the
 bytes through Ray (no shared filesystem).
 
+With `sync.transport: collective` the samplers get the bytes another way:
+rank 0 broadcasts the packed buffer to every sampler engine worker over a
+process group of their own (collective.py), and only the handle (serial and
+layout, no bytes) goes through the store. If that group is broken the
+version goes through the object store as above.
+
 Receivers pull. The controller passes the latest `WeightsHandle` along with
 each sampling request, and a sampler loads it before it generates when it
 holds something else (`EngineWeights`), so loads land between sampler
@@ -24,7 +30,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-LOAD_RPC = "load_packed"   # engine.WeightLoader's method
+LOAD_RPC = "load_packed"   # engine.WeightLoader's methods
+RECEIVED_RPC = "load_received"
+RECEIVE_SECONDS = 30.0     # how long a sampler waits for a broadcast version before sampling with what it has
 
 
 @dataclass(frozen=True)
@@ -32,21 +40,23 @@ class WeightsHandle:
     """What travels to each receiver: the version, its publish serial and where its bytes are."""
     version: int
     serial: int
-    payload: Any          # a one-item list holding an ObjectRef (a list, so Ray does not resolve it)
+    payload: Any          # object_store: a one-item list holding an ObjectRef (a list, so Ray does not
+                          # resolve it); collective: the layout (the bytes come over the weight group)
     nbytes: int
-    transport: str = "object_store"
+    transport: str = "object_store"   # object_store | collective
 
 
 ALIGN = 64   # bytes; every tensor starts at a multiple, so typed views of the buffer are aligned
 
 
-def pack(state_dict: dict, dtype=None, tied: bool = False) -> tuple:
+def pack(state_dict: dict, dtype=None, tied: bool = False, device=None) -> tuple:
     """One flat byte buffer holding every tensor, and its layout [(name, dtype, shape, offset), ...].
 
     GPU tensors are copied straight into a pinned host buffer (asynchronously,
     then one synchronize), so export costs one device-to-host copy: no
     per-tensor host round trip and no serialisation format. The receiver makes
-    views of the same bytes (`unpack`)."""
+    views of the same bytes (`unpack`). With `device` (a CUDA device, for an
+    NCCL broadcast) the buffer stays on that device: one device-side copy."""
     import torch
 
     items = [(name, t.detach().to(dtype) if dtype is not None and t.is_floating_point() else t.detach())
@@ -56,7 +66,9 @@ def pack(state_dict: dict, dtype=None, tied: bool = False) -> tuple:
         layout.append((name, str(t.dtype).removeprefix("torch."), tuple(t.shape), offset))
         offset += -(-t.numel() * t.element_size() // ALIGN) * ALIGN
     cuda = any(t.is_cuda for _, t in items)
-    buffer = torch.empty(offset, dtype=torch.uint8, pin_memory=cuda)
+    on_device = device is not None and torch.device(device).type == "cuda"
+    buffer = (torch.empty(offset, dtype=torch.uint8, device=device) if on_device
+              else torch.empty(offset, dtype=torch.uint8, pin_memory=cuda))
     for (name, t), (_, _, shape, start) in zip(items, layout):
         n = t.numel() * t.element_size()
         buffer[start:start + n].view(t.dtype).view(shape).copy_(t, non_blocking=cuda)
@@ -80,8 +92,12 @@ def unpack(data, layout) -> dict:
     return out
 
 
-def publish(model, version: int, store, dtype=None, tied: bool | None = None) -> tuple[WeightsHandle, float]:
-    """Rank 0's one sync call: export, pack, hand to the store; returns the handle and seconds."""
+def publish(model, version: int, store, dtype=None, tied: bool | None = None, sender=None,
+            store_copy: bool = False) -> tuple[WeightsHandle, float]:
+    """Rank 0's one sync call: export, pack, then broadcast over the weight group (`sender`, a
+    collective.Sender) or hand to the store; returns the handle and seconds.
+
+    `store_copy`: with a sender, put the bytes in the store too (for serve replicas)."""
     import ray
 
     start = time.time()
@@ -91,8 +107,14 @@ def publish(model, version: int, store, dtype=None, tied: bool | None = None) ->
         model = getattr(model, "module", model)
         tied = getattr(model.config, "tie_word_embeddings", False) if tied is None else tied
         state = model.state_dict()
-    buffer, layout = pack(state, dtype, bool(tied))
-    handle = ray.get(store.publish.remote(version, buffer.numpy(), layout))
+    buffer, layout = pack(state, dtype, bool(tied), sender.device if sender is not None else None)
+    if sender is not None and sender.ready():
+        handle = ray.get(store.announce.remote(version, layout, buffer.numel()))
+        if sender.send(handle.serial, version, buffer):
+            if store_copy:
+                ray.get(store.publish.remote(version, buffer.cpu().numpy(), layout))
+            return handle, time.time() - start
+    handle = ray.get(store.publish.remote(version, buffer.cpu().numpy(), layout))
     return handle, time.time() - start
 
 
@@ -108,18 +130,41 @@ class EngineWeights:
 
     def __init__(self):
         self.version, self.serial = 0, 0   # serial 0: the weights the engine was built with
+        self.missed = 0                    # a broadcast serial that did not arrive in time
 
     def wants(self, handle: WeightsHandle | None) -> bool:
-        return handle is not None and handle.serial != self.serial
+        return handle is not None and handle.serial != self.serial and not (
+            handle.transport == "collective" and handle.serial < self.serial)
 
     def load(self, llm, handle: WeightsHandle) -> float:
         """Load into a `vllm.LLM`; returns seconds."""
         start = time.time()
+        if handle.transport == "collective":
+            self.receive(llm, handle)
+            return time.time() - start
         data, layout = fetch(handle)
         llm.collective_rpc(LOAD_RPC, args=(data.tobytes(), layout))   # bytes cross vLLM's rpc intact
         llm.reset_prefix_cache()
         self.version, self.serial = handle.version, handle.serial
         return time.time() - start
+
+    def receive(self, llm, handle: WeightsHandle) -> None:
+        """Load the broadcast version (or a newer one that already came). If it does not come in
+        time (the weight group is re-forming), keep sampling with the weights held; the
+        controller sees their version and drops pairs that are too old."""
+        import logging
+
+        timeout = 0.5 if handle.serial == self.missed else RECEIVE_SECONDS
+        got = llm.collective_rpc(RECEIVED_RPC, args=(handle.serial, handle.payload, timeout))[0]
+        if got is None:
+            if handle.serial != self.missed:
+                logging.getLogger("online_dpo.sampler").warning(
+                    "weights %d (version %d) did not arrive over the weight group within %.0fs; "
+                    "sampling with version %d", handle.serial, handle.version, timeout, self.version)
+            self.missed = handle.serial
+            return
+        llm.reset_prefix_cache()
+        self.serial, self.version = got
 
     async def load_async(self, engine, handle: WeightsHandle) -> float:
         """Load into a vLLM `AsyncLLM`; returns seconds."""
@@ -151,6 +196,12 @@ class PolicyStore:
                                nbytes=int(data.nbytes))
         self.handles = (self.handles + [handle])[-self.keep:]
         return handle
+
+    def announce(self, version: int, layout, nbytes: int) -> WeightsHandle:
+        """A serial for a version that travels over the weight group (collective.py), not through here."""
+        self.serial += 1
+        return WeightsHandle(version=version, serial=self.serial, payload=layout, nbytes=int(nbytes),
+                             transport="collective")
 
     def version(self) -> int:
         return self.handles[-1].version if self.handles else 0

@@ -38,6 +38,14 @@ def sampler(ray_local, embedded_model):
 
 
 @pytest.fixture(scope="module")
+def store(ray_local):
+    """The run's one PolicyStore (its serials increase across the tests, as in a run)."""
+    actor = ray_local.remote(PolicyStore).remote()
+    yield actor
+    ray_local.kill(actor)
+
+
+@pytest.fixture(scope="module")
 def hf(embedded_model):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -75,7 +83,7 @@ def test_trainer_logprobs_match_vllm_samples(ray_local, sampler, hf):
             assert (ours - theirs).abs().max().item() < TOL
 
 
-def test_weight_sync_changes_sampler_to_trainer_weights(ray_local, sampler, hf, embedded_model):
+def test_weight_sync_changes_sampler_to_trainer_weights(ray_local, sampler, hf, embedded_model, store):
     from transformers import AutoModelForCausalLM
 
     _, tok = hf
@@ -91,7 +99,6 @@ def test_weight_sync_changes_sampler_to_trainer_weights(ray_local, sampler, hf, 
             p.add_(0.02 * torch.randn_like(p))
     expected = hf_token_logprobs(trained, prompt, response)
 
-    store = ray_local.remote(PolicyStore).remote()
     buffer, layout = pack_weights(trained.state_dict(), tied=True)
     handle = ray_local.get(store.publish.remote(1, buffer.numpy(), layout))
     assert handle.version == 1 and handle.nbytes > 0
@@ -108,4 +115,55 @@ def test_weight_sync_changes_sampler_to_trainer_weights(ray_local, sampler, hf, 
     again = ray_local.get(sampler.generate.remote([prompt], [PROMPT], n=1, temperature=1.0, max_tokens=4,
                                                   seed=1, weights=handle))
     assert again.load_seconds == 0
-    ray_local.kill(store)
+
+
+@pytest.fixture(scope="module")
+def second_sampler(ray_local, embedded_model):
+    actor = ray_local.remote(Sampler).options(
+        num_cpus=1, runtime_env={"env_vars": engine_env(1, 1, False, "quiet")}
+    ).remote(EngineSpec(model=embedded_model, dtype="float32"), "sampler-test-2")
+    ray_local.get(actor.ready.remote())
+    yield actor
+    ray_local.kill(actor)
+
+
+def test_collective_transport_gives_two_samplers_the_trainer_weights(ray_local, sampler, second_sampler, hf,
+                                                                    embedded_model, store):
+    """sync.transport collective: rank 0 (here, the test process) broadcasts over a gloo group to
+    both samplers' engine workers; each loads the version its next request names."""
+    from transformers import AutoModelForCausalLM
+
+    from online_dpo.collective import Rendezvous, Sender
+    from online_dpo.weight_sync import publish
+
+    _, tok = hf
+    prompt = tok(PROMPT)["input_ids"]
+    response = tok(" it broke after a week and the lid leaks.")["input_ids"] + [tok.eos_token_id]
+    trained = AutoModelForCausalLM.from_pretrained(embedded_model, dtype=torch.float32).eval()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    expected = hf_token_logprobs(trained, prompt, response)
+    befores = [torch.tensor(ray_local.get(s.score_tokens.remote(prompt, response)))
+               for s in (sampler, second_sampler)]
+
+    rdv = Rendezvous("127.0.0.1")
+    spec = rdv.next(2)
+    assert ray_local.get([s.join_weight_group.remote(spec, 1 + k)
+                          for k, s in enumerate((sampler, second_sampler))]) == [[1], [2]]
+    sender = Sender(lambda: spec, torch.device("cpu"), bucket_bytes=1 << 20)
+    try:
+        assert sender.join(spec)
+        handle, _ = publish(trained, 7, store, sender=sender)
+        assert handle.transport == "collective" and handle.version == 7
+        assert ray_local.get(store.latest.remote()).version == 1   # no bytes of version 7 went through it
+        for s, before in zip((sampler, second_sampler), befores):
+            batch = ray_local.get(s.generate.remote([prompt], [PROMPT], n=1, temperature=1.0, max_tokens=4,
+                                                    seed=1, weights=handle))
+            assert batch.version == 7 and batch.load_seconds > 0
+            after = torch.tensor(ray_local.get(s.score_tokens.remote(prompt, response)))
+            assert (after - expected).abs().max().item() < TOL, "sampler does not hold the broadcast weights"
+            assert (after - before).abs().max().item() > 50 * TOL, "the broadcast did not change the sampler"
+    finally:
+        sender.stop()

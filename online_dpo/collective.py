@@ -1,0 +1,224 @@
+"""Collective weight transfer: trainer rank 0 broadcasts each version to every sampler engine worker.
+
+`sync.transport: collective`. Trainer rank 0 (rank 0 of the group) and each
+sampler engine worker (ranks 1..) form one torch.distributed group of their
+own: gloo on CPU, NCCL on GPU. It is built on a prefix of a TCPStore that the
+controller hosts (`Rendezvous`), so it never touches the trainer's DDP group.
+
+A version travels as a header broadcast (serial, version, bytes, bucket size)
+followed by the packed buffer (weight_sync.pack) in bucket-sized broadcasts.
+Receivers listen in a background thread and stage what arrives (the newest
+version only); a sampler loads the staged version in place between two
+batches, when its request carries that version's serial (engine.WeightLoader).
+So a broadcast never waits for a sampler to finish a batch.
+
+Membership changes (a sampler restarted, the trainer gang restarted) form a
+new generation: the controller asks the live samplers to join it and posts it
+at the broker; the trainer's `Sender` notices within `poll_seconds`, joins and
+broadcasts its latest version again, so a restarted sampler catches up.
+Whenever the group is not whole the trainer publishes that version through
+the object store instead, so a broken group costs speed, never progress.
+Serve replicas come and go, so they always use the object store.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+
+log = logging.getLogger("online_dpo.collective")
+
+JOIN_SECONDS = 30.0         # the sender gives up joining a generation after this (object store until the next)
+SEND_SECONDS = 60.0         # a broadcast to a hung receiver fails after this
+LISTEN_SECONDS = 7 * 86400  # receivers wait this long for the next version (the trainer may be slow)
+
+
+@dataclass(frozen=True)
+class GroupSpec:
+    """One generation of the weight group: where to rendezvous, and how many members."""
+    host: str
+    port: int
+    gen: int
+    world: int
+
+
+def node_ip() -> str:
+    """This node's address as Ray knows it (127.0.0.1 on a loopback cluster)."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.util.get_node_ip_address()
+    except Exception:
+        pass
+    return "127.0.0.1"
+
+
+def open_group(spec: GroupSpec, rank: int, device: torch.device, timeout: float):
+    """This process's member of the generation's process group (blocks until every member has joined)."""
+    from torch.distributed import PrefixStore, TCPStore
+
+    store = TCPStore(spec.host, spec.port, is_master=False, timeout=timedelta(seconds=timeout))
+    prefix = PrefixStore(f"weights/{spec.gen}/", store)
+    if device.type == "cuda":
+        from torch.distributed import ProcessGroupNCCL
+
+        opts = ProcessGroupNCCL.Options()
+        opts._timeout = timedelta(seconds=timeout)
+        return ProcessGroupNCCL(prefix, rank, spec.world, opts)
+    from torch.distributed import ProcessGroupGloo
+
+    opts = ProcessGroupGloo._Options()
+    opts._timeout = timedelta(seconds=timeout)
+    opts._devices = [ProcessGroupGloo.create_device(hostname=node_ip())]
+    return ProcessGroupGloo(prefix, rank, spec.world, opts)
+
+
+def broadcast(group, tensor: torch.Tensor) -> None:
+    from torch.distributed import BroadcastOptions
+
+    opts = BroadcastOptions()
+    opts.rootRank, opts.rootTensor = 0, 0
+    group.broadcast([tensor], opts).wait()
+
+
+def send_version(group, serial: int, version: int, buffer: torch.Tensor, bucket: int) -> None:
+    """Rank 0: the header, then the buffer in buckets."""
+    header = torch.tensor([serial, version, buffer.numel(), bucket], dtype=torch.int64, device=buffer.device)
+    broadcast(group, header)
+    for start in range(0, buffer.numel(), bucket):
+        broadcast(group, buffer[start:start + bucket])
+
+
+def receive_version(group, device: torch.device) -> tuple[int, int, torch.Tensor]:
+    """Ranks 1..: (serial, version, buffer) of the next version rank 0 sends."""
+    header = torch.zeros(4, dtype=torch.int64, device=device)
+    broadcast(group, header)
+    serial, version, nbytes, bucket = (int(x) for x in header.tolist())
+    buffer = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    for start in range(0, nbytes, bucket):
+        broadcast(group, buffer[start:start + bucket])
+    return serial, version, buffer
+
+
+class Rendezvous:
+    """Controller side: hosts the TCPStore and numbers the generations."""
+
+    def __init__(self, host: str | None = None):
+        from torch.distributed import TCPStore
+
+        self.host = host or node_ip()
+        self.store = TCPStore(self.host, 0, is_master=True, wait_for_workers=False)
+        self.gen = 0
+        self.lock = threading.Lock()
+
+    def next(self, receivers: int) -> GroupSpec:
+        with self.lock:
+            self.gen += 1
+            return GroupSpec(self.host, self.store.port, self.gen, 1 + receivers)
+
+
+class Sender:
+    """Trainer rank 0: keeps the latest version and broadcasts it to the current generation.
+
+    `current` returns the generation posted at the broker (or None); a thread
+    polls it and joins each new one, then re-sends the latest version."""
+
+    def __init__(self, current, device: torch.device, bucket_bytes: int, poll_seconds: float = 0.5):
+        self.current, self.device, self.bucket = current, device, bucket_bytes
+        self.group, self.gen, self.latest = None, 0, None
+        self.lock = threading.Lock()
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._poll, args=(poll_seconds,), daemon=True, name="weight-sender")
+        self.thread.start()
+
+    def _poll(self, seconds: float) -> None:
+        while not self.stopped.wait(seconds):
+            try:
+                spec = self.current()
+            except Exception:   # the broker is gone: the run is ending
+                return
+            if spec is not None and spec.gen > self.gen:
+                self.join(spec)
+
+    def join(self, spec: GroupSpec) -> bool:
+        self.gen = spec.gen
+        start = time.time()
+        try:
+            group = open_group(spec, 0, self.device, JOIN_SECONDS)
+        except Exception as e:   # a member never came: object store until the next generation
+            log.warning("weight group %d: join failed after %.0fs (%s); publishing through the object store",
+                        spec.gen, time.time() - start, str(e).splitlines()[0] if str(e) else type(e).__name__)
+            with self.lock:
+                self.group = None
+            return False
+        with self.lock:
+            self.group = group
+            if self.latest is not None:
+                self._send(*self.latest)
+        return True
+
+    def ready(self) -> bool:
+        return self.group is not None
+
+    def send(self, serial: int, version: int, buffer: torch.Tensor) -> bool:
+        """Broadcast a version to every receiver; False when the group is missing or broke (publish it
+        through the object store instead)."""
+        with self.lock:
+            self.latest = (serial, version, buffer)
+            return self.group is not None and self._send(serial, version, buffer)
+
+    def _send(self, serial: int, version: int, buffer: torch.Tensor) -> bool:
+        try:
+            send_version(self.group, serial, version, buffer, self.bucket)
+            return True
+        except Exception as e:   # a receiver died: wait for the next generation
+            log.warning("weight group %d: broadcast failed (%s)", self.gen, str(e).splitlines()[0])
+            self.group = None
+            return False
+
+    def stop(self) -> None:
+        self.stopped.set()
+        with self.lock:
+            self.group = None
+
+
+class Receiver:
+    """A sampler engine worker's listener: joins generations and stages the newest version received."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.gen = 0
+        self.staged: tuple[int, int, torch.Tensor] | None = None   # (serial, version, buffer)
+        self.cond = threading.Condition()
+
+    def join(self, spec: GroupSpec, rank: int) -> None:
+        """Start listening to a generation (returns at once; the old generation's listener ends)."""
+        self.gen = spec.gen
+        threading.Thread(target=self._listen, args=(spec, rank), daemon=True,
+                         name=f"weight-receiver-{spec.gen}").start()
+
+    def _listen(self, spec: GroupSpec, rank: int) -> None:
+        try:
+            group = open_group(spec, rank, self.device, LISTEN_SECONDS)
+            while self.gen == spec.gen:
+                serial, version, buffer = receive_version(group, self.device)
+                with self.cond:
+                    if self.staged is None or serial > self.staged[0]:
+                        self.staged = (serial, version, buffer)
+                    self.cond.notify_all()
+        except Exception as e:   # the generation ended (a member left); a newer one takes over
+            if self.gen == spec.gen:
+                log.warning("weight group %d: listener stopped (%s)", spec.gen, str(e).splitlines()[0])
+
+    def wait(self, serial: int, timeout: float) -> tuple[int, int, torch.Tensor] | None:
+        """The staged version once it is `serial` or newer; None if none came within `timeout`."""
+        with self.cond:
+            self.cond.wait_for(lambda: self.staged is not None and self.staged[0] >= serial, timeout)
+            staged = self.staged
+        return staged if staged is not None and staged[0] >= serial else None

@@ -1,0 +1,95 @@
+"""The collective weight group (collective.py) with real gloo groups in separate processes: no Ray, no vLLM."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import queue
+import time
+
+import torch
+
+from online_dpo.collective import Receiver, Rendezvous, Sender
+
+CTX = mp.get_context("spawn")
+
+
+def _receive(spec, rank, want, out):
+    """A receiver process: join `spec`, report (rank, serial, version, checksum) of each wanted serial."""
+    r = Receiver(torch.device("cpu"))
+    r.join(spec, rank)
+    for serial in want:
+        got = r.wait(serial, 60)
+        out.put((rank, got[0], got[1], int(got[2].double().sum())) if got else (rank, None, None, None))
+    time.sleep(1)   # stay in the group until the sender is done
+
+
+def _buffer(seed: int, n: int = 300_000) -> torch.Tensor:
+    return torch.randint(0, 255, (n,), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+
+
+def _latest(specs):
+    """A `current` callable over a queue of posted generations (the broker's role)."""
+    last = [None]
+
+    def current():
+        try:
+            while True:
+                last[0] = specs.get_nowait()
+        except queue.Empty:
+            return last[0]
+    return current
+
+
+def test_broadcast_reaches_every_receiver_in_buckets():
+    rdv = Rendezvous("127.0.0.1")
+    spec = rdv.next(2)
+    out = CTX.Queue()
+    procs = [CTX.Process(target=_receive, args=(spec, rank, [1, 2], out)) for rank in (1, 2)]
+    for p in procs:
+        p.start()
+    specs = CTX.Queue()
+    sender = Sender(_latest(specs), torch.device("cpu"), bucket_bytes=64 * 1024, poll_seconds=0.1)
+    assert not sender.ready() and not sender.send(1, 1, _buffer(1))   # no group yet: the object store
+    specs.put(spec)
+    deadline = time.time() + 60
+    while not sender.ready() and time.time() < deadline:
+        time.sleep(0.1)
+    assert sender.ready()
+    # joining re-sent the latest version (serial 1); now serial 2 in 5 buckets
+    assert sender.send(2, 2, _buffer(2))
+    got = sorted(out.get(timeout=60) for _ in range(4))
+    sums = {1: int(_buffer(1).double().sum()), 2: int(_buffer(2).double().sum())}
+    assert got == sorted((rank, s, s, sums[s]) for rank in (1, 2) for s in (1, 2))
+    sender.stop()
+    for p in procs:
+        p.join(30)
+
+
+def test_a_dead_receiver_breaks_the_group_and_a_new_generation_heals_it():
+    rdv = Rendezvous("127.0.0.1")
+    spec = rdv.next(2)
+    out = CTX.Queue()
+    survivor = CTX.Process(target=_receive, args=(spec, 1, [1], out))
+    doomed = CTX.Process(target=_receive, args=(spec, 2, [1], out))
+    survivor.start(), doomed.start()
+    specs = CTX.Queue()
+    sender = Sender(_latest(specs), torch.device("cpu"), bucket_bytes=1 << 20, poll_seconds=0.1)
+    assert sender.join(spec) and sender.send(1, 1, _buffer(1))
+    assert {out.get(timeout=60)[0], out.get(timeout=60)[0]} == {1, 2}
+    doomed.kill()
+    doomed.join()
+    survivor.join(30)
+    assert not sender.send(2, 2, _buffer(2))   # a member is gone: the caller falls back
+    assert not sender.ready()
+    # the controller forms generation 2 with a restarted receiver; the sender re-sends its latest
+    spec2 = rdv.next(2)
+    procs = [CTX.Process(target=_receive, args=(spec2, rank, [2], out)) for rank in (1, 2)]
+    for p in procs:
+        p.start()
+    specs.put(spec2)
+    got = sorted(out.get(timeout=60) for _ in range(2))
+    assert got == [(1, 2, 2, int(_buffer(2).double().sum())), (2, 2, 2, int(_buffer(2).double().sum()))]
+    assert sender.gen == 2 and sender.ready()
+    sender.stop()
+    for p in procs:
+        p.join(30)
