@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import queue
 import time
 
@@ -20,7 +21,23 @@ def _receive(spec, rank, want, out):
     for serial in want:
         got = r.wait(serial, 60)
         out.put((rank, got[0], got[1], int(got[2].double().sum())) if got else (rank, None, None, None))
+    out.close()
+    out.join_thread()
     time.sleep(1)   # stay in the group until the sender is done
+    os._exit(0)     # the listener thread is still in a broadcast: skip interpreter teardown
+
+
+def _start(spec, rank, want, out):
+    p = CTX.Process(target=_receive, args=(spec, rank, want, out), daemon=True)
+    p.start()
+    return p
+
+
+def _end(procs):
+    for p in procs:
+        p.join(30)
+        if p.is_alive():
+            p.kill()
 
 
 def _buffer(seed: int, n: int = 300_000) -> torch.Tensor:
@@ -44,9 +61,7 @@ def test_broadcast_reaches_every_receiver_in_buckets():
     rdv = Rendezvous("127.0.0.1")
     spec = rdv.next(2)
     out = CTX.Queue()
-    procs = [CTX.Process(target=_receive, args=(spec, rank, [1, 2], out)) for rank in (1, 2)]
-    for p in procs:
-        p.start()
+    procs = [_start(spec, rank, [1, 2], out) for rank in (1, 2)]
     specs = CTX.Queue()
     sender = Sender(_latest(specs), torch.device("cpu"), bucket_bytes=64 * 1024, poll_seconds=0.1)
     assert not sender.ready() and not sender.send(1, 1, _buffer(1))   # no group yet: the object store
@@ -61,35 +76,29 @@ def test_broadcast_reaches_every_receiver_in_buckets():
     sums = {1: int(_buffer(1).double().sum()), 2: int(_buffer(2).double().sum())}
     assert got == sorted((rank, s, s, sums[s]) for rank in (1, 2) for s in (1, 2))
     sender.stop()
-    for p in procs:
-        p.join(30)
+    _end(procs)
 
 
 def test_a_dead_receiver_breaks_the_group_and_a_new_generation_heals_it():
     rdv = Rendezvous("127.0.0.1")
     spec = rdv.next(2)
     out = CTX.Queue()
-    survivor = CTX.Process(target=_receive, args=(spec, 1, [1], out))
-    doomed = CTX.Process(target=_receive, args=(spec, 2, [1], out))
-    survivor.start(), doomed.start()
+    survivor, doomed = _start(spec, 1, [1], out), _start(spec, 2, [1], out)
     specs = CTX.Queue()
     sender = Sender(_latest(specs), torch.device("cpu"), bucket_bytes=1 << 20, poll_seconds=0.1)
     assert sender.join(spec) and sender.send(1, 1, _buffer(1))
     assert {out.get(timeout=60)[0], out.get(timeout=60)[0]} == {1, 2}
     doomed.kill()
     doomed.join()
-    survivor.join(30)
+    _end([survivor])
     assert not sender.send(2, 2, _buffer(2))   # a member is gone: the caller falls back
     assert not sender.ready()
     # the controller forms generation 2 with a restarted receiver; the sender re-sends its latest
     spec2 = rdv.next(2)
-    procs = [CTX.Process(target=_receive, args=(spec2, rank, [2], out)) for rank in (1, 2)]
-    for p in procs:
-        p.start()
+    procs = [_start(spec2, rank, [2], out) for rank in (1, 2)]
     specs.put(spec2)
     got = sorted(out.get(timeout=60) for _ in range(2))
     assert got == [(1, 2, 2, int(_buffer(2).double().sum())), (2, 2, 2, int(_buffer(2).double().sum()))]
     assert sender.gen == 2 and sender.ready()
     sender.stop()
-    for p in procs:
-        p.join(30)
+    _end(procs)
