@@ -389,7 +389,8 @@ def train_loop(config: dict) -> None:
         if order.sync:
             weights, seconds = learner.publish(order.version, store)
             if rank == 0:
-                metrics.update(sync_seconds=seconds, sync_bytes=weights.nbytes)
+                metrics.update(sync_seconds=seconds, sync_bytes=weights.nbytes,
+                               sync_collective=int(weights.transport == "collective"))
         if order.checkpoint is not None or order.final:
             state = {"step": order.step, "policy_version": order.version, "pairs": pairs_seen,
                      "spec": asdict(spec)}
