@@ -77,10 +77,55 @@ class SamplerConfig(Section):
     node_labels: dict[str, str] = Field(default_factory=dict, description="place only on nodes with these labels")
 
 
-class JudgeConfig(Section):
+def _judge_needs(kind: str, function: str | None, model: str | None, where: str) -> None:
+    if kind == "rule" and not function:
+        raise ValueError(f"{where}kind 'rule' needs {where}function, an import path "
+                         "such as 'online_dpo.judges.rule:vader_compound'")
+    if kind in ("reward_model", "llm") and not model:
+        raise ValueError(f"{where}kind '{kind}' needs {where}model, a model directory or hub id")
+    if function and ":" not in function:
+        raise ValueError(f"{where}function must look like 'pkg.module:function'")
+
+
+class JudgeMember(Section):
+    """One objective of an ensemble judge (judges/ensemble.py)."""
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_]+$", description="the objective's name in metrics")
     kind: Literal["rule", "reward_model", "llm"] = "rule"
+    function: str | None = None
+    model: str | None = None
+    weight: float = Field(1.0, description="its weight in the combined score (negative: lower is better)")
+    normalize: bool = Field(False, description="z-score with the mean and spread of the first batch it scores")
+    margin: float = Field(0.0, ge=0, description="its raw-score gaps at or below this count as zero")
+    batch_size: int = Field(16, gt=0)
+    max_length: int = Field(1024, gt=0)
+    template: str | None = None
+    max_new_tokens: int = Field(8, gt=0)
+    constrained: bool = True
+    engine: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _needs(self):
+        _judge_needs(self.kind, self.function, self.model, f"judge.members[{self.name}].")
+        if self.weight == 0:
+            raise ValueError(f"judge.members[{self.name}].weight is 0: give it a weight or remove it")
+        if self.kind == "llm" and self.template is None:
+            self.template = DEFAULT_LLM_TEMPLATE
+        return self
+
+
+class JudgePrinciple(Section):
+    """One principle of a constitutional judge (judges/constitution.py)."""
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_]+$", description="the principle's name in metrics")
+    text: str = Field(min_length=1, description="what the judge is asked to judge by")
+    weight: float = Field(1.0, gt=0)
+
+
+class JudgeConfig(Section):
+    kind: Literal["rule", "reward_model", "llm", "ensemble", "constitutional"] = "rule"
     function: str | None = Field(None, description="rule: import path 'pkg.module:function'")
     model: str | None = Field(None, description="reward_model / llm: HF directory or hub id")
+    members: list[JudgeMember] = Field(default_factory=list, description="ensemble: the judges it combines")
+    principles: list[JudgePrinciple] = Field(default_factory=list, description="constitutional: the principles")
     margin: float = Field(0.0, ge=0, description="score gaps at or below this are ties")
     num_actors: int = Field(1, ge=1)
     num_cpus: float = Field(1.0, ge=0)
@@ -97,13 +142,35 @@ class JudgeConfig(Section):
 
     @model_validator(mode="after")
     def _needs(self):
-        if self.kind == "rule" and not self.function:
-            raise ValueError("judge.kind 'rule' needs judge.function, an import path "
-                             "such as 'online_dpo.judges.rule:vader_compound'")
-        if self.kind in ("reward_model", "llm") and not self.model:
-            raise ValueError(f"judge.kind '{self.kind}' needs judge.model, a model directory or hub id")
-        if self.function and ":" not in self.function:
-            raise ValueError("judge.function must look like 'pkg.module:function'")
+        if self.kind == "ensemble":
+            if not self.members:
+                raise ValueError("judge.kind 'ensemble' needs judge.members: a list of judges, each with a "
+                                 "name, a kind and a weight")
+            names = [m.name for m in self.members]
+            if len(set(names)) != len(names):
+                raise ValueError(f"judge.members names must differ; got {names}")
+            if self.function or self.model:
+                raise ValueError("judge.kind 'ensemble' takes its judges from judge.members; move "
+                                 "judge.function / judge.model into a member")
+            return self
+        if self.members:
+            raise ValueError(f"judge.members is only for judge.kind 'ensemble' (judge.kind is '{self.kind}')")
+        if self.kind == "constitutional":
+            if not self.model:
+                raise ValueError("judge.kind 'constitutional' needs judge.model, a generative model directory or hub id")
+            if not self.principles:
+                raise ValueError("judge.kind 'constitutional' needs judge.principles: a list of {name, text, weight}")
+            names = [p.name for p in self.principles]
+            if len(set(names)) != len(names):
+                raise ValueError(f"judge.principles names must differ; got {names}")
+            missing = [k for k in ("{principle}", "{prompt}", "{a}", "{b}") if self.template and k not in self.template]
+            if missing:
+                raise ValueError(f"judge.template lacks {', '.join(missing)}; a constitutional template needs "
+                                 "{principle}, {prompt}, {a} and {b} (or leave judge.template out for the default)")
+            return self
+        if self.principles:
+            raise ValueError(f"judge.principles is only for judge.kind 'constitutional' (judge.kind is '{self.kind}')")
+        _judge_needs(self.kind, self.function, self.model, "judge.")
         return self
 
 
@@ -335,7 +402,8 @@ def check_paths(cfg: Config) -> None:
     """Refuse local paths that do not exist (hub ids and embedded:reviews pass)."""
     fields = {"model.policy": cfg.model.policy, "model.reference": cfg.model.reference,
               "data.source": cfg.data.source, "data.eval_source": cfg.data.eval_source,
-              "judge.model": cfg.judge.model}
+              "judge.model": cfg.judge.model,
+              **{f"judge.members[{m.name}].model": m.model for m in cfg.judge.members}}
     for name, value in fields.items():
         if value and value.startswith(("/", "./", "../", "~")) and not Path(value).expanduser().exists():
             raise ConfigError(f"{name}: {value} does not exist; give an existing local path, "
@@ -344,13 +412,16 @@ def check_paths(cfg: Config) -> None:
 
 def check_imports(cfg: Config) -> None:
     """A rule judge's function must import (on the driver, as on the cluster)."""
-    if cfg.judge.kind == "rule" and cfg.judge.function:
-        from .judges.rule import import_function
+    from .judges.rule import import_function
 
+    rules = [("judge.function", cfg.judge.function)] if cfg.judge.kind == "rule" else []
+    rules += [(f"judge.members[{m.name}].function", m.function) for m in cfg.judge.members if m.kind == "rule"]
+    for field, function in rules:
         try:
-            import_function(cfg.judge.function)
+            import_function(function)
         except ValueError as e:
-            raise ConfigError(f"{e}; give an importable 'pkg.module:function'") from None
+            raise ConfigError(str(e).replace("judge.function", field, 1)
+                              + "; give an importable 'pkg.module:function'") from None
 
 
 def dump(cfg: Config) -> str:

@@ -278,6 +278,7 @@ class Controller:
         self.totals["wait"] += m["wait_seconds"]
         record = {"kind": "train", **m, **self.lags.pop(plan.step, {}),
                   "reward_mean": rollouts.latest.get("reward_mean"),
+                  **{k: v for k, v in rollouts.latest.items() if k.startswith("objective/")},
                   "wall_seconds": time.time() - self.train_start,
                   **self.pipeline_stats(rollouts, len(topo.samplers.handles))}
         self.tracker.log(record)

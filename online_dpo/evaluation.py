@@ -29,6 +29,8 @@ def evaluate(samplers: ActorGroup, judges: ActorGroup, heldout: list, sampling: 
     (scores,) = judges.run("score", [((prompts, responses), {})])
     result = {"kind": "eval", "policy_version": version, "prompts": prompts, "responses": responses,
               "reward": (sum(scores) / len(scores)) if scores else None}
+    (objectives,) = judges.run("objectives", [((prompts, responses), {})])
+    result.update({f"objective/{k}": v for k, v in objectives.items()})
     if baseline is not None:
         (wins,) = judges.run("compare", [((prompts, responses, baseline["responses"]), {})])
         result["win_rate"] = sum(wins) / len(wins)
@@ -51,6 +53,9 @@ def summary(before: dict, after: dict, last_train: dict, train_wall: float | Non
         "identical_dropped": rollouts.get("identical", 0), "stale_dropped": rollouts.get("stale_dropped", 0),
         "restart_dropped": rollouts.get("restart_dropped", 0),
         "restarts": restarts,
+        **({"objectives": {k.removeprefix("objective/"): {"before": before.get(k), "after": after.get(k)}
+                           for k in after if k.startswith("objective/")}} if any(
+            k.startswith("objective/") for k in after) else {}),
         **extra,
         "samples_before": before.get("responses", [])[:5], "samples_after": after.get("responses", [])[:5],
     }

@@ -68,6 +68,14 @@ METRICS: dict[str, tuple[str, object, str]] = {
     "online_dpo_eval_reward": ("eval", "reward", "held-out mean judge score"),
     "online_dpo_eval_win_rate": ("eval", "win_rate", "held-out win rate vs the initial policy"),
 }
+# Ensemble judges (judges/ensemble.py): one series per objective, tagged with its name; read from
+# rollout records' "objective/<name>" and "objective_agree/<name>".
+OBJECTIVE_METRICS: dict[str, tuple[str, str]] = {
+    "online_dpo_judge_objective_score": ("objective/", "mean raw score of each objective (ensemble judge)"),
+    "online_dpo_judge_objective_agree": ("objective_agree/", "share of groups where an objective agrees with "
+                                                             "the ensemble's pair"),
+}
+
 # Emitted by each sampler actor itself, tagged with its name.
 SAMPLER_VERSION = "online_dpo_sampler_policy_version"
 GROUPS = {"train": "Training", "pipeline": "Pipeline", "restarts": "Failures", "checkpoint": "Failures", "sync": "Weight sync", "policy": "Weight sync",
@@ -96,7 +104,10 @@ class RayMetrics:
         self.tags, self.refresh, self.refreshed = {"run": run}, refresh, time.time()
         self.gauges = {name: Gauge(name, description=desc, tag_keys=("run",))
                        for name, (_, _, desc) in METRICS.items()}
+        self.objective_gauges = {name: Gauge(name, description=desc, tag_keys=("run", "objective"))
+                                 for name, (_, desc) in OBJECTIVE_METRICS.items()}
         self.last: dict[str, float] = {}
+        self.last_objectives: dict[tuple[str, str], float] = {}
 
     def record(self, record: dict) -> None:
         for name, (kind, how, _) in METRICS.items():
@@ -108,10 +119,19 @@ class RayMetrics:
                 if value is not None:
                     self.gauges[name].set(value, tags=self.tags)
                     self.last[name] = value
+        if record.get("kind") == "rollout":
+            for name, (prefix, _) in OBJECTIVE_METRICS.items():
+                for key, value in record.items():
+                    if key.startswith(prefix):
+                        self.last_objectives[(name, key.removeprefix(prefix))] = float(value)
+                        self.objective_gauges[name].set(float(value), tags={**self.tags,
+                                                                            "objective": key.removeprefix(prefix)})
         if time.time() - self.refreshed > self.refresh:
             self.refreshed = time.time()
             for name, value in self.last.items():
                 self.gauges[name].set(value, tags=self.tags)
+            for (name, objective), value in self.last_objectives.items():
+                self.objective_gauges[name].set(value, tags={**self.tags, "objective": objective})
 
 
 def sampler_version_gauge():
@@ -183,13 +203,18 @@ class ConsoleLog:
         wall = r.get("wall_seconds") or 0.0
         rate = r["pairs"] / wall if wall else 0.0
         lag = f"  lag {r['lag_mean']:.1f}" if r.get("lag_max") else ""
+        objectives = "".join(f" {k.removeprefix('objective/')} {v:+.3f}" for k, v in r.items()
+                             if k.startswith("objective/"))
+        objectives = f" ({objectives.strip()})" if objectives else ""
         self._print(
-            f"step {r['step']:>4}/{total}  pairs {r['pairs']:>6}  reward {_fmt(r.get('reward_mean'), '+.3f')}  "
+            f"step {r['step']:>4}/{total}  pairs {r['pairs']:>6}  reward {_fmt(r.get('reward_mean'), '+.3f')}"
+            f"{objectives}  "
             f"loss {r['loss']:.4f}  acc {r['rewards/accuracy']:.2f}  kl {r['kl']:+.3f}  "
             f"v{r['policy_version']}{lag}  {rate:.1f} pairs/s")
 
     def eval(self, result: dict) -> None:
         parts = [f"eval v{result['policy_version']}: held-out reward {_fmt(result.get('reward'), '+.3f')}"]
+        parts += [f"{k.removeprefix('objective/')} {v:+.3f}" for k, v in result.items() if k.startswith("objective/")]
         if "win_rate" in result:
             parts.append(f"win rate vs initial {result['win_rate']:.3f}")
         self._print("[online-dpo] " + ", ".join(parts))

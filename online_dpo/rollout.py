@@ -146,6 +146,7 @@ class Rollouts:
             "sample_seconds": max(b.seconds for b in batches),
             "load_seconds": max(b.load_seconds for b in batches), "judge_seconds": judge_seconds,
             "versions": sorted({b.version for b in batches}),
+            **objective_means(stats),
         }
         for key in ("prompts", "completions", "pairs", "ties", "identical"):
             self.counts[key] += record[key]
@@ -343,3 +344,10 @@ class Pipelined(Rollouts):
         self.record([batch], pairs, [stats], time.time() - started)
         self.keep_rate = 0.8 * self.keep_rate + 0.2 * len(pairs) / max(1, len(batch.groups))
         self.buffer.put(pairs)
+
+
+def objective_means(stats: list) -> dict:
+    """An ensemble judge's per-objective figures over a batch's label calls, weighted by groups."""
+    total = sum(st.groups for st in stats if st.objectives)
+    keys = {k for st in stats for k in st.objectives}
+    return {k: sum(st.objectives.get(k, 0.0) * st.groups for st in stats) / total for k in sorted(keys)} if total else {}

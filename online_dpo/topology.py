@@ -45,7 +45,21 @@ def judge_options(cfg: Config, files=None) -> dict:
                 constrained=j.constrained, engine=dict(j.engine), file_server=files)
     if j.model:
         opts["model"] = resolve_model(j.model)
-    if j.kind == "llm" and j.model == EMBEDDED:
+    if j.kind in ("llm", "constitutional") and j.model == EMBEDDED:
+        opts["engine"].setdefault("dtype", "float32")
+    if j.kind == "ensemble":
+        opts["members"] = [member_options(m) for m in j.members]
+    if j.kind == "constitutional":
+        opts["principles"] = [p.model_dump() for p in j.principles]
+    return opts
+
+
+def member_options(m) -> dict:
+    """An ensemble member's plain arguments (judges.build_judge)."""
+    opts = m.model_dump()
+    if m.model:
+        opts["model"] = resolve_model(m.model)
+    if m.kind == "llm" and m.model == EMBEDDED:
         opts["engine"].setdefault("dtype", "float32")
     return opts
 

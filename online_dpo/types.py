@@ -51,6 +51,7 @@ class LabelStats:
     chosen_mean: float = 0.0
     rejected_mean: float = 0.0
     seconds: float = 0.0
+    objectives: dict = field(default_factory=dict)   # ensemble judges: per-objective figures (ensemble.py)
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from online_dpo.metrics import METRICS, SAMPLER_VERSION, group
+from online_dpo.metrics import METRICS, OBJECTIVE_METRICS, SAMPLER_VERSION, group
 
 MONITORING = Path(__file__).resolve().parents[1] / "cluster" / "monitoring"
 OUT = MONITORING / "grafana-online-dpo.json"
@@ -23,6 +23,8 @@ def panels() -> list[dict]:
     for name, (_, _, desc) in METRICS.items():
         rows.setdefault(group(name), []).append((name, desc, "{{run}}"))
     rows[group(SAMPLER_VERSION)].append((SAMPLER_VERSION, "policy version each sampler holds", "{{sampler}}"))
+    for name, (_, desc) in OBJECTIVE_METRICS.items():
+        rows[group(name)].append((name, desc, "{{objective}}"))
     out, y, pid = [], 0, 1
     for title, metrics in rows.items():
         out.append({"type": "row", "title": title, "id": pid, "collapsed": False,

@@ -23,7 +23,13 @@ class JudgeActor:
         return isinstance(self.judge, PointwiseJudge)
 
     def label(self, groups):
+        if hasattr(self.judge, "label"):   # an ensemble pairs by its combined score
+            return self.judge.label(groups, self.margin)
         return label_groups(self.judge, groups, self.margin)
+
+    def objectives(self, prompts, responses) -> dict:
+        """An ensemble's per-objective mean scores of these responses ({} for a single judge)."""
+        return self.judge.objectives(prompts, responses) if hasattr(self.judge, "objectives") else {}
 
     def score(self, prompts, responses):
         if not self.pointwise():

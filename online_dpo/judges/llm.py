@@ -53,8 +53,8 @@ class LLMJudge:
             generate = self._vllm_generate
         self.generate = generate
 
-    def render(self, prompt: str, a: str, b: str) -> str:
-        text = self.template.format(prompt=prompt, a=a, b=b)
+    def render(self, prompt: str, a: str, b: str, template: str | None = None) -> str:
+        text = (template or self.template).format(prompt=prompt, a=a, b=b)
         if self.tokenizer is not None and getattr(self.tokenizer, "chat_template", None):
             return self.tokenizer.apply_chat_template([{"role": "user", "content": text}],
                                                       tokenize=False, add_generation_prompt=True)
@@ -70,14 +70,19 @@ class LLMJudge:
         outs = self.llm.generate(texts, params, use_tqdm=False)
         return [o.outputs[0].text for o in outs]
 
-    def compare(self, prompts: Sequence[str], a: Sequence[str], b: Sequence[str]) -> list[float]:
-        texts = [self.render(p, x, y) for p, x, y in zip(prompts, a, b)]
-        texts += [self.render(p, y, x) for p, x, y in zip(prompts, a, b)]
-        verdicts = [parse_verdict(t) for t in self.generate(texts)]
+    def ask(self, prompts: Sequence[str], a: Sequence[str], b: Sequence[str], template: str | None = None
+            ) -> list[tuple[str | None, str | None]]:
+        """The verdicts on (a, b) and on (b, a) for each prompt: 'A', 'B' or None (malformed)."""
+        texts = [self.render(p, x, y, template) for p, x, y in zip(prompts, a, b)]
+        texts += [self.render(p, y, x, template) for p, x, y in zip(prompts, a, b)]
+        verdicts = [parse_verdict(t) for t in self.generate(texts)] if texts else []
         self.asked += len(verdicts)
         self.malformed += sum(v is None for v in verdicts)
         k = len(prompts)
-        return [combine(verdicts[i], verdicts[k + i]) for i in range(k)]
+        return [(verdicts[i], verdicts[k + i]) for i in range(k)]
+
+    def compare(self, prompts: Sequence[str], a: Sequence[str], b: Sequence[str]) -> list[float]:
+        return [combine(first, swapped) for first, swapped in self.ask(prompts, a, b)]
 
 
 def _on_gpu() -> bool:

@@ -63,3 +63,12 @@ def response_length(prompts: list[str], responses: list[str]) -> list[float]:
 def vader_length_bonus(prompts: list[str], responses: list[str]) -> list[float]:
     """VADER plus 0.03 per word: a judge biased toward length, to test length control with."""
     return [v + 0.03 * len(r.split()) for v, r in zip(vader_compound(prompts, responses), responses)]
+
+
+def distinct_words(prompts: list[str], responses: list[str]) -> list[float]:
+    """The share of a response's words that are distinct, in [0, 1]: low for text that repeats itself."""
+    out = []
+    for r in responses:
+        words = r.lower().split()
+        out.append(len(set(words)) / len(words) if words else 0.0)
+    return out

@@ -102,6 +102,10 @@ def test_rule_function_must_import(tmp_path):
     with pytest.raises(ConfigError, match="judge.function 'no_such_module:score' cannot be imported"):
         check_imports(cfg)
     check_imports(load_config(write(tmp_path, MINIMAL)))  # the default VADER rule imports
+    ensemble = load_config(str(Path(__file__).parents[2] / "configs" / "ensemble.yaml"),
+                           ["judge.members=[{name: a, function: 'no_such_module:score'}]"])
+    with pytest.raises(ConfigError, match=r"judge.members\[a\].function 'no_such_module:score' cannot be"):
+        check_imports(ensemble)
 
 
 @pytest.mark.parametrize("path", sorted(p for p in (ROOT / "configs").glob("*.yaml") if "hardware:" in p.read_text()))
