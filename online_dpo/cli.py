@@ -1,8 +1,9 @@
-"""online-dpo: train | serve | monitor | validate | report | make-default.
+"""online-dpo: train | tune | serve | monitor | validate | report | make-default.
 
   online-dpo train [CONFIG] [--set section.field=value ...] [-v] [--dry-run]
   online-dpo train --resume RUN_DIR
   online-dpo serve RUN_DIR|MODEL_DIR [--config CONFIG] [--set serve.field=value ...]
+  online-dpo tune [CONFIG] --grid FIELD=V1,V2 [--range FIELD=KIND:LO:HI] [--set ...]
   online-dpo validate CONFIG [CONFIG ...]
   online-dpo monitor [--prometheus-port 9090] [--grafana-port 3000]
   online-dpo report RUN_DIR
@@ -225,6 +226,48 @@ def cmd_train(args) -> int:
             _shutdown()
 
 
+def cmd_tune(args) -> int:
+    from .cluster import connect
+    from .config import ConfigError
+    from .metrics import ConsoleLog
+    from .tune import check_space, parse_grid, parse_ranges, search
+
+    try:
+        grid, ranges = parse_grid(args.grid), parse_ranges(args.range)
+        check_space(args.config, args.set, grid, ranges)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    cfg = _load(args.config, args.set)
+    from .embedded import EMBEDDED
+    from .embedded.build import ensure_default, is_built
+
+    console = ConsoleLog()
+    if EMBEDDED in (cfg.model.policy, cfg.data.source) and not is_built():
+        console.info("building the embedded default (once; about two minutes on 2 cores)")
+        ensure_default()
+    started = connect(namespace=f"online-dpo-tune-{cfg.run.name}-{int(time.time())}", log_to_driver=args.verbose)
+    try:
+        result = search(args.config, args.set, grid, ranges, args.samples, args.scheduler, args.metric,
+                        args.concurrent, console)
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if started:
+            _shutdown()
+    for row in result["rows"]:
+        values = ", ".join(f"{k}={row[k]}" for k in row if "." in k)
+        status = "" if row["finished"] else f"  (stopped at step {row['steps']})" if not row["error"] else \
+            f"  (failed: {row['error']})"
+        console.info(f"{values}: reward {row['reward'] if row['reward'] is None else format(row['reward'], '+.3f')}"
+                     f"  win rate {row['win_rate']}  kl {row['kl']}{status}")
+    console.info(f"best by held-out {args.metric}: "
+                 + ", ".join(f"{k}={v}" for k, v in result["best"].items() if "." in k))
+    console.info(f"wrote {result['dir']}/results.csv, tune.png and best.yaml")
+    return 0
+
+
 def _resume_hint(err) -> str:
     """How to continue a run that stopped, when it has a checkpoint to continue from."""
     run_dir = getattr(err, "run_dir", None)
@@ -254,6 +297,19 @@ def main(argv=None) -> int:
     p.add_argument("--resume", metavar="RUN_DIR", default=None,
                    help="continue a stopped or killed run from its latest checkpoint")
     p.set_defaults(fn=cmd_train)
+    p = sub.add_parser("tune", help="search config fields (e.g. train.beta) with Ray Tune; one online run per trial")
+    p.add_argument("config", nargs="?", default=None)
+    p.add_argument("--grid", action="append", default=[], metavar="FIELD=V1,V2,...", help="values to try")
+    p.add_argument("--range", action="append", default=[], metavar="FIELD=uniform|loguniform:LO:HI",
+                   help="a range to draw --samples values from")
+    p.add_argument("--samples", type=int, default=4, help="draws per --range (default 4)")
+    p.add_argument("--scheduler", choices=["grid", "asha"], default="grid",
+                   help="asha stops weak trials early from their held-out evaluations")
+    p.add_argument("--metric", choices=["reward", "win_rate"], default="reward", help="what 'best' maximises")
+    p.add_argument("--concurrent", type=int, default=1, help="trials at a time (default 1)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field in every trial")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.set_defaults(fn=cmd_tune)
     p = sub.add_parser("serve", help="serve a run directory or model directory over OpenAI-compatible HTTP")
     p.add_argument("path", help="a run directory, an HF model directory, or embedded:reviews")
     p.add_argument("--config", default=None, help="take the serve section of this run YAML")

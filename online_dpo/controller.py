@@ -333,7 +333,8 @@ class Controller:
 
     def evaluated(self, result: dict) -> dict:
         if result:
-            self.tracker.log({k: v for k, v in result.items() if k not in ("prompts", "responses")})
+            self.tracker.log({**{k: v for k, v in result.items() if k not in ("prompts", "responses")},
+                              "step": self.step})
             self.log.eval(result)
         return result
 
@@ -366,16 +367,17 @@ def _wait_forever() -> None:
 
 
 def train(cfg: Config, console: ConsoleLog | None = None, resume_dir: str | None = None,
-          stop: Stop | None = None) -> dict:
+          stop: Stop | None = None, listener=None) -> dict:
     """Run one online DPO job on the connected Ray cluster (or continue one); returns the summary.
-    RunFailed and Interrupted carry `run_dir`, so the caller can say how to resume."""
+    RunFailed and Interrupted carry `run_dir`, so the caller can say how to resume.
+    `listener(record)` sees every record the run logs (tune.py reports evaluations through it)."""
     console = console or ConsoleLog()
     run_dir = RunDir.open(resume_dir) if resume_dir else RunDir.create(cfg.run.output_dir, cfg.run.name)
     console.info(f"run dir: {run_dir.path}")
     m = cfg.metrics
     external = ExternalLoggers(run_dir.path, cfg.run.name, m.tensorboard, m.wandb, cfg.model_dump(mode="json")) \
         if (m.tensorboard or m.wandb) else None
-    tracker = Tracker(run_dir, RayMetrics(cfg.run.name), external)
+    tracker = Tracker(run_dir, RayMetrics(cfg.run.name), external, listener)
     controller = Controller(cfg, run_dir, console, tracker, resume=resume_dir is not None, stop=stop)
     try:
         return controller.run()

@@ -223,8 +223,10 @@ class ConsoleLog:
 class Tracker:
     """Fans each record out to the run directory, Ray metrics and optional loggers."""
 
-    def __init__(self, run_dir, ray_metrics: RayMetrics | None = None, external: ExternalLoggers | None = None):
+    def __init__(self, run_dir, ray_metrics: RayMetrics | None = None, external: ExternalLoggers | None = None,
+                 listener=None):
         self.run_dir, self.ray_metrics, self.external = run_dir, ray_metrics, external
+        self.listener = listener   # listener(record): e.g. a Tune trial reporting its evaluations
         self.lock = threading.Lock()   # the rollout thread and the controller both log
 
     def log(self, record: dict) -> None:
@@ -234,6 +236,8 @@ class Tracker:
                 self.ray_metrics.record(record)
             if self.external is not None:
                 self.external.record(record)
+            if self.listener is not None:
+                self.listener(record)
 
     def close(self) -> None:
         if self.external is not None:

@@ -85,9 +85,14 @@ def death_cause(err: BaseException) -> str:
     return last_line(err)
 
 
+# The run's actors are scheduled on their own, never inside a placement group the caller runs in
+# (a Ray Tune trial's, for `online-dpo tune`): Ray would otherwise try to fit them into its bundle.
+OWN_PLACEMENT = {"scheduling_strategy": "DEFAULT"}
+
+
 def placed(resources: dict[str, float], labels: dict[str, str]) -> dict:
     """Ray actor options that place an actor by custom resources and node labels."""
-    out: dict = {}
+    out: dict = dict(OWN_PLACEMENT)
     if resources:
         out["resources"] = dict(resources)
     if labels:
@@ -228,9 +233,9 @@ class Topology:
             **placed(j.resources, j.node_labels),
             runtime_env={"env_vars": judge_env}).remote(name=f"judge-{i}", **judge_options(cfg, FILES))
             for i in range(j.num_actors)]
-        broker = ray.remote(Broker).options(name="broker", num_cpus=0).remote()
+        broker = ray.remote(Broker).options(name="broker", num_cpus=0, **OWN_PLACEMENT).remote()
         from . import serve as serving
-        store = ray.remote(PolicyStore).options(name=serving.STORE_NAME, num_cpus=0).remote()
+        store = ray.remote(PolicyStore).options(name=serving.STORE_NAME, num_cpus=0, **OWN_PLACEMENT).remote()
         rendezvous = None
         if cfg.sync.transport == "collective":
             from .collective import Rendezvous

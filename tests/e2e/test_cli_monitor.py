@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+# the default plus an ensemble judge, so the per-objective series on the dashboard are emitted too
+ENSEMBLE = str(ROOT / "configs" / "ensemble.yaml")
 DASHBOARD = ROOT / "cluster" / "monitoring" / "grafana-online-dpo.json"
 pytestmark = pytest.mark.skipif(shutil.which("prometheus") is None,
                                 reason="Prometheus is not installed (apt-get install prometheus; .ci/run does)")
@@ -48,7 +50,7 @@ def test_every_dashboard_metric_reaches_prometheus_with_the_final_evaluation(tmp
         while not (tmp_path / "monitor.json").exists():
             assert monitor.poll() is None and time.time() < deadline, monitor.stdout.read()
             time.sleep(0.2)
-        run = subprocess.run([sys.executable, "-m", "online_dpo.cli", "train", "--set", "run.name=monitored-e2e",
+        run = subprocess.run([sys.executable, "-m", "online_dpo.cli", "train", ENSEMBLE, "--set", "run.name=monitored-e2e",
                               "--set", f"run.output_dir={tmp_path / 'runs'}", "--set", "train.max_steps=4",
                               "--set", "eval.prompts=8"], cwd=ROOT, env=env, capture_output=True, text=True,
                              timeout=600)

@@ -129,3 +129,23 @@ def test_a_real_run_refuses_an_impossible_plan_instead_of_hanging(tmp_path):
                    timeout=300)
     assert proc.returncode == 1
     assert "cannot hold this run" in proc.stderr and "train.num_workers / num_cpus_per_worker" in proc.stderr
+
+
+def test_an_ensemble_judge_reports_each_objective(tmp_path):
+    """configs/ensemble.yaml: VADER and distinct-word share, z-scored and weighted; each objective is
+    on the console, in metrics.jsonl and in summary.json."""
+    proc = run_cli("train", str(ROOT / "configs" / "ensemble.yaml"), "--set", f"run.output_dir={tmp_path}",
+                   "--set", "train.max_steps=8", "--set", "eval.prompts=16", "--set", "checkpoint.every_steps=0")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    steps = [line for line in proc.stdout.splitlines() if line.startswith("step ")]
+    assert steps and all("(sentiment " in line and " distinct " in line for line in steps)
+    assert "sentiment" in [line for line in proc.stdout.splitlines() if "eval v0" in line][0]
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rollouts = [r for r in records if r["kind"] == "rollout"]
+    assert all({"objective/sentiment", "objective/distinct", "objective_agree/sentiment"} <= set(r) for r in rollouts)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    objectives = summary["objectives"]
+    assert set(objectives) == {"sentiment", "distinct"}
+    assert all(o["before"] is not None and o["after"] is not None for o in objectives.values())
+    assert summary["reward_after"] > summary["reward_before"]
