@@ -260,12 +260,16 @@ def cmd_tune(args) -> int:
         values = ", ".join(f"{k}={row[k]}" for k in row if "." in k)
         status = "" if row["finished"] else f"  (stopped at step {row['steps']})" if not row["error"] else \
             f"  (failed: {row['error']})"
-        console.info(f"{values}: reward {row['reward'] if row['reward'] is None else format(row['reward'], '+.3f')}"
-                     f"  win rate {row['win_rate']}  kl {row['kl']}{status}")
+        console.info(f"{values}: held-out reward {_num(row['reward'], '+.3f')}  win rate "
+                     f"{_num(row['win_rate'], '.3f')}  kl {_num(row['kl'], '.2f')}{status}")
     console.info(f"best by held-out {args.metric}: "
                  + ", ".join(f"{k}={v}" for k, v in result["best"].items() if "." in k))
     console.info(f"wrote {result['dir']}/results.csv, tune.png and best.yaml")
     return 0
+
+
+def _num(x, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
 
 
 def _resume_hint(err) -> str:

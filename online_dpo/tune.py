@@ -123,6 +123,7 @@ def search(base: str | None, overrides: list[str], grid: dict, ranges: dict, sam
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
+    base = str(Path(base).resolve()) if base else None   # trials run in their own working directory
     cfg = load_config(base, overrides)
     if scheduler == "asha" and not cfg.eval.every_steps:
         overrides = list(overrides) + [f"eval.every_steps={max(1, cfg.train.max_steps // 4)}"]
@@ -151,7 +152,7 @@ def search(base: str | None, overrides: list[str], grid: dict, ranges: dict, sam
         params = {f: r.config.get(f) for f in list(grid) + list(ranges)}
         m = r.metrics or {}
         rows.append({**params, **{k: m.get(k) for k in METRICS}, "steps": m.get("step"),
-                     "finished": bool(m.get("done")), "error": str(r.error).splitlines()[0] if r.error else "",
+                     "finished": bool(m.get("done")), "error": _cause(r.error) if r.error else "",
                      "run_dir": m.get("run_dir", "")})
     fields = list(grid) + list(ranges)
     write_csv(out / "results.csv", rows, fields)
@@ -164,6 +165,12 @@ def search(base: str | None, overrides: list[str], grid: dict, ranges: dict, sam
     (out / "best.yaml").write_text(f"# best of {len(rows)} trials by held-out {metric}: "
                                    + ", ".join(f"{f}={best[f]}" for f in fields) + "\n" + dump(best_cfg))
     return {"dir": str(out), "rows": rows, "best": best}
+
+
+def _cause(err: BaseException) -> str:
+    """The last line of a trial's error: its cause, not Ray's wrapper."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    return lines[-1] if lines else type(err).__name__
 
 
 def _product(xs) -> int:
