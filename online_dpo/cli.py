@@ -1,4 +1,4 @@
-"""online-dpo: train | tune | serve | monitor | validate | report | make-default.
+"""online-dpo: train | tune | serve | monitor | validate | report | export | make-default.
 
   online-dpo train [CONFIG] [--set section.field=value ...] [-v] [--dry-run]
   online-dpo train --resume RUN_DIR
@@ -7,6 +7,7 @@
   online-dpo validate CONFIG [CONFIG ...]
   online-dpo monitor [--prometheus-port 9090] [--grafana-port 3000]
   online-dpo report RUN_DIR
+  online-dpo export RUN_DIR --merge OUT
   online-dpo make-default
 
 With no CONFIG, `train` runs the embedded default (configs/default.yaml).
@@ -226,6 +227,44 @@ def cmd_train(args) -> int:
             _shutdown()
 
 
+def cmd_export(args) -> int:
+    """A LoRA run's policy/ is a PEFT adapter; --merge writes base + adapter as one HF model."""
+    from pathlib import Path
+
+    from .config import ConfigError, load_config
+    from .embedded import resolve_model
+
+    run, out = Path(args.run_dir), Path(args.merge)
+    policy = run / "policy"
+    if not (run / "config.yaml").exists() or not policy.is_dir():
+        print(f"error: {run} is not a finished run directory (it needs config.yaml and policy/)", file=sys.stderr)
+        return 2
+    if out.exists() and any(out.iterdir()):
+        print(f"error: --merge {out} exists and is not empty; give a new directory", file=sys.stderr)
+        return 2
+    try:
+        cfg = load_config(run / "config.yaml")
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not (policy / "adapter_config.json").exists():
+        print(f"error: {policy} is a full model already (the run had no model.lora); use it as it is",
+              file=sys.stderr)
+        return 2
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base_path = resolve_model(cfg.model.policy)
+    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32,
+                                                trust_remote_code=cfg.model.trust_remote_code)
+    merged = PeftModel.from_pretrained(base, str(policy)).merge_and_unload()
+    merged.save_pretrained(out)
+    AutoTokenizer.from_pretrained(policy if (policy / "tokenizer_config.json").exists() else base_path).save_pretrained(out)
+    print(f"merged {policy} into {base_path}: {out}")
+    return 0
+
+
 def cmd_tune(args) -> int:
     from .cluster import connect
     from .config import ConfigError
@@ -325,6 +364,10 @@ def main(argv=None) -> int:
     p.add_argument("--grafana-port", type=int, default=3000)
     p.add_argument("--data", default=None, help="where they keep their data (default ~/.cache/online-dpo/monitor-data)")
     p.set_defaults(fn=cmd_monitor)
+    p = sub.add_parser("export", help="write a LoRA run's policy as one merged Hugging Face model")
+    p.add_argument("run_dir")
+    p.add_argument("--merge", required=True, metavar="OUT", help="where to write the merged model")
+    p.set_defaults(fn=cmd_export)
     p = sub.add_parser("report", help="print a run's summary table and redraw its curves.png")
     p.add_argument("run_dir")
     p.set_defaults(fn=cmd_report)

@@ -34,6 +34,17 @@ class RunConfig(Section):
     check_resources: bool = Field(True, description="refuse a plan the cluster cannot hold (off for autoscaling)")
 
 
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class LoraSection(Section):
+    """Train LoRA adapters instead of the full policy (PEFT); only the adapters travel at a sync."""
+    rank: int = Field(8, ge=1, le=512)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: list(LORA_TARGETS), min_length=1)
+
+
 class ModelConfig(Section):
     policy: str = Field(..., min_length=1, description="HF directory, hub id, or embedded:reviews")
     reference: str | None = Field(None, description="defaults to the policy's starting weights")
@@ -41,6 +52,7 @@ class ModelConfig(Section):
         "float32", description="learner compute dtype (bfloat16: autocast over fp32 master weights); "
                                "float16 is refused: the learner has no loss scaling")
     trust_remote_code: bool = False
+    lora: LoraSection | None = Field(None, description="train LoRA adapters; leave out for full fine-tuning")
 
 
 class DataConfig(Section):
@@ -316,6 +328,16 @@ class Config(Section):
             raise ValueError("sampler.tensor_parallel_size > 1 needs GPUs: set sampler.num_gpus")
         if self.judge.kind == "llm" and self.judge.template is None:
             self.judge.template = DEFAULT_LLM_TEMPLATE
+        if self.model.lora is not None:
+            if self.model.reference not in (None, self.model.policy):
+                raise ValueError("model.lora: the reference is the policy with its adapters disabled; leave "
+                                 "model.reference out (or equal to model.policy)")
+            if self.train.strategy == "fsdp":
+                raise ValueError("model.lora with train.strategy fsdp is not supported yet; use train.strategy ddp")
+            if self.serve.enabled:
+                raise ValueError("serve.enabled with model.lora: serving adapter versions is not supported yet; "
+                                 "serve the merged model (online-dpo export RUN_DIR --merge OUT, then "
+                                 "online-dpo serve OUT)")
         return self
 
 

@@ -177,6 +177,9 @@ class Controller:
                  "resumed_from_step": self.start_step if self.resume else None,
                  "policy_dir": policy_dir, "run_dir": str(self.run_dir.path),
                  "learner_restarts": self.learner_restarts, "steps_lost": self.steps_lost,
+                 "sync_bytes_per_version": round(self.totals["sync_bytes"] / self.totals["syncs"])
+                 if self.totals["syncs"] else None,
+                 "learner_peak_rss_mib": self.last_train.get("peak_rss_mib"),
                  **self.pipeline_stats(rollouts, len(topo.samplers.handles))}
         result = summary(self.baseline, after, self.last_train, self.train_end - self.train_start,
                          self.start_step * self.cfg.train.batch_size, time.time() - self.start_time, rollouts.stats(),
@@ -276,6 +279,9 @@ class Controller:
         self.recent_kl.append(m["kl"])
         self.totals["busy"] += m["step_seconds"]
         self.totals["wait"] += m["wait_seconds"]
+        if m.get("sync_bytes"):
+            self.totals["sync_bytes"] += m["sync_bytes"]
+            self.totals["syncs"] += 1
         record = {"kind": "train", **m, **self.lags.pop(plan.step, {}),
                   "reward_mean": rollouts.latest.get("reward_mean"),
                   **{k: v for k, v in rollouts.latest.items() if k.startswith("objective/")},

@@ -41,6 +41,7 @@ class EngineSpec:
     seed: int = 0
     trust_remote_code: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    lora_rank: int | None = None   # serve LoRA adapters of up to this rank (one slot: the policy's adapter)
     file_server: Any = None   # fetches `model` when this node cannot see it (artifacts.py)
 
 
@@ -80,13 +81,22 @@ def engine_kwargs(model: str, dtype: str, max_model_len: int | None, gpu_memory_
     return kwargs
 
 
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)   # vLLM's allowed max_lora_rank values
+
+
+def lora_kwargs(rank: int | None) -> dict:
+    if not rank:
+        return {}
+    return {"enable_lora": True, "max_loras": 1, "max_lora_rank": min(r for r in VLLM_LORA_RANKS if r >= rank)}
+
+
 def build_llm(spec: EngineSpec, on_gpu: bool):
     from vllm import LLM
 
     return LLM(**engine_kwargs(spec.model, spec.dtype, spec.max_model_len, spec.gpu_memory_utilization,
                                spec.extra, on_gpu, spec.file_server, seed=spec.seed,
                                tensor_parallel_size=spec.tensor_parallel_size,
-                               trust_remote_code=spec.trust_remote_code))
+                               trust_remote_code=spec.trust_remote_code, **lora_kwargs(spec.lora_rank)))
 
 
 class WeightLoader:

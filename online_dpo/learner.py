@@ -28,7 +28,9 @@ def learner_spec(cfg: Config, policy: str, reference: str, files=None) -> Learne
                        logprob_chunk=t.logprob_chunk, checkpoint_every_layers=t.checkpoint_every_layers,
                        seed=cfg.run.seed if t.seed is None else t.seed,
                        num_threads=threads_for(t.num_cpus_per_worker, t.num_threads),
-                       trust_remote_code=cfg.model.trust_remote_code, weights_transport=cfg.sync.transport,
+                       trust_remote_code=cfg.model.trust_remote_code,
+                       lora=cfg.model.lora.model_dump() if cfg.model.lora else None,
+                       weights_transport="object_store" if cfg.model.lora else cfg.sync.transport,
                        bucket_bytes=cfg.sync.bucket_mb << 20, store_copy=cfg.serve.enabled, file_server=files)
 
 

@@ -35,7 +35,7 @@ def engine_spec(cfg: Config, model_path: str, files=None) -> EngineSpec:
     return EngineSpec(model=model_path, dtype=s.dtype, tensor_parallel_size=s.tensor_parallel_size,
                       max_model_len=s.max_model_len, gpu_memory_utilization=s.gpu_memory_utilization,
                       seed=cfg.run.seed, trust_remote_code=cfg.model.trust_remote_code, extra=dict(s.engine),
-                      file_server=files)
+                      lora_rank=cfg.model.lora.rank if cfg.model.lora else None, file_server=files)
 
 
 def judge_options(cfg: Config, files=None) -> dict:
@@ -237,7 +237,7 @@ class Topology:
         from . import serve as serving
         store = ray.remote(PolicyStore).options(name=serving.STORE_NAME, num_cpus=0, **OWN_PLACEMENT).remote()
         rendezvous = None
-        if cfg.sync.transport == "collective":
+        if cfg.sync.transport == "collective" and cfg.model.lora is None:   # adapters go through the store
             from .collective import Rendezvous
             rendezvous = Rendezvous()
         return cls(ActorGroup("sampler", samplers, s.max_restarts, "sampler.max_restarts"),

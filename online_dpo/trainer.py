@@ -58,6 +58,7 @@ class LearnerSpec:
     seed: int = 0
     num_threads: int | None = None
     trust_remote_code: bool = False
+    lora: dict | None = None      # {rank, alpha, dropout, target_modules}: train PEFT LoRA adapters
     weights_transport: str = "object_store"   # object_store | collective (collective.py)
     bucket_bytes: int = 64 << 20  # collective: bytes per broadcast
     store_copy: bool = False      # collective: also put each version in the store (serve replicas read it)
@@ -89,6 +90,34 @@ def load_causal_lm(path: str, dtype: torch.dtype, trust_remote_code: bool = Fals
         if isinstance(getattr(model.config, key, None), float):
             setattr(model.config, key, 0.0)
     return model
+
+
+def lora_model(lm, lora: dict, adapter_dir: str | None = None):
+    """`lm` with trainable LoRA adapters: new ones, or those saved in `adapter_dir` (a checkpoint)."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if adapter_dir:
+        return PeftModel.from_pretrained(lm, adapter_dir, is_trainable=True)
+    return get_peft_model(lm, LoraConfig(r=lora["rank"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+                                         target_modules=list(lora["target_modules"]), task_type="CAUSAL_LM"))
+
+
+def adapter_config(peft_model) -> dict:
+    """The adapter's PEFT config as written to adapter_config.json (what vLLM reads)."""
+    config = peft_model.peft_config["default"].to_dict()
+    return json.loads(json.dumps(config, default=lambda o: sorted(o) if isinstance(o, set) else str(o)))
+
+
+class AdaptersOff(torch.nn.Module):
+    """The reference of a LoRA policy: the policy's own model with its adapters disabled."""
+
+    def __init__(self, peft_model, chunk: int | None = None):
+        super().__init__()
+        self.peft, self.scorer = peft_model, SequenceScorer(peft_model, chunk)
+
+    def forward(self, *args, **kwargs):
+        with self.peft.disable_adapter():
+            return self.scorer(*args, **kwargs)
 
 
 class DPOStep:
@@ -175,6 +204,13 @@ class DPOStep:
         return totals
 
 
+def _peak_rss_mib() -> float:
+    """This worker process's peak resident memory so far (rank 0 reports its own)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _broadcast(obj, world: int):
     if world == 1:
         return obj
@@ -226,7 +262,10 @@ def save_checkpoint(folder: str, lm, weights: dict, tokenizer, optimizer_state: 
                     controller: bytes | None) -> None:
     """Everything a restart or `--resume` needs; the controller state rides along. `weights` and
     `optimizer_state` are full (gathered) state dicts."""
-    lm.save_pretrained(os.path.join(folder, "policy"), state_dict=weights)
+    if weights is None:   # a PEFT model saves its adapter (adapter_config.json, adapter_model.safetensors)
+        lm.save_pretrained(os.path.join(folder, "policy"))
+    else:
+        lm.save_pretrained(os.path.join(folder, "policy"), state_dict=weights)
     tokenizer.save_pretrained(os.path.join(folder, "policy"))
     torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": _rng_state()},
                os.path.join(folder, "learner.pt"))
@@ -273,16 +312,24 @@ class Worker:
 
         self.spec, self.device, self.rank, self.world = spec, device, rank, world
         self.strategy = strategy(spec.strategy)
-        self.lm = load_causal_lm(os.path.join(folder, "policy") if folder else spec.policy, torch.float32,
-                                 spec.trust_remote_code)
+        if spec.lora:
+            self.lm = lora_model(load_causal_lm(spec.policy, torch.float32, spec.trust_remote_code), spec.lora,
+                                 os.path.join(folder, "policy") if folder else None)
+        else:
+            self.lm = load_causal_lm(os.path.join(folder, "policy") if folder else spec.policy, torch.float32,
+                                     spec.trust_remote_code)
         checkpoint_layers(self.lm, spec.checkpoint_every_layers)
-        reference = SequenceScorer(load_causal_lm(spec.reference, torch.float32, spec.trust_remote_code),
-                                   spec.logprob_chunk)
-        reference = self.strategy.wrap_frozen(reference.eval().requires_grad_(False), device)
+        if spec.lora:   # the reference is the same model with its adapters off: no second copy
+            reference = AdaptersOff(self.lm, spec.logprob_chunk).to(device)
+        else:
+            reference = SequenceScorer(load_causal_lm(spec.reference, torch.float32, spec.trust_remote_code),
+                                       spec.logprob_chunk)
+            reference = self.strategy.wrap_frozen(reference.eval().requires_grad_(False), device)
         self.tokenizer = AutoTokenizer.from_pretrained(spec.policy, trust_remote_code=spec.trust_remote_code)
         pad_id = self.lm.config.pad_token_id
         self.model = self.strategy.wrap(SequenceScorer(self.lm, spec.logprob_chunk), device)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
+        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=spec.lr,
+                                           weight_decay=spec.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(spec.lr_schedule, spec.warmup_steps, spec.max_steps))
         self.step = DPOStep(self.model, reference, self.optimizer, self.scheduler, spec,
@@ -306,7 +353,12 @@ class Worker:
         return int(t.item())
 
     def weights(self) -> dict:
-        """The full policy state dict (every rank calls it: under FSDP it is a gather)."""
+        """The full policy state dict (every rank calls it: under FSDP it is a gather); with LoRA, the
+        adapter tensors only (PEFT names)."""
+        if self.spec.lora:
+            from peft import get_peft_model_state_dict
+
+            return get_peft_model_state_dict(self.lm)
         return self.strategy.full_state(self.model)
 
     def publish(self, version: int, store):
@@ -315,13 +367,17 @@ class Worker:
         weights = self.weights()
         if self.rank != 0:
             return None, 0.0
+        if self.spec.lora:
+            return publish(weights, version, store, DTYPES[self.spec.dtype], tied=False,
+                           adapter=adapter_config(self.lm))
         return publish(weights, version, store, DTYPES[self.spec.dtype], tied=self.tied, sender=self.sender,
                        store_copy=self.spec.store_copy)
 
     def checkpoint(self, step: int, state: dict, controller: bytes | None) -> tuple[float, int]:
         weights, optim = self.weights(), self.strategy.optim_state(self.model, self.optimizer)
         return _report_checkpoint(self.rank, step, lambda d: save_checkpoint(
-            d, self.lm, weights, self.tokenizer, optim, self.scheduler, state, controller))
+            d, self.lm, None if self.spec.lora else weights, self.tokenizer, optim, self.scheduler, state,
+            controller))
 
 
 def train_loop(config: dict) -> None:
@@ -384,7 +440,7 @@ def train_loop(config: dict) -> None:
         metrics = _mean_across(learner.step(list(order.pairs[rank::world])), world, device)
         pairs_seen, step = pairs_seen + len(order.pairs), order.step
         metrics.update(step=order.step, pairs=pairs_seen, policy_version=order.version,
-                       compute_seconds=time.time() - t0, wait_seconds=waited)
+                       compute_seconds=time.time() - t0, wait_seconds=waited, peak_rss_mib=_peak_rss_mib())
         weights = None
         if order.sync:
             weights, seconds = learner.publish(order.version, store)

@@ -44,6 +44,7 @@ class WeightsHandle:
                           # resolve it); collective: the layout (the bytes come over the weight group)
     nbytes: int
     transport: str = "object_store"   # object_store | collective
+    adapter: dict | None = None       # LoRA: the PEFT adapter config; the bytes are its adapter tensors
 
 
 ALIGN = 64   # bytes; every tensor starts at a multiple, so typed views of the buffer are aligned
@@ -93,11 +94,12 @@ def unpack(data, layout) -> dict:
 
 
 def publish(model, version: int, store, dtype=None, tied: bool | None = None, sender=None,
-            store_copy: bool = False) -> tuple[WeightsHandle, float]:
+            store_copy: bool = False, adapter: dict | None = None) -> tuple[WeightsHandle, float]:
     """Rank 0's one sync call: export, pack, then broadcast over the weight group (`sender`, a
     collective.Sender) or hand to the store; returns the handle and seconds.
 
-    `store_copy`: with a sender, put the bytes in the store too (for serve replicas)."""
+    `store_copy`: with a sender, put the bytes in the store too (for serve replicas). `adapter`: the
+    weights are LoRA adapter tensors with this PEFT config (always through the store: a few MB)."""
     import ray
 
     start = time.time()
@@ -114,7 +116,7 @@ def publish(model, version: int, store, dtype=None, tied: bool | None = None, se
             if store_copy:
                 ray.get(store.publish.remote(version, buffer.cpu().numpy(), layout))
             return handle, time.time() - start
-    handle = ray.get(store.publish.remote(version, buffer.cpu().numpy(), layout))
+    handle = ray.get(store.publish.remote(version, buffer.cpu().numpy(), layout, adapter))
     return handle, time.time() - start
 
 
@@ -131,6 +133,8 @@ class EngineWeights:
     def __init__(self):
         self.version, self.serial = 0, 0   # serial 0: the weights the engine was built with
         self.missed = 0                    # a broadcast serial that did not arrive in time
+        self.lora = None                   # LoRA: the vLLM LoRARequest of the adapter held (None: the base)
+        self.adapter_dirs: list[str] = []
 
     def wants(self, handle: WeightsHandle | None) -> bool:
         return handle is not None and handle.serial != self.serial and not (
@@ -142,11 +146,41 @@ class EngineWeights:
         if handle.transport == "collective":
             self.receive(llm, handle)
             return time.time() - start
+        if handle.adapter is not None:
+            self.load_adapter(handle)
+            return time.time() - start
         data, layout = fetch(handle)
         llm.collective_rpc(LOAD_RPC, args=(data.tobytes(), layout))   # bytes cross vLLM's rpc intact
         llm.reset_prefix_cache()
         self.version, self.serial = handle.version, handle.serial
         return time.time() - start
+
+    def load_adapter(self, handle: WeightsHandle) -> None:
+        """LoRA: write the version's adapter (PEFT format) to a local directory and point the engine's one
+        LoRA slot at it; vLLM reloads it in place with the next request (`lora_request`)."""
+        import shutil
+        import tempfile
+
+        from vllm.lora.request import LoRARequest
+
+        data, layout = fetch(handle)
+        folder = tempfile.mkdtemp(prefix=f"online-dpo-adapter-v{handle.version}-")
+        write_adapter(folder, unpack(bytearray(data.tobytes()), layout), handle.adapter)
+        self.lora = LoRARequest("policy", 1, folder, load_inplace=True)
+        self.adapter_dirs.append(folder)
+        for old in self.adapter_dirs[:-2]:
+            shutil.rmtree(old, ignore_errors=True)
+        self.adapter_dirs = self.adapter_dirs[-2:]
+        self.version, self.serial = handle.version, handle.serial
+
+    def lora_request(self):
+        """The LoRARequest for the next generate call (it reloads a new adapter once, then reuses it)."""
+        request = self.lora
+        if request is not None and request.load_inplace:
+            from vllm.lora.request import LoRARequest
+
+            self.lora = LoRARequest(request.lora_name, request.lora_int_id, request.lora_path)
+        return request
 
     def receive(self, llm, handle: WeightsHandle) -> None:
         """Load the broadcast version (or a newer one that already came). If it does not come in
@@ -176,6 +210,18 @@ class EngineWeights:
         return time.time() - start
 
 
+def write_adapter(folder: str, tensors: dict, config: dict) -> None:
+    """A PEFT adapter directory (adapter_model.safetensors + adapter_config.json) from its tensors."""
+    import json
+    import os
+
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(folder, "adapter_model.safetensors"))
+    with open(os.path.join(folder, "adapter_config.json"), "w") as f:
+        json.dump(config, f)
+
+
 class PolicyStore:
     """Owns the latest published versions (their bytes), for receivers that pull.
 
@@ -187,13 +233,13 @@ class PolicyStore:
     def __init__(self, keep: int = 2):
         self.keep, self.handles, self.serial = keep, [], 0
 
-    def publish(self, version: int, data, layout) -> WeightsHandle:
+    def publish(self, version: int, data, layout, adapter: dict | None = None) -> WeightsHandle:
         """Own a copy of a packed version (`pack`'s bytes as a numpy array, and its layout)."""
         import ray
 
         self.serial += 1
         handle = WeightsHandle(version=version, serial=self.serial, payload=[ray.put((data, layout))],
-                               nbytes=int(data.nbytes))
+                               nbytes=int(data.nbytes), adapter=adapter)
         self.handles = (self.handles + [handle])[-self.keep:]
         return handle
 

@@ -167,3 +167,58 @@ def test_collective_transport_gives_two_samplers_the_trainer_weights(ray_local, 
             assert (after - before).abs().max().item() > 50 * TOL, "the broadcast did not change the sampler"
     finally:
         sender.stop()
+
+
+def test_lora_sync_moves_only_the_adapter_and_the_sampler_matches_peft(ray_local, hf, embedded_model, store):
+    """model.lora: the learner publishes its adapter tensors (PEFT names and config); a LoRA-enabled
+    sampler writes them as a PEFT adapter and samples through vLLM's LoRA path."""
+    from peft import get_peft_model_state_dict
+
+    from online_dpo.trainer import adapter_config, load_causal_lm, lora_model
+    from online_dpo.weight_sync import publish
+
+    _, tok = hf
+    actor = ray_local.remote(Sampler).options(
+        num_cpus=1, runtime_env={"env_vars": engine_env(1, 1, False, "quiet")}
+    ).remote(EngineSpec(model=embedded_model, dtype="float32", lora_rank=8), "sampler-lora")
+    try:
+        ray_local.get(actor.ready.remote())
+        prompt = tok(PROMPT)["input_ids"]
+        response = tok(" it is excellent. I would happily buy it again.")["input_ids"] + [tok.eos_token_id]
+        before = torch.tensor(ray_local.get(actor.score_tokens.remote(prompt, response)))
+
+        peft = lora_model(load_causal_lm(embedded_model, torch.float32),
+                          {"rank": 8, "alpha": 16.0, "dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj",
+                                                                                        "o_proj", "gate_proj", "up_proj",
+                                                                                        "down_proj"]}).eval()
+        torch.manual_seed(2)
+        with torch.no_grad():
+            for name, p in peft.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.05)
+        expected = hf_token_logprobs(peft, prompt, response)
+        with peft.disable_adapter():
+            off = hf_token_logprobs(peft, prompt, response)
+        assert (off - before).abs().max().item() < TOL   # adapters off = the base the sampler started from
+
+        handle, _ = publish(get_peft_model_state_dict(peft), 3, store, adapter=adapter_config(peft))
+        full = sum(p.numel() for p in peft.get_base_model().parameters()) * 4
+        assert handle.adapter is not None and handle.nbytes <= 0.10 * full
+        batch = ray_local.get(actor.generate.remote([prompt], [PROMPT], n=1, temperature=1.0, max_tokens=4, seed=1,
+                                                    weights=handle))
+        assert batch.version == 3 and batch.load_seconds > 0
+        after = torch.tensor(ray_local.get(actor.score_tokens.remote(prompt, response)))
+        assert (after - expected).abs().max().item() < TOL, "the sampler does not apply the trained adapter"
+        assert (after - before).abs().max().item() > 50 * TOL, "the adapter did not change the sampler"
+        # a second version replaces the first in place
+        with torch.no_grad():
+            for name, p in peft.named_parameters():
+                if "lora_B" in name:
+                    p.mul_(-1)
+        expected2 = hf_token_logprobs(peft, prompt, response)
+        handle2, _ = publish(get_peft_model_state_dict(peft), 4, store, adapter=adapter_config(peft))
+        ray_local.get(actor.generate.remote([prompt], [PROMPT], n=1, max_tokens=2, temperature=1.0, weights=handle2))
+        again = torch.tensor(ray_local.get(actor.score_tokens.remote(prompt, response)))
+        assert (again - expected2).abs().max().item() < TOL
+    finally:
+        ray_local.kill(actor)

@@ -120,3 +120,17 @@ def test_gpu_configs_fit_the_hardware_they_name(path):
              for i in range(int(hw["nodes"]))]
     text, problems = check(load_config(path), nodes)
     assert not problems, text
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["model.reference=/elsewhere"], "the reference is the policy with its adapters disabled"),
+    (["train.strategy=fsdp"], "model.lora with train.strategy fsdp"),
+    (["serve.enabled=true"], "online-dpo export RUN_DIR --merge OUT"),
+    (["model.lora={rank: 0}"], "model.lora.rank"),
+    (["model.lora={target_modules: []}"], "model.lora.target_modules"),
+])
+def test_lora_settings_that_cannot_work_are_refused_with_the_field(extra, message):
+    lora = str(Path(__file__).parents[2] / "configs" / "lora.yaml")
+    with pytest.raises(ConfigError, match=message):
+        load_config(lora, extra)
+    assert load_config(lora).model.lora.rank == 8
