@@ -86,7 +86,14 @@ def cmd_serve(args) -> int:
 
     path = Path(args.path)
     model = path / "policy" if (path / "policy" / "config.json").exists() else path
-    if args.path != "embedded:reviews" and not (model / "config.json").exists():
+    adapter = path / "policy" if (path / "policy" / "adapter_config.json").exists() else None
+    if adapter is not None:   # a LoRA run: its base model with the final adapter
+        try:
+            run_cfg = load_config(path / "config.yaml")
+        except ConfigError as e:
+            print(f"error: {path} holds a LoRA adapter but no readable config.yaml: {e}", file=sys.stderr)
+            return 2
+    if adapter is None and args.path != "embedded:reviews" and not (model / "config.json").exists():
         print(f"error: {args.path} is neither a run directory (with policy/) nor a model directory "
               "(with config.json)", file=sys.stderr)
         return 2
@@ -108,16 +115,22 @@ def cmd_serve(args) -> int:
     from . import serve as serving
 
     model_path = resolve_model(args.path) if args.path == "embedded:reviews" else str(model.resolve())
-    name = serve_cfg.model_name or (path.name if model != path else model.name)
+    if adapter is not None:
+        model_path = resolve_model(run_cfg.model.policy)
+    name = serve_cfg.model_name or (path.name if model != path or adapter is not None else model.name)
     from .signals import Interrupted, Stop
 
     started = connect(namespace=f"online-dpo-serve-{int(time.time())}", log_to_driver=args.verbose)
     Stop().install()   # after ray.init(), whose SIGTERM handler aborts the process
     code = 0
     try:
-        spec, options = serving.from_config(serve_cfg, model_path, name, None, "info" if args.verbose else "quiet")
+        spec, options = serving.from_config(
+            serve_cfg, model_path, name, None, "info" if args.verbose else "quiet",
+            lora_rank=run_cfg.model.lora.rank if adapter is not None else None,
+            adapter_dir=str(adapter.resolve()) if adapter is not None else None)
         url = serving.deploy(spec, options, serve_cfg.host, serve_cfg.port, serve_cfg.route_prefix)
-        print(f"[online-dpo] serving {model_path} as '{name}' at {url}/v1 (Ctrl-C to stop)", flush=True)
+        what = f"{model_path} with the adapter {adapter}" if adapter is not None else model_path
+        print(f"[online-dpo] serving {what} as '{name}' at {url}/v1 (Ctrl-C to stop)", flush=True)
         while True:
             time.sleep(3600)
     except ValueError as e:

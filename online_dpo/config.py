@@ -334,10 +334,6 @@ class Config(Section):
                                  "model.reference out (or equal to model.policy)")
             if self.train.strategy == "fsdp":
                 raise ValueError("model.lora with train.strategy fsdp is not supported yet; use train.strategy ddp")
-            if self.serve.enabled:
-                raise ValueError("serve.enabled with model.lora: serving adapter versions is not supported yet; "
-                                 "serve the merged model (online-dpo export RUN_DIR --merge OUT, then "
-                                 "online-dpo serve OUT)")
         return self
 
 

@@ -40,6 +40,8 @@ class ServerSpec:
     poll_seconds: float = 0.5
     gpu_memory_utilization: float = 0.85
     engine: dict[str, Any] = field(default_factory=dict)
+    lora_rank: int | None = None      # model.lora runs: serve the base model with the policy's adapter
+    adapter_dir: str | None = None    # a LoRA run's final adapter (PEFT format) to start from
     file_server: Any = None   # fetches `model` when this node cannot see it (artifacts.py)
 
 
@@ -79,11 +81,11 @@ def build_engine(spec: ServerSpec, on_gpu: bool):
     from vllm import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    from .engine import engine_kwargs
+    from .engine import engine_kwargs, lora_kwargs
 
     return AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs(
         spec.model, spec.dtype, spec.max_model_len, spec.gpu_memory_utilization, spec.engine, on_gpu,
-        spec.file_server)))
+        spec.file_server, **lora_kwargs(spec.lora_rank))))
 
 
 def make_app():
@@ -108,6 +110,14 @@ def make_app():
             self.tokenizer = self.engine.get_tokenizer()
             self.max_model_len = self.engine.model_config.max_model_len
             self.weights, self.gate = EngineWeights(), VersionGate()
+            if spec.adapter_dir:   # a finished LoRA run: its final adapter on the base model
+                from vllm.lora.request import LoRARequest
+
+                from .weight_sync import ADAPTER
+
+                request = LoRARequest(ADAPTER, 1, spec.adapter_dir)
+                await self.engine.add_lora(request)
+                self.weights.use_adapter(None, request)
             self.api_key = os.environ.get(spec.api_key_env) if spec.api_key_env else None
             self.store = None
             if spec.store_namespace is not None:
@@ -183,8 +193,9 @@ def make_app():
 
             final = None
             async with self.gate.request():
-                version = self.weights.version
-                async for out in self.engine.generate(TokensPrompt(prompt_token_ids=ids), params, rid):
+                version, lora = self.weights.version, self.weights.lora_request()
+                async for out in self.engine.generate(TokensPrompt(prompt_token_ids=ids), params, rid,
+                                                      lora_request=lora):
                     final = out
             n_out = sum(len(c.token_ids) for c in final.outputs)
             if kind == "chat":
@@ -203,12 +214,13 @@ def make_app():
 
             name = self.spec.served_name
             async with self.gate.request():
-                version = self.weights.version
+                version, lora = self.weights.version, self.weights.lora_request()
                 if kind == "chat":
                     for i in range(params.n):
                         yield api.sse(api.chat_chunk(rid, name, version, i, {"role": "assistant", "content": ""},
                                                      None))
-                async for out in self.engine.generate(TokensPrompt(prompt_token_ids=ids), params, rid):
+                async for out in self.engine.generate(TokensPrompt(prompt_token_ids=ids), params, rid,
+                                                      lora_request=lora):
                     for c in out.outputs:
                         if kind == "chat":
                             chunk = api.chat_chunk(rid, name, version, c.index,
@@ -281,7 +293,8 @@ def undeploy() -> None:
 
 
 def from_config(serve_cfg, model_path: str, served_name: str, store_namespace: str | None,
-                log_level: str = "quiet", file_server=None) -> tuple[ServerSpec, dict]:
+                log_level: str = "quiet", file_server=None, lora_rank: int | None = None,
+                adapter_dir: str | None = None) -> tuple[ServerSpec, dict]:
     """ServerSpec and deployment options from a validated `serve` config section."""
     from .engine import engine_env
 
@@ -296,7 +309,7 @@ def from_config(serve_cfg, model_path: str, served_name: str, store_namespace: s
     spec = ServerSpec(model=model_path, served_name=served_name, dtype=s.dtype, max_model_len=s.max_model_len,
                       default_max_tokens=s.default_max_tokens, api_key_env=s.api_key_env,
                       store_namespace=store_namespace, poll_seconds=s.poll_seconds, engine=dict(s.engine),
-                      file_server=file_server)
+                      lora_rank=lora_rank, adapter_dir=adapter_dir, file_server=file_server)
     options = deployment_options(s.num_replicas, s.min_replicas, s.max_replicas, s.num_cpus, s.num_gpus,
                                  s.max_ongoing_requests, env, s.resources, s.node_labels)
     return spec, options

@@ -274,7 +274,8 @@ class Topology:
 
         namespace = ray.get_runtime_context().namespace
         spec, options = serving.from_config(cfg.serve, policy_path, cfg.serve.model_name or cfg.run.name,
-                                            namespace, cfg.run.log_level, self.files)
+                                            namespace, cfg.run.log_level, self.files,
+                                            lora_rank=cfg.model.lora.rank if cfg.model.lora else None)
         self.serve_url = serving.deploy(spec, options, cfg.serve.host, cfg.serve.port, cfg.serve.route_prefix)
 
     def restarts(self) -> dict:

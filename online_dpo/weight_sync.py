@@ -32,6 +32,7 @@ from typing import Any
 
 LOAD_RPC = "load_packed"   # engine.WeightLoader's methods
 RECEIVED_RPC = "load_received"
+ADAPTER = "policy"         # the name of the one LoRA slot samplers and replicas hold
 RECEIVE_SECONDS = 30.0     # how long a sampler waits for a broadcast version before sampling with what it has
 
 
@@ -147,7 +148,9 @@ class EngineWeights:
             self.receive(llm, handle)
             return time.time() - start
         if handle.adapter is not None:
-            self.load_adapter(handle)
+            request = self.stage_adapter(handle, *fetch(handle))
+            llm.llm_engine.add_lora(request)
+            self.use_adapter(handle, request)
             return time.time() - start
         data, layout = fetch(handle)
         llm.collective_rpc(LOAD_RPC, args=(data.tobytes(), layout))   # bytes cross vLLM's rpc intact
@@ -155,32 +158,33 @@ class EngineWeights:
         self.version, self.serial = handle.version, handle.serial
         return time.time() - start
 
-    def load_adapter(self, handle: WeightsHandle) -> None:
-        """LoRA: write the version's adapter (PEFT format) to a local directory and point the engine's one
-        LoRA slot at it; vLLM reloads it in place with the next request (`lora_request`)."""
+    def stage_adapter(self, handle: WeightsHandle, data, layout):
+        """LoRA: write the version's adapter (PEFT format) to a local directory; returns the LoRARequest
+        that loads it into the engine's one LoRA slot in place (`add_lora`)."""
         import shutil
         import tempfile
 
         from vllm.lora.request import LoRARequest
 
-        data, layout = fetch(handle)
         folder = tempfile.mkdtemp(prefix=f"online-dpo-adapter-v{handle.version}-")
         write_adapter(folder, unpack(bytearray(data.tobytes()), layout), handle.adapter)
-        self.lora = LoRARequest("policy", 1, folder, load_inplace=True)
         self.adapter_dirs.append(folder)
         for old in self.adapter_dirs[:-2]:
             shutil.rmtree(old, ignore_errors=True)
         self.adapter_dirs = self.adapter_dirs[-2:]
-        self.version, self.serial = handle.version, handle.serial
+        return LoRARequest(ADAPTER, 1, folder, load_inplace=True)
+
+    def use_adapter(self, handle: WeightsHandle | None, request) -> None:
+        """After `add_lora`: generate with the loaded slot from now on."""
+        from vllm.lora.request import LoRARequest
+
+        self.lora = LoRARequest(request.lora_name, request.lora_int_id, request.lora_path)
+        if handle is not None:
+            self.version, self.serial = handle.version, handle.serial
 
     def lora_request(self):
-        """The LoRARequest for the next generate call (it reloads a new adapter once, then reuses it)."""
-        request = self.lora
-        if request is not None and request.load_inplace:
-            from vllm.lora.request import LoRARequest
-
-            self.lora = LoRARequest(request.lora_name, request.lora_int_id, request.lora_path)
-        return request
+        """The LoRARequest to generate with (None: the base model, or full weights)."""
+        return self.lora
 
     def receive(self, llm, handle: WeightsHandle) -> None:
         """Load the broadcast version (or a newer one that already came). If it does not come in
@@ -204,6 +208,11 @@ class EngineWeights:
         """Load into a vLLM `AsyncLLM`; returns seconds."""
         start = time.time()
         data, layout = await handle.payload[0]
+        if handle.adapter is not None:
+            request = self.stage_adapter(handle, data, layout)
+            await engine.add_lora(request)
+            self.use_adapter(handle, request)
+            return time.time() - start
         await engine.collective_rpc(LOAD_RPC, args=(data.tobytes(), layout))
         await engine.reset_prefix_cache()
         self.version, self.serial = handle.version, handle.serial

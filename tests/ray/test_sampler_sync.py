@@ -27,12 +27,17 @@ def hf_token_logprobs(model, prompt_ids, response_ids) -> torch.Tensor:
     return lp[0, len(prompt_ids) - 1:len(prompt_ids) - 1 + len(response_ids)]
 
 
+def start_sampler(ray, model: str, name: str, threads: int = 1, lora_rank: int | None = None):
+    actor = ray.remote(Sampler).options(
+        num_cpus=1, runtime_env={"env_vars": engine_env(threads, 1, False, "quiet")}
+    ).remote(EngineSpec(model=model, dtype="float32", lora_rank=lora_rank), name)
+    ray.get(actor.ready.remote())
+    return actor
+
+
 @pytest.fixture(scope="module")
 def sampler(ray_local, embedded_model):
-    actor = ray_local.remote(Sampler).options(
-        num_cpus=1, runtime_env={"env_vars": engine_env(2, 1, False, "quiet")}
-    ).remote(EngineSpec(model=embedded_model, dtype="float32"), "sampler-test")
-    ray_local.get(actor.ready.remote())
+    actor = start_sampler(ray_local, embedded_model, "sampler-test", threads=2)
     yield actor
     ray_local.kill(actor)
 
@@ -119,10 +124,7 @@ def test_weight_sync_changes_sampler_to_trainer_weights(ray_local, sampler, hf, 
 
 @pytest.fixture(scope="module")
 def second_sampler(ray_local, embedded_model):
-    actor = ray_local.remote(Sampler).options(
-        num_cpus=1, runtime_env={"env_vars": engine_env(1, 1, False, "quiet")}
-    ).remote(EngineSpec(model=embedded_model, dtype="float32"), "sampler-test-2")
-    ray_local.get(actor.ready.remote())
+    actor = start_sampler(ray_local, embedded_model, "sampler-test-2")
     yield actor
     ray_local.kill(actor)
 
@@ -178,11 +180,8 @@ def test_lora_sync_moves_only_the_adapter_and_the_sampler_matches_peft(ray_local
     from online_dpo.weight_sync import publish
 
     _, tok = hf
-    actor = ray_local.remote(Sampler).options(
-        num_cpus=1, runtime_env={"env_vars": engine_env(1, 1, False, "quiet")}
-    ).remote(EngineSpec(model=embedded_model, dtype="float32", lora_rank=8), "sampler-lora")
+    actor = start_sampler(ray_local, embedded_model, "sampler-lora", lora_rank=8)
     try:
-        ray_local.get(actor.ready.remote())
         prompt = tok(PROMPT)["input_ids"]
         response = tok(" it is excellent. I would happily buy it again.")["input_ids"] + [tok.eos_token_id]
         before = torch.tensor(ray_local.get(actor.score_tokens.remote(prompt, response)))
