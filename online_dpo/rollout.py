@@ -349,5 +349,5 @@ class Pipelined(Rollouts):
 def objective_means(stats: list) -> dict:
     """An ensemble judge's per-objective figures over a batch's label calls, weighted by groups."""
     total = sum(st.groups for st in stats if st.objectives)
-    keys = {k for st in stats for k in st.objectives}
-    return {k: sum(st.objectives.get(k, 0.0) * st.groups for st in stats) / total for k in sorted(keys)} if total else {}
+    keys = list(dict.fromkeys(k for st in stats for k in st.objectives))   # the members' order
+    return {k: sum(st.objectives.get(k, 0.0) * st.groups for st in stats) / total for k in keys} if total else {}

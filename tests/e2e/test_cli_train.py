@@ -139,7 +139,7 @@ def test_an_ensemble_judge_reports_each_objective(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     steps = [line for line in proc.stdout.splitlines() if line.startswith("step ")]
-    assert steps and all("(sentiment " in line and " distinct " in line for line in steps)
+    assert steps and all("(sentiment " in line and " distinct " in line for line in steps), steps[:2]
     assert "sentiment" in [line for line in proc.stdout.splitlines() if "eval v0" in line][0]
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     rollouts = [r for r in records if r["kind"] == "rollout"]
