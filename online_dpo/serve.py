@@ -276,13 +276,16 @@ def deployment_options(num_replicas: int, min_replicas: int | None, max_replicas
 
 
 def deploy(spec: ServerSpec, options: dict, host: str, port: int, route_prefix: str):
-    """Start Serve's proxy on host:port and run the app; returns its URL."""
+    """Start Serve's proxy on host:port and run the app; returns its URL. Where Serve already runs on
+    this cluster its proxy keeps its own host and port (Ray ignores new ones), so the URL names those."""
     from ray import serve
+    from ray.serve.context import _get_global_client
 
     serve.start(http_options={"host": host, "port": port})
     app = make_app().options(**options).bind(spec)
     serve.run(app, name=APP_NAME, route_prefix=route_prefix, blocking=False)
-    return f"http://{host}:{port}{route_prefix.rstrip('/')}"
+    http = _get_global_client().http_config
+    return f"http://{http.host}:{http.port}{route_prefix.rstrip('/')}"
 
 
 def undeploy() -> None:

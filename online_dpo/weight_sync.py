@@ -150,6 +150,7 @@ class EngineWeights:
         if handle.adapter is not None:
             request = self.stage_adapter(handle, *fetch(handle))
             llm.llm_engine.add_lora(request)
+            llm.reset_prefix_cache()   # cached blocks were computed with the slot's previous adapter
             self.use_adapter(handle, request)
             return time.time() - start
         data, layout = fetch(handle)
@@ -211,6 +212,7 @@ class EngineWeights:
         if handle.adapter is not None:
             request = self.stage_adapter(handle, data, layout)
             await engine.add_lora(request)
+            await engine.reset_prefix_cache()
             self.use_adapter(handle, request)
             return time.time() - start
         await engine.collective_rpc(LOAD_RPC, args=(data.tobytes(), layout))
