@@ -52,7 +52,7 @@ class Sampler:
                                  logprobs=0 if logprobs else None, seed=None if seed is None else seed + i)
                   for i in range(len(prompt_ids))]
         inputs = [TokensPrompt(prompt_token_ids=list(ids)) for ids in prompt_ids]
-        outs = self.llm.generate(inputs, params, use_tqdm=False, lora_request=self.weights.lora_request())
+        outs = self.llm.generate(inputs, params, use_tqdm=False, lora_request=self.weights.lora)
         version = self.weights.version
         groups = []
         for raw, ids, out in zip(prompts, prompt_ids, outs):
@@ -71,7 +71,7 @@ class Sampler:
 
         seq = list(prompt_ids) + list(response_ids)
         out = self.llm.generate([TokensPrompt(prompt_token_ids=seq)], SamplingParams(max_tokens=1, prompt_logprobs=0),
-                                use_tqdm=False, lora_request=self.weights.lora_request())[0]
+                                use_tqdm=False, lora_request=self.weights.lora)[0]
         lps = out.prompt_logprobs[len(prompt_ids):]
         return [d[tok].logprob for d, tok in zip(lps, response_ids)]
 

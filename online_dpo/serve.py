@@ -193,7 +193,7 @@ def make_app():
 
             final = None
             async with self.gate.request():
-                version, lora = self.weights.version, self.weights.lora_request()
+                version, lora = self.weights.version, self.weights.lora
                 async for out in self.engine.generate(TokensPrompt(prompt_token_ids=ids), params, rid,
                                                       lora_request=lora):
                     final = out
@@ -214,7 +214,7 @@ def make_app():
 
             name = self.spec.served_name
             async with self.gate.request():
-                version, lora = self.weights.version, self.weights.lora_request()
+                version, lora = self.weights.version, self.weights.lora
                 if kind == "chat":
                     for i in range(params.n):
                         yield api.sse(api.chat_chunk(rid, name, version, i, {"role": "assistant", "content": ""},

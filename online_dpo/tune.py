@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import csv
 import itertools
+import json
+import math
 import re
 import time
 from pathlib import Path
@@ -66,8 +68,7 @@ def parse_ranges(items: list[str]) -> dict[str, tuple[str, float, float]]:
 def trial_config(base: str | None, overrides: list[str], params: dict, out: Path | None = None,
                  name: str = "trial") -> Config:
     """The base config with the trial's values (each validated like a --set)."""
-    extra = [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
-             for k, v in params.items()]
+    extra = [f"{k}={json.dumps(v)}" for k, v in params.items()]   # JSON is YAML: --set parses it
     if out is not None:
         extra += [f"run.output_dir={out}", f"run.name={name}"]
     return load_config(base, list(overrides) + extra)
@@ -134,7 +135,7 @@ def search(base: str | None, overrides: list[str], grid: dict, ranges: dict, sam
     space.update({f: (tune.loguniform if k == "loguniform" else tune.uniform)(lo, hi)
                   for f, (k, lo, hi) in ranges.items()})
     trials = samples if ranges else 1
-    total = trials * max(1, _product(len(v) for v in grid.values()))
+    total = trials * math.prod(len(v) for v in grid.values())
     console.info(f"tune: {total} trial(s), {concurrent} at a time, into {out}")
     sched = ASHAScheduler(time_attr="step", max_t=cfg.train.max_steps,
                           grace_period=max(1, cfg.eval.every_steps)) if scheduler == "asha" else None
@@ -161,7 +162,7 @@ def search(base: str | None, overrides: list[str], grid: dict, ranges: dict, sam
     if not ok:
         raise RuntimeError(f"no trial finished; see {out / 'trials'} for each trial's log")
     best = max(ok, key=lambda r: r[metric])
-    best_cfg = load_config(base, list(overrides) + [f"{f}={best[f]}" for f in fields])
+    best_cfg = trial_config(base, overrides, {f: best[f] for f in fields})
     (out / "best.yaml").write_text(f"# best of {len(rows)} trials by held-out {metric}: "
                                    + ", ".join(f"{f}={best[f]}" for f in fields) + "\n" + dump(best_cfg))
     return {"dir": str(out), "rows": rows, "best": best}
@@ -171,13 +172,6 @@ def _cause(err: BaseException) -> str:
     """The last line of a trial's error: its cause, not Ray's wrapper."""
     lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
     return lines[-1] if lines else type(err).__name__
-
-
-def _product(xs) -> int:
-    n = 1
-    for x in xs:
-        n *= x
-    return n
 
 
 def write_csv(path: Path, rows: list[dict], fields: list[str]) -> None:

@@ -134,7 +134,7 @@ class EngineWeights:
     def __init__(self):
         self.version, self.serial = 0, 0   # serial 0: the weights the engine was built with
         self.missed = 0                    # a broadcast serial that did not arrive in time
-        self.lora = None                   # LoRA: the vLLM LoRARequest of the adapter held (None: the base)
+        self.lora = None                   # LoRA: the LoRARequest to generate with (None: base or full weights)
         self.adapter_dirs: list[str] = []
 
     def wants(self, handle: WeightsHandle | None) -> bool:
@@ -182,10 +182,6 @@ class EngineWeights:
         self.lora = LoRARequest(request.lora_name, request.lora_int_id, request.lora_path)
         if handle is not None:
             self.version, self.serial = handle.version, handle.serial
-
-    def lora_request(self):
-        """The LoRARequest to generate with (None: the base model, or full weights)."""
-        return self.lora
 
     def receive(self, llm, handle: WeightsHandle) -> None:
         """Load the broadcast version (or a newer one that already came). If it does not come in

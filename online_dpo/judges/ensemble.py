@@ -87,16 +87,20 @@ class EnsembleJudge:
                 out[m.name] = round_robin_scores(m.judge, groups)
         return out
 
-    def combine(self, raw: dict[str, list[list[float]]]) -> list[list[float]]:
+    def scale(self, raw: dict[str, list[list[float]]]) -> dict[str, list[list[float]]]:
+        """Each member's scores after its normalisation, in the same groups."""
         scaled = {}
         for m in self.members:
-            flat = [x for row in raw[m.name] for x in row]
-            values, rows, k = m.scaled(flat), [], 0
+            values, rows, k = m.scaled([x for row in raw[m.name] for x in row]), [], 0
             for row in raw[m.name]:
                 rows.append(values[k:k + len(row)])
                 k += len(row)
             scaled[m.name] = rows
-        shapes = raw[self.members[0].name]
+        return scaled
+
+    def combine(self, scaled: dict[str, list[list[float]]]) -> list[list[float]]:
+        """The weighted sum of the members' scaled scores of each completion."""
+        shapes = scaled[self.members[0].name]
         return [[sum(m.weight * scaled[m.name][g][i] for m in self.members) for i in range(len(row))]
                 for g, row in enumerate(shapes)]
 
@@ -124,11 +128,8 @@ class EnsembleJudge:
     def label(self, groups: Sequence[SampleGroup], margin: float) -> tuple[list[PreferencePair], LabelStats]:
         start = time.time()
         raw = self.member_scores(groups)
-        combined = self.combine(raw)
-        scaled = {m.name: m.scaled([x for row in raw[m.name] for x in row]) for m in self.members}
-        offsets = [0]
-        for g in groups:
-            offsets.append(offsets[-1] + len(g.completions))
+        scaled = self.scale(raw)
+        combined = self.combine(scaled)
         pairs, ties, identical = [], 0, 0
         agree = {m.name: 0 for m in self.members}
         tied = {m.name: 0 for m in self.members}
@@ -137,7 +138,7 @@ class EnsembleJudge:
             worst = min(range(len(s)), key=lambda i: s[i])
             gap = 0.0
             for m in self.members:
-                d = scaled[m.name][offsets[gi] + best] - scaled[m.name][offsets[gi] + worst]
+                d = scaled[m.name][gi][best] - scaled[m.name][gi][worst]
                 raw_gap = raw[m.name][gi][best] - raw[m.name][gi][worst]
                 if abs(raw_gap) <= m.margin:
                     tied[m.name] += 1

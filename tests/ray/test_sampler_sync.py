@@ -35,6 +35,18 @@ def start_sampler(ray, model: str, name: str, threads: int = 1, lora_rank: int |
     return actor
 
 
+def perturbed(model_path: str, seed: int, scale: float = 0.02):
+    """'Trained' weights: every tensor of the policy moved, the tied embedding / lm_head included."""
+    from transformers import AutoModelForCausalLM
+
+    trained = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(scale * torch.randn_like(p))
+    return trained
+
+
 @pytest.fixture(scope="module")
 def sampler(ray_local, embedded_model):
     actor = start_sampler(ray_local, embedded_model, "sampler-test", threads=2)
@@ -89,19 +101,12 @@ def test_trainer_logprobs_match_vllm_samples(ray_local, sampler, hf):
 
 
 def test_weight_sync_changes_sampler_to_trainer_weights(ray_local, sampler, hf, embedded_model, store):
-    from transformers import AutoModelForCausalLM
-
     _, tok = hf
     prompt = tok(PROMPT)["input_ids"]
     response = tok(" it is excellent. I would happily buy it again.")["input_ids"] + [tok.eos_token_id]
     before = torch.tensor(ray_local.get(sampler.score_tokens.remote(prompt, response)))
 
-    # "Trained" weights: every tensor moved, the tied embedding / lm_head included.
-    trained = AutoModelForCausalLM.from_pretrained(embedded_model, dtype=torch.float32).eval()
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in trained.parameters():
-            p.add_(0.02 * torch.randn_like(p))
+    trained = perturbed(embedded_model, seed=0)
     expected = hf_token_logprobs(trained, prompt, response)
 
     buffer, layout = pack_weights(trained.state_dict(), tied=True)
@@ -133,19 +138,13 @@ def test_collective_transport_gives_two_samplers_the_trainer_weights(ray_local, 
                                                                     embedded_model, store):
     """sync.transport collective: rank 0 (here, the test process) broadcasts over a gloo group to
     both samplers' engine workers; each loads the version its next request names."""
-    from transformers import AutoModelForCausalLM
-
     from online_dpo.collective import Rendezvous, Sender
     from online_dpo.weight_sync import publish
 
     _, tok = hf
     prompt = tok(PROMPT)["input_ids"]
     response = tok(" it broke after a week and the lid leaks.")["input_ids"] + [tok.eos_token_id]
-    trained = AutoModelForCausalLM.from_pretrained(embedded_model, dtype=torch.float32).eval()
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in trained.parameters():
-            p.add_(0.02 * torch.randn_like(p))
+    trained = perturbed(embedded_model, seed=1)
     expected = hf_token_logprobs(trained, prompt, response)
     befores = [torch.tensor(ray_local.get(s.score_tokens.remote(prompt, response)))
                for s in (sampler, second_sampler)]

@@ -82,12 +82,14 @@ def test_broadcast_reaches_every_receiver_in_buckets():
 def test_a_dead_receiver_breaks_the_group_and_a_new_generation_heals_it():
     rdv = Rendezvous("127.0.0.1")
     spec = rdv.next(2)
-    out = CTX.Queue()
-    survivor, doomed = _start(spec, 1, [1], out), _start(spec, 2, [1], out)
+    # The doomed receiver reports on a queue of its own: killed, it may still hold its queue's write lock
+    # (the feeder thread releases it after the item is read), which would block every other writer.
+    out, doomed_out = CTX.Queue(), CTX.Queue()
+    survivor, doomed = _start(spec, 1, [1], out), _start(spec, 2, [1], doomed_out)
     specs = CTX.Queue()
     sender = Sender(_latest(specs), torch.device("cpu"), bucket_bytes=1 << 20, poll_seconds=0.1)
     assert sender.join(spec) and sender.send(1, 1, _buffer(1))
-    assert {out.get(timeout=60)[0], out.get(timeout=60)[0]} == {1, 2}
+    assert (out.get(timeout=60)[0], doomed_out.get(timeout=60)[0]) == (1, 2)
     doomed.kill()
     doomed.join()
     _end([survivor])
