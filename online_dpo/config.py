@@ -287,6 +287,10 @@ class ServeConfig(Section):
     kv_cache_gib: int = Field(1, ge=1)
     max_model_len: int | None = Field(None, gt=0)
     poll_seconds: float = Field(0.5, gt=0, description="how often replicas look for a new policy version")
+    max_drain_seconds: float = Field(30.0, gt=0, description="a weight load waits this long for in-flight "
+                                     "requests, then aborts the ones still running (503)")
+    max_body_bytes: int = Field(2 << 20, ge=1024, description="larger request bodies get 413")
+    max_n: int = Field(16, ge=1, description="most choices (n) one request may ask for")
     engine: dict[str, Any] = Field(default_factory=dict)
     resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per actor")
     node_labels: dict[str, str] = Field(default_factory=dict, description="place only on nodes with these labels")

@@ -1,21 +1,27 @@
 """Ray Serve application that serves the current policy over OpenAI-compatible HTTP.
 
-Each replica holds a vLLM AsyncLLM engine. On CPU its engine core runs inside
-the replica process (measured faster on 2 cores than a separate engine-core
-process: no IPC per step); on GPU vLLM's usual engine-core process is used. Routes: POST /v1/completions and
-/v1/chat/completions (plain or streamed as server-sent events), GET /v1/models,
-GET /health. Every response names the policy version that produced it.
+Each replica holds a vLLM AsyncLLM engine and vLLM's own OpenAI serving layer
+around it (serve_api.py), so the API is the one `vllm serve` has. Routes:
+POST /v1/completions and /v1/chat/completions (plain or streamed as
+server-sent events), GET /v1/models, GET /health. Every response names the
+policy version that produced it.
 
-Live updates: replicas poll the run's `PolicyStore` actor and load any newer
-version in place. A version gate drains in-flight requests first and holds new
-ones for the moment of the load, so a response never mixes two versions and no
-request fails during a sync; they wait instead.
+What this module adds to vLLM's layer: live weight following, the version
+gate, the API key, and binding to loopback by default. Replicas poll the run's
+`PolicyStore` actor and load any newer version in place. A version gate
+drains in-flight requests first and holds new ones for the moment of the
+load, so a response never mixes two versions and no request fails during a
+sync. A load waits at most `serve.max_drain_seconds` for in-flight requests;
+those still running then are aborted (a 503, or an error event in their
+stream) rather than finished with other weights, so a stalled client cannot
+hold up a weight update.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the route signatures at runtime.
 
 import asyncio
 import contextlib
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +31,7 @@ from .weight_sync import EngineWeights
 
 STORE_NAME = "policy-store"
 APP_NAME = "online-dpo"
+log = logging.getLogger("online_dpo.serve")
 
 
 @dataclass(frozen=True)
@@ -38,6 +45,9 @@ class ServerSpec:
     api_key_env: str | None = None
     store_namespace: str | None = None   # where the PolicyStore lives; None = no live updates
     poll_seconds: float = 0.5
+    max_drain_seconds: float = 30.0
+    max_body_bytes: int = 2 << 20
+    max_n: int = api.MAX_N
     gpu_memory_utilization: float = 0.85
     engine: dict[str, Any] = field(default_factory=dict)
     lora_rank: int | None = None      # model.lora runs: serve the base model with the policy's adapter
@@ -45,32 +55,62 @@ class ServerSpec:
     file_server: Any = None   # fetches `model` when this node cannot see it (artifacts.py)
 
 
-class VersionGate:
-    """Many requests, or one weight load: never both at once."""
+class Ticket:
+    """One request's pass through the gate: the policy version it runs on, and whether a load
+    that could not wait for it revoked it."""
+    __slots__ = ("version", "revoked")
 
-    def __init__(self):
-        self.active, self.loading = 0, False
+    def __init__(self, version: int):
+        self.version, self.revoked = version, False
+
+
+class VersionGate:
+    """Many requests, or one weight load: never both at once.
+
+    A load waits for in-flight requests at most `drain_seconds`; then it revokes the ones still
+    in (their owners must send nothing more) and goes ahead."""
+
+    def __init__(self, drain_seconds: float = 30.0):
+        self.active: set[Ticket] = set()
+        self.loading, self.drain_seconds = False, drain_seconds
         self.cond = asyncio.Condition()
 
-    @contextlib.asynccontextmanager
-    async def request(self):
+    async def enter(self, version) -> Ticket:
+        """`version`: a callable giving the version held, read once the gate is open."""
         async with self.cond:
             await self.cond.wait_for(lambda: not self.loading)
-            self.active += 1
+            ticket = Ticket(version())
+            self.active.add(ticket)
+        return ticket
+
+    async def exit(self, ticket: Ticket) -> None:
+        async with self.cond:
+            self.active.discard(ticket)
+            self.cond.notify_all()
+
+    @contextlib.asynccontextmanager
+    async def request(self, version=lambda: 0):
+        ticket = await self.enter(version)
         try:
-            yield
+            yield ticket
         finally:
-            async with self.cond:
-                self.active -= 1
-                self.cond.notify_all()
+            await self.exit(ticket)
 
     @contextlib.asynccontextmanager
     async def load(self):
+        """Yields the number of requests revoked because they outlasted the drain."""
         async with self.cond:
             self.loading = True
-            await self.cond.wait_for(lambda: self.active == 0)
+            revoked = 0
+            try:
+                await asyncio.wait_for(self.cond.wait_for(lambda: not self.active), self.drain_seconds)
+            except TimeoutError:
+                for ticket in self.active:
+                    ticket.revoked = True
+                revoked = len(self.active)
+                self.active.clear()
         try:
-            yield
+            yield revoked
         finally:
             async with self.cond:
                 self.loading = False
@@ -88,10 +128,23 @@ def build_engine(spec: ServerSpec, on_gpu: bool):
         spec.file_server, **lora_kwargs(spec.lora_rank))))
 
 
+async def abort_all(engine) -> None:
+    """Abort every request the engine holds (the gate holds new ones, so all of them are old)."""
+    held = list(engine.output_processor.external_req_ids)
+    if held:
+        await engine.abort(held)
+
+
+def preempted(seconds: float) -> api.APIError:
+    return api.APIError(503, f"a new policy version was loaded while this request ran longer than "
+                             f"serve.max_drain_seconds ({seconds:g} s); send it again",
+                        type_="service_unavailable", code="policy_updated")
+
+
 def make_app():
     """The FastAPI ingress and the deployment class (imports Ray Serve lazily)."""
     from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, StreamingResponse
+    from fastapi.responses import JSONResponse, Response, StreamingResponse
     from ray import serve
 
     app = FastAPI(title="online-dpo policy server")
@@ -107,9 +160,8 @@ def make_app():
 
             self.spec = spec
             self.engine = build_engine(spec, torch.cuda.is_available())
-            self.tokenizer = self.engine.get_tokenizer()
-            self.max_model_len = self.engine.model_config.max_model_len
-            self.weights, self.gate = EngineWeights(), VersionGate()
+            self.openai = await api.openai_layer(self.engine, spec.model, spec.served_name)
+            self.weights, self.gate = EngineWeights(), VersionGate(spec.max_drain_seconds)
             if spec.adapter_dir:   # a finished LoRA run: its final adapter on the base model
                 from vllm.lora.request import LoRARequest
 
@@ -118,6 +170,7 @@ def make_app():
                 request = LoRARequest(ADAPTER, 1, spec.adapter_dir)
                 await self.engine.add_lora(request)
                 self.weights.use_adapter(None, request)
+                self.follow_adapter()
             self.api_key = os.environ.get(spec.api_key_env) if spec.api_key_env else None
             self.store = None
             if spec.store_namespace is not None:
@@ -129,12 +182,28 @@ def make_app():
 
         # ------------------------------------------------------------ weights
 
+        def follow_adapter(self) -> None:
+            """LoRA: requests for the served name generate with the adapter held (vLLM's layer picks
+            a request's adapter by its model name)."""
+            from vllm.lora.request import LoRARequest
+
+            lora, name = self.weights.lora, self.spec.served_name
+            if lora is None:
+                self.openai.models.lora_requests.pop(name, None)
+            else:
+                self.openai.models.lora_requests[name] = LoRARequest(name, lora.lora_int_id, lora.lora_path)
+
         async def sync_once(self) -> None:
             handle = await self.store.latest.remote()
             if not self.weights.wants(handle):
                 return
-            async with self.gate.load():
+            async with self.gate.load() as revoked:
+                if revoked:
+                    await abort_all(self.engine)
+                    log.warning("aborted %d request(s) still running after serve.max_drain_seconds=%g "
+                                "to load version %d", revoked, self.spec.max_drain_seconds, handle.version)
                 await self.weights.load_async(self.engine, handle)
+                self.follow_adapter()
 
         async def poll(self) -> None:
             while True:
@@ -151,84 +220,56 @@ def make_app():
                 raise api.APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
                                    type_="authentication_error", code="invalid_api_key")
 
-        def sampling(self, req, prompt_tokens: int, default_max: int):
-            from vllm import SamplingParams
-            from vllm.sampling_params import RequestOutputKind
-
-            max_tokens = getattr(req, "max_completion_tokens", None) or req.max_tokens or default_max
-            if req.max_tokens is None and getattr(req, "max_completion_tokens", None) is None:
-                max_tokens = max(1, min(max_tokens, self.max_model_len - prompt_tokens))
-            api.check_context(prompt_tokens, max_tokens, self.max_model_len)
-            return SamplingParams(n=req.n, temperature=req.temperature, top_p=req.top_p, max_tokens=max_tokens,
-                                  seed=req.seed, stop=req.stop,
-                                  output_kind=RequestOutputKind.DELTA if req.stream else RequestOutputKind.FINAL_ONLY)
-
-        def chat_ids(self, req) -> list[int]:
-            ids = self.tokenizer.apply_chat_template([m.model_dump() for m in req.messages], tokenize=True,
-                                                     add_generation_prompt=True)
-            return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-
         async def handle(self, request: Request, kind: str):
             try:
                 self.authorize(request)
-                req = api.parse(await request.body(), api.ChatRequest if kind == "chat" else api.CompletionRequest)
-                api.check_model(req.model, self.spec.served_name)
-                if kind == "chat":
-                    ids = self.chat_ids(req)
-                else:
-                    if isinstance(req.prompt, list) and len(req.prompt) != 1:
-                        raise api.APIError(400, "prompt: send one prompt per request", param="prompt")
-                    text = req.prompt if isinstance(req.prompt, str) else req.prompt[0]
-                    ids = self.tokenizer(text)["input_ids"]
-                params = self.sampling(req, len(ids), 16 if kind == "completion" else self.spec.default_max_tokens)
+                req = api.parse(await api.read_body(request, self.spec.max_body_bytes),
+                                self.openai.request_types[kind])
+                api.check_limits(req, self.spec.max_n)
             except api.APIError as e:
                 return error(e)
-            rid = api.new_id("chatcmpl" if kind == "chat" else "cmpl")
-            if req.stream:
-                return StreamingResponse(self.stream(rid, kind, ids, params), media_type="text/event-stream")
-            return await self.complete(rid, kind, ids, params)
+            if req.model is None:
+                req.model = self.spec.served_name
+            if kind == "chat" and req.max_tokens is None and req.max_completion_tokens is None:
+                req.max_tokens = self.spec.default_max_tokens   # vLLM's default: the rest of the context
+            serving = self.openai.chat if kind == "chat" else self.openai.completion
+            run = serving.create_chat_completion if kind == "chat" else serving.create_completion
+            ticket = await self.gate.enter(lambda: self.weights.version)
+            streaming = False
+            try:
+                try:
+                    out = await run(req, request)
+                except Exception as e:   # vLLM raises its validation errors; map them as its server does
+                    return error(api.from_vllm(serving.create_error_response(e)))
+                if ticket.revoked:
+                    return error(preempted(self.spec.max_drain_seconds))
+                if self.openai.is_error(out):
+                    return error(api.from_vllm(out))
+                headers = {"x-policy-version": str(ticket.version)}
+                if hasattr(out, "__aiter__"):
+                    streaming = True
+                    return StreamingResponse(self.relay(out, ticket), media_type="text/event-stream",
+                                             headers=headers)
+                return Response(api.with_version(out.model_dump_json(), ticket.version),
+                                media_type="application/json", headers=headers)
+            finally:
+                if not streaming:
+                    await self.gate.exit(ticket)
 
-        async def complete(self, rid: str, kind: str, ids: list[int], params):
-            from vllm import TokensPrompt
-
-            final = None
-            async with self.gate.request():
-                version, lora = self.weights.version, self.weights.lora
-                async for out in self.engine.generate(TokensPrompt(prompt_token_ids=ids), params, rid,
-                                                      lora_request=lora):
-                    final = out
-            n_out = sum(len(c.token_ids) for c in final.outputs)
-            if kind == "chat":
-                choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                            "logprobs": None, "finish_reason": c.finish_reason} for c in final.outputs]
-                body = api.chat_body(rid, self.spec.served_name, version, choices, api.usage(len(ids), n_out))
-            else:
-                choices = [{"index": c.index, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason}
-                           for c in final.outputs]
-                body = api.completion_body(rid, self.spec.served_name, version, choices,
-                                           api.usage(len(ids), n_out))
-            return JSONResponse(body, headers={"x-policy-version": str(version)})
-
-        async def stream(self, rid: str, kind: str, ids: list[int], params):
-            from vllm import TokensPrompt
-
-            name = self.spec.served_name
-            async with self.gate.request():
-                version, lora = self.weights.version, self.weights.lora
-                if kind == "chat":
-                    for i in range(params.n):
-                        yield api.sse(api.chat_chunk(rid, name, version, i, {"role": "assistant", "content": ""},
-                                                     None))
-                async for out in self.engine.generate(TokensPrompt(prompt_token_ids=ids), params, rid,
-                                                      lora_request=lora):
-                    for c in out.outputs:
-                        if kind == "chat":
-                            chunk = api.chat_chunk(rid, name, version, c.index,
-                                                   {"content": c.text} if c.text else {}, c.finish_reason)
-                        else:
-                            chunk = api.completion_chunk(rid, name, version, c.index, c.text, c.finish_reason)
-                        yield api.sse(chunk)
-            yield api.sse("[DONE]")
+        async def relay(self, stream, ticket: Ticket):
+            """vLLM's event stream with the policy version in every event; cut with an error event
+            if a load revoked the request."""
+            try:
+                async for event in stream:
+                    if ticket.revoked:
+                        yield api.sse(preempted(self.spec.max_drain_seconds).body())
+                        yield api.sse("[DONE]")
+                        return
+                    yield api.sse_with_version(event, ticket.version)
+            finally:
+                with contextlib.suppress(Exception):
+                    await stream.aclose()
+                await self.gate.exit(ticket)
 
         @app.post("/v1/completions")
         async def completions(self, request: Request):
@@ -244,7 +285,13 @@ def make_app():
                 self.authorize(request)
             except api.APIError as e:
                 return error(e)
-            return api.models_body(self.spec.served_name, self.weights.version)
+            listing = (await self.openai.models.show_available_models()).model_dump()
+            seen, cards = set(), []
+            for card in listing["data"]:   # a LoRA run lists its adapter under the served name too
+                if card["id"] not in seen:
+                    seen.add(card["id"])
+                    cards.append({**card, "policy_version": self.weights.version})
+            return {**listing, "data": cards}
 
         @app.get("/health")
         async def health(self):
@@ -311,7 +358,9 @@ def from_config(serve_cfg, model_path: str, served_name: str, store_namespace: s
         env[s.api_key_env] = os.environ[s.api_key_env]
     spec = ServerSpec(model=model_path, served_name=served_name, dtype=s.dtype, max_model_len=s.max_model_len,
                       default_max_tokens=s.default_max_tokens, api_key_env=s.api_key_env,
-                      store_namespace=store_namespace, poll_seconds=s.poll_seconds, engine=dict(s.engine),
+                      store_namespace=store_namespace, poll_seconds=s.poll_seconds,
+                      max_drain_seconds=s.max_drain_seconds, max_body_bytes=s.max_body_bytes, max_n=s.max_n,
+                      engine=dict(s.engine),
                       lora_rank=lora_rank, adapter_dir=adapter_dir, file_server=file_server)
     options = deployment_options(s.num_replicas, s.min_replicas, s.max_replicas, s.num_cpus, s.num_gpus,
                                  s.max_ongoing_requests, env, s.resources, s.node_labels)

@@ -1,24 +1,36 @@
-"""The OpenAI-compatible HTTP surface of the policy server: requests, responses, errors.
+"""The OpenAI-compatible surface of the policy server, on vLLM's own OpenAI layer.
 
-Pure pydantic and dicts (no Ray, no vLLM), so the rules are unit-testable.
-Every bad request maps to a 4xx in OpenAI's error shape
-(`{"error": {"message", "type", "param", "code"}}`), never a 500; every
-response body and stream chunk carries `policy_version`.
+vLLM's serving classes (`OpenAIServingCompletion`, `OpenAIServingChat`,
+`OpenAIServingModels`, built by the same `init_app_state` that `vllm serve`
+runs) handle the requests: every field the OpenAI API has (n, logprobs and
+top_logprobs, stop, seed, echo, batched prompts, usage, streaming with usage),
+the chat template, the checks against max_model_len and max_logprobs, and the
+response bodies. So the surface tracks vLLM's server, not a hand-written
+subset.
+
+What is ours, and lives here: the edge in front of that layer. Bodies are
+size-capped before they are read (413), parsed strictly with vLLM's own
+request models (`stream: "yes"` or `max_tokens: "5"` is a 400, not coerced),
+deeply nested JSON is a 400 (the parser's recursion limit), `n` is capped, and
+every failure, vLLM's included, leaves in OpenAI's error shape
+(`{"error": {"message", "type", "param", "code"}}`) with a 4xx status for
+bad input. Every response body and stream chunk gets `policy_version`.
+
+No module-level vLLM import: the edge rules are unit-testable without it.
 """
 
 from __future__ import annotations
 
 import json
-import time
-import uuid
-from typing import Literal
+from dataclasses import dataclass
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+MAX_N = 16   # choices per request; vLLM itself has no bound
 
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None,
-                 type_: str = "invalid_request_error", code: str | None = None):
+                 type_: str = "invalid_request_error", code: str | int | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.type, self.code = status, message, param, type_, code
 
@@ -26,98 +38,133 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1, le=16)
-    stream: bool = False
-    seed: int | None = None
-    stop: str | list[str] | None = None
+# ---------------------------------------------------------------- the edge
+
+async def read_body(request, limit: int) -> bytes:
+    """The request body, refused with a 413 once it passes `limit` bytes (checked on the declared
+    length first, then while reading, so a huge body is never held whole)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_large(limit)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
-class CompletionRequest(_Request):
-    prompt: str | list[str] = Field(..., min_length=1)
+def too_large(limit: int) -> APIError:
+    return APIError(413, f"the request body is larger than {limit} bytes (serve.max_body_bytes); "
+                         "send a smaller request", code="request_too_large")
 
 
-class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "user", "assistant"]
-    content: str
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "bytes"}
 
 
-class ChatRequest(_Request):
-    messages: list[Message] = Field(..., min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+def field_path(loc: tuple) -> str | None:
+    """The JSON path of a pydantic error location, without the union-member tags pydantic adds
+    (`messages.0.ChatCompletionUserMessageParam.content.str` -> `messages.0.content`)."""
+    parts = []
+    for p in loc:
+        if isinstance(p, int):
+            parts.append(str(p))
+        elif p and not (p[0].isupper() or "[" in p or "-" in p or p in _TYPE_TAGS):
+            parts.append(p)
+    return ".".join(parts) or None
 
 
-def parse(raw: bytes, model: type[_Request]) -> _Request:
-    """Body bytes -> a validated request, or an APIError naming the field."""
-    try:
-        data = json.loads(raw or b"")
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise APIError(400, f"the request body is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
+def validation_error(e) -> APIError:
+    """A pydantic ValidationError as a 400 naming the first field at fault."""
+    first = e.errors()[0]
+    if first["type"] in ("json_invalid", "json_type"):
+        return APIError(400, f"the request body is not valid JSON: {first['msg']}")
+    where = field_path(tuple(first["loc"]))
+    msg = "is required" if first["type"] == "missing" else first["msg"]
+    return APIError(400, f"{where}: {msg}" if where else msg, param=where)
+
+
+def parse(raw: bytes, model: type) -> Any:
+    """Body bytes -> a request of vLLM's `model` class, strictly typed; or a 400 naming the field."""
+    from pydantic import ValidationError
+
+    if not raw.strip():
+        raise APIError(400, "the request body is empty; send a JSON object")
+    if raw.lstrip()[:1] != b"{":
         raise APIError(400, "the request body must be a JSON object")
     try:
-        return model.model_validate(data)
+        return model.model_validate_json(raw, strict=True)
     except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or None
-        msg = "is required" if first["type"] == "missing" else first["msg"]
-        raise APIError(400, f"{where}: {msg}", param=where) from None
+        raise validation_error(e) from None
+    except Exception as e:   # a model validator of vLLM's (VLLMValidationError names the field)
+        param = getattr(e, "parameter", None)
+        raise APIError(400, str(e) or type(e).__name__, param=param) from None
 
 
-def check_model(requested: str | None, served: str) -> None:
-    if requested is not None and requested != served:
-        raise APIError(404, f"The model '{requested}' does not exist; this server serves '{served}'",
-                       param="model", code="model_not_found")
+def check_limits(req, max_n: int = MAX_N) -> None:
+    n = getattr(req, "n", None) or 1
+    if n > max_n:
+        raise APIError(400, f"n: at most {max_n} choices per request", param="n")
 
 
-def check_context(prompt_tokens: int, max_tokens: int, max_model_len: int) -> None:
-    if prompt_tokens + max_tokens > max_model_len:
-        raise APIError(400, f"max_tokens ({max_tokens}) plus the prompt ({prompt_tokens} tokens) exceeds "
-                            f"the model's context of {max_model_len} tokens; lower max_tokens",
-                       param="max_tokens", code="context_length_exceeded")
+# ---------------------------------------------------------------- responses
+
+def from_vllm(error) -> APIError:
+    """vLLM's ErrorResponse as ours (same shape; the HTTP status is its `code`)."""
+    info = error.error
+    status = int(info.code) if isinstance(info.code, int) and 400 <= int(info.code) < 600 else 400
+    return APIError(status, info.message, param=info.param, type_=info.type, code=status)
 
 
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+def with_version(json_text: str, version: int) -> str:
+    """A JSON object's text with `policy_version` added (no re-parse)."""
+    return f'{{"policy_version":{int(version)},{json_text.lstrip()[1:]}' if json_text.strip() != "{}" \
+        else f'{{"policy_version":{int(version)}}}'
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
-
-
-def completion_body(rid: str, model: str, version: int, choices: list[dict], usage_: dict) -> dict:
-    return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": choices, "usage": usage_, "policy_version": version}
-
-
-def chat_body(rid: str, model: str, version: int, choices: list[dict], usage_: dict) -> dict:
-    return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": choices, "usage": usage_, "policy_version": version}
-
-
-def completion_chunk(rid: str, model: str, version: int, index: int, text: str, finish: str | None) -> dict:
-    return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish}],
-            "policy_version": version}
-
-
-def chat_chunk(rid: str, model: str, version: int, index: int, delta: dict, finish: str | None) -> dict:
-    return {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-            "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}],
-            "policy_version": version}
+def sse_with_version(event: str, version: int) -> str:
+    """A server-sent event from vLLM (`data: {...}\\n\\n`) with `policy_version` in its JSON."""
+    if event.startswith("data: {"):
+        return "data: " + with_version(event[6:], version)
+    return event
 
 
 def sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
-def models_body(model: str, version: int) -> dict:
-    return {"object": "list", "data": [{"id": model, "object": "model", "created": 0,
-                                        "owned_by": "online-dpo", "policy_version": version}]}
+# ---------------------------------------------------------------- vLLM's layer
+
+@dataclass
+class OpenAILayer:
+    """vLLM's serving objects around one engine."""
+    completion: Any
+    chat: Any
+    models: Any
+    request_types: dict   # "completion" | "chat" -> vLLM's request model
+    error_type: type      # vLLM's ErrorResponse
+
+    def is_error(self, out) -> bool:
+        return isinstance(out, self.error_type)
+
+
+async def openai_layer(engine, model_path: str, served_name: str, extra_args: list[str] | None = None) -> OpenAILayer:
+    """Build vLLM's OpenAI serving objects for a running AsyncLLM, as `vllm serve` does (its own
+    argument parser gives every front-end default)."""
+    from starlette.datastructures import State
+    from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+    from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    args = make_arg_parser(FlexibleArgumentParser()).parse_args(
+        ["--model", model_path, "--served-model-name", served_name, *(extra_args or [])])
+    state = State()
+    await init_app_state(engine, state, args, supported_tasks=await engine.get_supported_tasks())
+    return OpenAILayer(completion=state.openai_serving_completion, chat=state.openai_serving_chat,
+                       models=state.openai_serving_models,
+                       request_types={"completion": CompletionRequest, "chat": ChatCompletionRequest},
+                       error_type=ErrorResponse)

@@ -1,5 +1,7 @@
-"""Real Ray Serve on loopback with the embedded default: the OpenAI client, streams,
-32 parallel clients through a live weight sync, bad requests, the API key."""
+"""Real Ray Serve on loopback with the embedded default, through vLLM's OpenAI layer: the official
+openai client over the full surface (n, logprobs, stop, seed, echo, batched prompts, usage, streams
+with usage), 32 parallel clients through a live weight sync, a bad-input suite that gets only 4xx,
+the API key, and a load that does not wait for stalled requests past serve.max_drain_seconds."""
 
 from __future__ import annotations
 
@@ -20,6 +22,8 @@ from online_dpo.weight_sync import PolicyStore, pack
 
 KEY_ENV, KEY = "ONLINE_DPO_TEST_API_KEY", "test-secret"
 NAME = "reviews"
+DRAIN = 2.0
+PROMPT = "I bought this kettle last month and"
 
 
 def free_port() -> int:
@@ -34,7 +38,7 @@ def server(ray_local, embedded_model):
     store = ray_local.remote(PolicyStore).options(name=serving.STORE_NAME).remote()
     port = free_port()
     cfg = ServeConfig(num_cpus=1, dtype="float32", port=port, api_key_env=KEY_ENV, max_ongoing_requests=64,
-                      poll_seconds=0.2)
+                      poll_seconds=0.2, max_drain_seconds=DRAIN, max_body_bytes=64 * 1024)
     spec, options = serving.from_config(cfg, embedded_model, NAME, "online-dpo-tests")
     url = serving.deploy(spec, options, "127.0.0.1", port, "/")
     yield url, store
@@ -50,9 +54,16 @@ def call(url, path, body=None, key=KEY, raw=None, timeout=60):
     req = urllib.request.Request(url + path, data=data, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, json.loads(r.read())
+            return r.status, as_json(r.read())
     except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
+        return e.code, as_json(e.read())
+
+
+def as_json(raw: bytes) -> dict:
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return {"not_json": raw[:300].decode(errors="replace")}
 
 
 def test_openai_client_completion_chat_and_streams(server):
@@ -78,23 +89,99 @@ def test_openai_client_completion_chat_and_streams(server):
     assert status == 200 and health["policy_version"] == 0
 
 
-@pytest.mark.parametrize("name,body,raw,status", [
-    ("invalid json", None, b"{oops", 400),
-    ("missing messages", {"model": NAME}, None, 400),
-    ("missing prompt", {"model": NAME, "max_tokens": 4}, None, 400),
-    ("unknown model", {"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}, None, 404),
-    ("wrong types", {"messages": "hi", "max_tokens": "ten"}, None, 400),
-    ("max_tokens beyond context", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000}, None, 400),
-    ("negative temperature", {"messages": [{"role": "user", "content": "hi"}], "temperature": -1}, None, 400),
-])
-def test_bad_requests_get_4xx_and_the_replica_keeps_serving(server, name, body, raw, status):
+def test_the_full_openai_surface_through_the_openai_client(server):
+    from openai import OpenAI
+
     url, _ = server
-    path = "/v1/completions" if name == "missing prompt" else "/v1/chat/completions"
-    got, payload = call(url, path, body, raw=raw)
-    assert got == status, payload
-    assert set(payload["error"]) == {"message", "type", "param", "code"}
-    ok, _ = call(url, "/v1/completions", {"prompt": "I use this kettle every day and", "max_tokens": 4})
-    assert ok == 200
+    client = OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+    # n, logprobs, echo, usage
+    c = client.completions.create(model=NAME, prompt=PROMPT, max_tokens=6, n=2, logprobs=2, echo=True)
+    assert [ch.index for ch in c.choices] == [0, 1]
+    assert all(ch.text.startswith(PROMPT) for ch in c.choices)           # echo
+    assert len(c.choices[0].logprobs.top_logprobs[-1]) >= 2               # top-2 at each position
+    assert c.usage.completion_tokens == 12 and c.usage.prompt_tokens > 0
+    # batched prompts: one choice per prompt
+    b = client.completions.create(model=NAME, prompt=[PROMPT, "This tent"], max_tokens=4)
+    assert sorted(ch.index for ch in b.choices) == [0, 1]
+    # seed: the same seed gives the same sample at temperature 1
+    same = [client.completions.create(model=NAME, prompt=PROMPT, max_tokens=8, seed=11).choices[0].text
+            for _ in range(2)]
+    assert same[0] == same[1]
+    # stop: the text ends before the stop string
+    s = client.completions.create(model=NAME, prompt=PROMPT, max_tokens=24, stop=["."], seed=1)
+    assert "." not in s.choices[0].text
+    # chat with logprobs / top_logprobs
+    chat = client.chat.completions.create(model=NAME, max_tokens=6, logprobs=True, top_logprobs=2,
+                                          messages=[{"role": "user", "content": "Write a review."}])
+    content = chat.choices[0].logprobs.content
+    assert content and all(len(t.top_logprobs) == 2 for t in content)
+    assert chat.model_extra["policy_version"] == 0
+    # streams with usage, every chunk naming the version
+    chunks = list(client.completions.create(model=NAME, prompt=PROMPT, max_tokens=5, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 5
+    assert all(ch.model_extra["policy_version"] == 0 for ch in chunks)
+    chat_chunks = list(client.chat.completions.create(
+        model=NAME, max_tokens=5, stream=True, stream_options={"include_usage": True},
+        messages=[{"role": "user", "content": "Write a review."}]))
+    assert chat_chunks[-1].usage.completion_tokens == 5
+
+
+NESTED = b'{"prompt": ' + b"[" * 20000 + b"]" * 20000 + b"}"   # under the size limit
+CHAT = "/v1/chat/completions"
+COMP = "/v1/completions"
+MSG = [{"role": "user", "content": "hi"}]
+BAD = [   # (name, path, body or raw bytes, status)
+    ("invalid json", CHAT, b"{oops", 400),
+    ("empty body", CHAT, b"", 400),
+    ("a json array", CHAT, b"[1, 2]", 400),
+    ("a json string", COMP, b'"hello"', 400),
+    ("not utf-8", COMP, b"\xff\xfe{", 400),
+    ("deeply nested arrays", COMP, NESTED, 400),
+    ("body over the size limit", COMP, b'{"prompt": "' + b"a" * 70000 + b'"}', 413),
+    ("missing messages", CHAT, {"model": NAME}, 400),
+    ("messages not a list", CHAT, {"messages": "hi"}, 400),
+    ("empty messages", CHAT, {"messages": []}, 400),
+    ("message content a number", CHAT, {"messages": [{"role": "user", "content": 5}]}, 400),
+    ("message without role", CHAT, {"messages": [{"content": "hi"}]}, 400),
+    ("missing prompt", COMP, {"model": NAME, "max_tokens": 4}, 400),
+    ("prompt list with an empty string", COMP, {"prompt": [""]}, 400),
+    ("empty prompt", COMP, {"prompt": ""}, 400),
+    ("prompt a number", COMP, {"prompt": 5}, 400),
+    ("negative token id", COMP, {"prompt": [1, -2]}, 400),
+    ("unknown model", CHAT, {"model": "gpt-4", "messages": MSG}, 404),
+    ("stream as a string", COMP, {"prompt": "x", "stream": "yes"}, 400),
+    ("max_tokens as a string", CHAT, {"messages": MSG, "max_tokens": "ten"}, 400),
+    ("max_tokens beyond context", CHAT, {"messages": MSG, "max_tokens": 100000}, 400),
+    ("max_tokens zero", COMP, {"prompt": "x", "max_tokens": 0}, 400),
+    ("max_tokens negative", COMP, {"prompt": "x", "max_tokens": -3}, 400),
+    ("negative temperature", CHAT, {"messages": MSG, "temperature": -1}, 400),
+    ("temperature as a string", COMP, {"prompt": "x", "temperature": "hot"}, 400),
+    ("top_p zero", COMP, {"prompt": "x", "top_p": 0}, 400),
+    ("top_p above one", COMP, {"prompt": "x", "top_p": 7}, 400),
+    ("n zero", COMP, {"prompt": "x", "n": 0}, 400),
+    ("n too large", COMP, {"prompt": "x", "n": 1000000}, 400),
+    ("logprobs too large", COMP, {"prompt": "x", "logprobs": 1000000}, 400),
+    ("top_logprobs too large", CHAT, {"messages": MSG, "logprobs": True, "top_logprobs": 1000000}, 400),
+    ("seed beyond int64", COMP, {"prompt": "x", "seed": 10 ** 30}, 400),
+    ("stop a number", COMP, {"prompt": "x", "stop": 5}, 400),
+    ("stream_options not an object", COMP, {"prompt": "x", "stream": True, "stream_options": 3}, 400),
+    ("logit_bias not an object", COMP, {"prompt": "x", "logit_bias": [1, 2]}, 400),
+]
+
+
+def test_bad_input_gets_only_4xx_in_openais_shape_and_the_replica_keeps_serving(server):
+    url, _ = server
+    assert len(BAD) >= 30
+    wrong = []
+    for name, path, body, status in BAD:
+        raw = body if isinstance(body, bytes) else None
+        got, payload = call(url, path, None if raw is not None else body, raw=raw)
+        if got != status or set(payload.get("error", {})) != {"message", "type", "param", "code"}:
+            wrong.append((name, got, payload))
+    assert not wrong, wrong
+    ok, body = call(url, COMP, {"prompt": PROMPT, "max_tokens": 4})
+    assert ok == 200 and body["choices"][0]["text"]
 
 
 def test_api_key_is_required(server):
@@ -150,3 +237,48 @@ def test_parallel_clients_through_a_live_weight_sync(server, embedded_model):
     while call(url, "/health", key=None)[1]["policy_version"] != 1 and time.time() < deadline:
         time.sleep(0.2)
     assert call(url, "/health", key=None)[1]["policy_version"] == 1
+
+
+def test_a_stalled_request_does_not_hold_up_a_weight_load(server, embedded_model):
+    """Long streams whose clients stop reading: the next version still loads within
+    serve.max_drain_seconds (plus a poll and the load), and each stream is cut with an error event
+    on its own version rather than continued on the new weights."""
+    import http.client
+    from urllib.parse import urlparse
+
+    from transformers import AutoModelForCausalLM
+
+    url, store = server
+    where = urlparse(url)
+    body = json.dumps({"prompt": PROMPT, "max_tokens": 480, "min_tokens": 480, "ignore_eos": True, "n": 16,
+                       "stream": True})
+    streams = []
+    for _ in range(3):
+        conn = http.client.HTTPConnection(where.hostname, where.port, timeout=180)
+        conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json",
+                                                        "Authorization": f"Bearer {KEY}"})
+        streams.append((conn, conn.getresponse()))   # headers only: the body is left unread for now
+    assert all(r.status == 200 for _, r in streams), [(r.status, r.read()[:300]) for _, r in streams]
+    before = call(url, "/health", key=None)[1]["policy_version"]
+    trained = AutoModelForCausalLM.from_pretrained(embedded_model, dtype=torch.float32)
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    buffer, layout = pack(trained.state_dict(), tied=True)
+    start = time.time()
+    store.publish.remote(before + 1, buffer.numpy(), layout)
+    while call(url, "/health", key=None)[1]["policy_version"] != before + 1 and time.time() - start < 120:
+        time.sleep(0.1)
+    took = time.time() - start
+    assert took < DRAIN + 15, f"the load waited {took:.1f}s for stalled requests"
+    cut = 0
+    for conn, response in streams:
+        events = [line[6:] for line in response.read().decode().splitlines() if line.startswith("data: ")]
+        conn.close()
+        assert events[-1] == "[DONE]"
+        payloads = [json.loads(e) for e in events[:-1]]
+        assert {p["policy_version"] for p in payloads if "error" not in p} == {before}
+        cut += any(p.get("error", {}).get("code") == "policy_updated" for p in payloads)
+    assert cut >= 1, "no stream outlasted the drain: make them longer"
+    ok, fresh = call(url, COMP, {"prompt": PROMPT, "max_tokens": 4})
+    assert ok == 200 and fresh["policy_version"] == before + 1

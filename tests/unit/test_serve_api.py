@@ -1,4 +1,4 @@
-"""The policy server's request rules and version gate (no Ray, no vLLM)."""
+"""The policy server's edge in front of vLLM's OpenAI layer, and its version gate (no Ray, no vLLM)."""
 
 import asyncio
 import json
@@ -9,57 +9,65 @@ from online_dpo import serve_api as api
 from online_dpo.serve import VersionGate
 
 
-def error_of(raw, model=api.ChatRequest):
+class FakeRequest:
+    """The two things read_body uses of a Starlette request."""
+
+    def __init__(self, body: bytes, declared: str | None = None, chunk: int = 1000):
+        self.headers = {} if declared is None else {"content-length": declared}
+        self.body, self.chunk = body, chunk
+
+    async def stream(self):
+        for i in range(0, len(self.body), self.chunk):
+            yield self.body[i:i + self.chunk]
+
+
+def read(req, limit):
+    return asyncio.run(api.read_body(req, limit))
+
+
+def test_bodies_over_the_limit_are_413_before_they_are_read_whole():
+    assert read(FakeRequest(b"x" * 5000), 5000) == b"x" * 5000
     with pytest.raises(api.APIError) as e:
-        api.parse(raw if isinstance(raw, bytes) else json.dumps(raw).encode(), model)
-    return e.value
+        read(FakeRequest(b"", declared="9999999"), 5000)   # refused on the declared length alone
+    assert e.value.status == 413 and "serve.max_body_bytes" in e.value.message
+    with pytest.raises(api.APIError) as e:
+        read(FakeRequest(b"x" * 6000), 5000)               # no length header: counted while reading
+    assert e.value.status == 413
 
 
-@pytest.mark.parametrize("raw,model,param", [
-    (b"{not json", api.ChatRequest, None),
-    (b"", api.CompletionRequest, None),
-    ([1, 2], api.ChatRequest, None),
-    ({}, api.ChatRequest, "messages"),
-    ({"messages": []}, api.ChatRequest, "messages"),
-    ({"model": "m"}, api.CompletionRequest, "prompt"),
-    ({"messages": "hello"}, api.ChatRequest, "messages"),
-    ({"messages": [{"role": "user", "content": 5}]}, api.ChatRequest, "messages.0.content"),
-    ({"messages": [{"role": "robot", "content": "x"}]}, api.ChatRequest, "messages.0.role"),
-    ({"prompt": "x", "temperature": -0.5}, api.CompletionRequest, "temperature"),
-    ({"prompt": "x", "max_tokens": "ten"}, api.CompletionRequest, "max_tokens"),
-    ({"prompt": "x", "max_tokens": 0}, api.CompletionRequest, "max_tokens"),
-    ({"prompt": "x", "top_p": 0}, api.CompletionRequest, "top_p"),
+@pytest.mark.parametrize("loc,path", [
+    (("messages", 0, "ChatCompletionDeveloperMessageParam", "content", "str"), "messages.0.content"),
+    (("stream",), "stream"),
+    (("prompt", "list[int]", 3), "prompt.3"),
+    (("function-after[check(), CompletionRequest]",), None),
 ])
-def test_bad_requests_are_400_naming_the_field(raw, model, param):
-    e = error_of(raw, model)
-    assert e.status == 400 and e.param == param
-    body = e.body()["error"]
-    assert body["type"] == "invalid_request_error" and body["message"]
+def test_error_locations_become_json_paths(loc, path):
+    assert api.field_path(loc) == path
 
 
-def test_good_requests_parse():
-    req = api.parse(json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5,
-                                "stream": True, "unknown_extra": 1}).encode(), api.ChatRequest)
-    assert req.stream and req.max_tokens == 5 and req.temperature == 1.0
-
-
-def test_unknown_model_is_404_and_context_is_checked():
-    api.check_model(None, "reviews")
-    api.check_model("reviews", "reviews")
-    with pytest.raises(api.APIError) as e:
-        api.check_model("gpt-4", "reviews")
-    assert e.value.status == 404 and e.value.code == "model_not_found"
-    api.check_context(10, 502, 512)
-    with pytest.raises(api.APIError) as e:
-        api.check_context(10, 503, 512)
-    assert e.value.status == 400 and e.value.param == "max_tokens"
-
-
-def test_bodies_name_the_policy_version():
-    body = api.chat_body("id", "m", 7, [], api.usage(3, 4))
-    assert body["policy_version"] == 7 and body["usage"]["total_tokens"] == 7
-    assert api.sse(api.completion_chunk("id", "m", 7, 0, "x", None)).startswith('data: {"id"')
+def test_versions_go_into_bodies_and_events_without_a_reparse():
+    body = api.with_version('{"id": "x", "choices": []}', 7)
+    assert json.loads(body) == {"policy_version": 7, "id": "x", "choices": []}
+    event = api.sse_with_version('data: {"id":"x","choices":[{"text":"a"}]}\n\n', 3)
+    assert event.startswith("data: ") and event.endswith("\n\n")
+    assert json.loads(event[6:])["policy_version"] == 3
+    assert api.sse_with_version("data: [DONE]\n\n", 3) == "data: [DONE]\n\n"
     assert api.sse("[DONE]") == "data: [DONE]\n\n"
+
+
+def test_too_many_choices_are_refused():
+    class Req:
+        n = 17
+    with pytest.raises(api.APIError) as e:
+        api.check_limits(Req(), max_n=16)
+    assert e.value.status == 400 and e.value.param == "n"
+    Req.n = 16
+    api.check_limits(Req(), max_n=16)
+
+
+def test_error_bodies_have_openais_shape():
+    body = api.APIError(404, "no such model", param="model", code="model_not_found").body()
+    assert set(body["error"]) == {"message", "type", "param", "code"}
 
 
 def test_version_gate_drains_requests_before_a_load_and_holds_new_ones():
@@ -73,8 +81,8 @@ def test_version_gate_drains_requests_before_a_load_and_holds_new_ones():
                 log.append(f"{name} end")
 
         async def load():
-            async with gate.load():
-                log.append("load")
+            async with gate.load() as revoked:
+                log.append(f"load revoked={revoked}")
                 await asyncio.sleep(0.02)
 
         first = asyncio.create_task(request("r1", 0.05))
@@ -85,4 +93,30 @@ def test_version_gate_drains_requests_before_a_load_and_holds_new_ones():
         await asyncio.gather(first, loader, second)
         return log
 
-    assert asyncio.run(scenario()) == ["r1 start", "r1 end", "load", "r2 start", "r2 end"]
+    assert asyncio.run(scenario()) == ["r1 start", "r1 end", "load revoked=0", "r2 start", "r2 end"]
+
+
+def test_a_stalled_request_cannot_hold_a_load_past_the_drain():
+    """A request that never ends: the load goes ahead after drain_seconds and revokes it; a request
+    that comes during the load waits for it and runs on the new version."""
+    async def scenario():
+        gate, version = VersionGate(drain_seconds=0.2), [0]
+        stalled = await gate.enter(lambda: version[0])
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        async with gate.load() as revoked:
+            waited = loop.time() - start
+            later = asyncio.create_task(gate.enter(lambda: version[0]))
+            await asyncio.sleep(0.05)
+            assert not later.done()   # held while the weights change
+            version[0] = 1
+        fresh = await later
+        await gate.exit(stalled)      # the stalled owner ends late: harmless
+        await gate.exit(fresh)
+        return waited, revoked, stalled, fresh, gate.active
+
+    waited, revoked, stalled, fresh, active = asyncio.run(scenario())
+    assert 0.2 <= waited < 1.0 and revoked == 1
+    assert stalled.revoked and stalled.version == 0
+    assert not fresh.revoked and fresh.version == 1
+    assert not active
