@@ -1,10 +1,12 @@
 """Requests/s and p50/p95 latency: the Ray Serve endpoint vs the same vLLM engine in-process.
 
-Both sides use the embedded default policy, the same engine settings (AsyncLLM,
-fp32, engine core in the calling process, as the CPU replicas run it), the same prompts, sampling settings and
-client concurrency. The Serve side goes through HTTP on 127.0.0.1 (Serve's
-proxy, the replica, the engine); the direct side calls AsyncLLM.generate in
-this process. Run: .venv/bin/python bench/serve_vs_direct.py [--requests 256 --concurrency 16]
+Both sides use the embedded default policy, AsyncLLM in fp32, the same prompts, sampling settings
+and client concurrency. The Serve side goes through HTTP on 127.0.0.1 with the Serve settings a run
+gets (cluster.SERVE_ENV): once to the replica's own port (Ray Serve's direct ingress: the replica
+with vLLM's OpenAI layer, the engine) and once through Serve's proxy in front of it. The direct side
+calls AsyncLLM.generate in this process, once per engine thread count (1 .. cores), and the best of
+those is the reference for the ratios.
+Run: .venv/bin/python bench/serve_vs_direct.py [--requests 256 --concurrency 16 --out FILE]
 """
 
 from __future__ import annotations
@@ -56,10 +58,11 @@ async def bench_serve(url: str, prompts, args) -> dict:
         return await drive(one, prompts, args.concurrency)
 
 
-async def bench_direct(model: str, prompts, args) -> dict:
+async def bench_direct(model: str, prompts, args, threads: int) -> dict:
     from vllm import AsyncEngineArgs, SamplingParams
     from vllm.v1.engine.async_llm import AsyncLLM
 
+    torch_threads(threads)
     engine = AsyncLLM.from_engine_args(AsyncEngineArgs(model=model, dtype="float32", enforce_eager=True))
     tok = engine.get_tokenizer()
 
@@ -76,15 +79,21 @@ async def bench_direct(model: str, prompts, args) -> dict:
         engine.shutdown()
 
 
+def torch_threads(n: int) -> None:
+    os.environ.update({"OMP_NUM_THREADS": str(n), "MKL_NUM_THREADS": str(n)})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--requests", type=int, default=256)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--out", default=None, help="also write the figures as JSON here")
+    parser.add_argument("--serve-only", action="store_true", help="measure the Serve side only (for tuning)")
     args = parser.parse_args()
 
     os.environ.update({"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind",
-                       "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": str(os.cpu_count()),
+                       "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
                        "VLLM_LOGGING_LEVEL": "WARNING", "TOKENIZERS_PARALLELISM": "false"})
     from online_dpo.embedded import EMBEDDED, embedded_prompts, resolve_model
 
@@ -92,8 +101,9 @@ def main() -> None:
     base = embedded_prompts("heldout")
     prompts = [base[i % len(base)] for i in range(args.requests)]
 
-    from online_dpo.cluster import use_loopback
+    from online_dpo.cluster import serve_defaults, use_loopback
     use_loopback()
+    serve_defaults()
     import ray
 
     from online_dpo import serve as serving
@@ -105,20 +115,34 @@ def main() -> None:
         port = s.getsockname()[1]
     cfg = ServeConfig(port=port, dtype="float32", num_cpus=os.cpu_count(), max_ongoing_requests=256)
     spec, options = serving.from_config(cfg, model, "reviews", None)
-    url = serving.deploy(spec, options, "127.0.0.1", port, "/")
-    serve_fig = asyncio.run(bench_serve(url, prompts, args))
+    proxy_url = serving.deploy(spec, options, "127.0.0.1", port, "/")
+    (replica_url,) = serving.replica_urls("/")
+    serve = {"replica": asyncio.run(bench_serve(replica_url, prompts, args)),
+             "proxy": asyncio.run(bench_serve(proxy_url, prompts, args))}
     serving.undeploy()
     ray.shutdown()
-    direct_fig = asyncio.run(bench_direct(model, prompts, args))
+    if args.serve_only:
+        print(json.dumps({"serve": serve}))
+        return
+    directs = {n: asyncio.run(bench_direct(model, prompts, args, n)) for n in range(1, os.cpu_count() + 1)}
+    best = max(directs, key=lambda n: directs[n]["req_s"])
+    ref = directs[best]
 
     print(f"{args.requests} requests, {args.concurrency} concurrent clients, max_tokens {args.max_tokens}, "
           f"{os.cpu_count()} CPU cores")
-    print(f"{'':22}{'req/s':>8}{'p50 ms':>10}{'p95 ms':>10}")
-    for name, f in (("Ray Serve (HTTP)", serve_fig), ("vLLM in-process", direct_fig)):
-        print(f"{name:22}{f['req_s']:8.1f}{f['p50_ms']:10.1f}{f['p95_ms']:10.1f}")
-    print(f"{'ratio serve/direct':22}{serve_fig['req_s'] / direct_fig['req_s']:8.2f}"
-          f"{serve_fig['p50_ms'] / direct_fig['p50_ms']:10.2f}{serve_fig['p95_ms'] / direct_fig['p95_ms']:10.2f}")
-    print(json.dumps({"serve": serve_fig, "direct": direct_fig}))
+    print(f"{'':30}{'req/s':>8}{'p50 ms':>10}{'p95 ms':>10}{'ratio':>8}")
+    rows = [("Ray Serve, replica's own port", serve["replica"]), ("Ray Serve, through its proxy", serve["proxy"])]
+    rows += [(f"vLLM in-process, {n} thread(s)", f) for n, f in directs.items()]
+    for name, f in rows:
+        print(f"{name:30}{f['req_s']:8.1f}{f['p50_ms']:10.1f}{f['p95_ms']:10.1f}{f['req_s'] / ref['req_s']:8.2f}")
+    result = {"requests": args.requests, "concurrency": args.concurrency, "max_tokens": args.max_tokens,
+              "cores": os.cpu_count(), "serve": serve, "direct_best_threads": best,
+              "direct": {str(n): f for n, f in directs.items()},
+              "ratio_req_s": {k: f["req_s"] / ref["req_s"] for k, f in serve.items()}}
+    print(json.dumps(result))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
 
 
 if __name__ == "__main__":

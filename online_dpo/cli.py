@@ -129,8 +129,9 @@ def cmd_serve(args) -> int:
             lora_rank=run_cfg.model.lora.rank if adapter is not None else None,
             adapter_dir=str(adapter.resolve()) if adapter is not None else None)
         url = serving.deploy(spec, options, serve_cfg.host, serve_cfg.port, serve_cfg.route_prefix)
+        where = serving.describe(url, serving.replica_urls(serve_cfg.route_prefix))
         what = f"{model_path} with the adapter {adapter}" if adapter is not None else model_path
-        print(f"[online-dpo] serving {what} as '{name}' at {url}/v1 (Ctrl-C to stop)", flush=True)
+        print(f"[online-dpo] serving {what} as '{name}' at {where} (Ctrl-C to stop)", flush=True)
         while True:
             time.sleep(3600)
     except ValueError as e:

@@ -119,11 +119,11 @@ class Controller:
             topo.form_weight_group()
             if cfg.serve.enabled:
                 topo.start_serving(cfg, policy_path)
-                self.log.info(f"serving the live policy at {topo.serve_url}/v1 "
+                self.log.info(f"serving the live policy at {topo.serve_where} "
                               f"(model '{cfg.serve.model_name or cfg.run.name}')")
             result = self.run_loop(topo, learner, source, heldout)
             if topo.serve_url and cfg.serve.keep_alive:
-                self.log.info(f"training done; serving the final policy at {topo.serve_url}/v1 until Ctrl-C")
+                self.log.info(f"training done; serving the final policy at {topo.serve_where} until Ctrl-C")
                 _wait_forever()
             return result
         finally:

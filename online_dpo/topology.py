@@ -203,7 +203,7 @@ class Topology:
                  rendezvous=None, workers_per_sampler: int = 1):
         self.samplers, self.judges, self.broker, self.store, self.files = samplers, judges, broker, store, files
         self.rendezvous, self.workers_per_sampler = rendezvous, workers_per_sampler
-        self.serve_url = None
+        self.serve_url = self.serve_where = None
 
     @classmethod
     def start(cls, cfg: Config, policy_path: str) -> "Topology":
@@ -277,6 +277,7 @@ class Topology:
                                             namespace, cfg.run.log_level, self.files,
                                             lora_rank=cfg.model.lora.rank if cfg.model.lora else None)
         self.serve_url = serving.deploy(spec, options, cfg.serve.host, cfg.serve.port, cfg.serve.route_prefix)
+        self.serve_where = serving.describe(self.serve_url, serving.replica_urls(cfg.serve.route_prefix))
 
     def restarts(self) -> dict:
         return {"sampler": self.samplers.stats(), "judge": self.judges.stats()}

@@ -22,9 +22,10 @@ def embedded_model() -> str:
 @pytest.fixture(scope="session")
 def ray_local():
     """A local single-node Ray cluster bound to 127.0.0.1, shared by the Ray tests."""
-    from online_dpo.cluster import use_loopback
+    from online_dpo.cluster import serve_defaults, use_loopback
 
     use_loopback()
+    serve_defaults()
     import ray
 
     here = os.path.dirname(os.path.abspath(__file__))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -119,9 +120,15 @@ def test_serve_a_finished_run_directory_until_interrupted(live_run):
     try:
         health = wait_healthy(f"http://127.0.0.1:{port}", proc)
         assert health["model"] == run_dir.name
-        body = post(f"http://127.0.0.1:{port}/v1/chat/completions",
-                    {"messages": [{"role": "user", "content": "Write a review of this kettle."}], "max_tokens": 16})
-        assert body["choices"][0]["message"]["content"] and body["model"] == run_dir.name
+        line = ""
+        while "serving" not in line:
+            line = proc.stdout.readline()
+        urls = re.findall(r"http://[0-9.:]+/v1", line)   # Serve's proxy, then the replica's own port
+        assert len(urls) == 2 and urls[0] == f"http://127.0.0.1:{port}/v1", line
+        for url in urls:
+            body = post(url + "/chat/completions", {"messages": [{"role": "user", "content": "Write a review."}],
+                                                    "max_tokens": 16})
+            assert body["choices"][0]["message"]["content"] and body["model"] == run_dir.name
     finally:
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=120)

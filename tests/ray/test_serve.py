@@ -1,7 +1,9 @@
-"""Real Ray Serve on loopback with the embedded default, through vLLM's OpenAI layer: the official
-openai client over the full surface (n, logprobs, stop, seed, echo, batched prompts, usage, streams
-with usage), 32 parallel clients through a live weight sync, a bad-input suite that gets only 4xx,
-the API key, and a load that does not wait for stalled requests past serve.max_drain_seconds."""
+"""Real Ray Serve on loopback with the embedded default, through vLLM's OpenAI layer, both through
+Serve's proxy and to the replica's own port (direct ingress): the official openai client over the
+full surface (n, logprobs, stop, seed, echo, batched prompts, usage, streams with usage), 32
+parallel clients through a live weight sync, a bad-input suite that gets only 4xx, the API key, a
+load that does not wait for stalled requests past serve.max_drain_seconds, and nothing of Serve's
+listening beyond 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -44,6 +46,20 @@ def server(ray_local, embedded_model):
     yield url, store
     serving.undeploy()
     ray_local.kill(store)
+
+
+@pytest.fixture(scope="module")
+def replica_url(server):
+    """The replica's own address (Ray Serve's direct ingress, on in clusters online-dpo starts)."""
+    urls = serving.replica_urls("/")
+    assert len(urls) == 1 and urls[0] != server[0], urls
+    assert urls[0].startswith("http://127.0.0.1:")   # direct ingress keeps serve.host
+    return urls[0]
+
+
+@pytest.fixture(params=["replica", "proxy"])
+def endpoint(request, server, replica_url):
+    return replica_url if request.param == "replica" else server[0]
 
 
 def call(url, path, body=None, key=KEY, raw=None, timeout=60):
@@ -89,10 +105,10 @@ def test_openai_client_completion_chat_and_streams(server):
     assert status == 200 and health["policy_version"] == 0
 
 
-def test_the_full_openai_surface_through_the_openai_client(server):
+def test_the_full_openai_surface_through_the_openai_client(endpoint):
     from openai import OpenAI
 
-    url, _ = server
+    url = endpoint
     client = OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=60)
     # n, logprobs, echo, usage
     c = client.completions.create(model=NAME, prompt=PROMPT, max_tokens=6, n=2, logprobs=2, echo=True)
@@ -170,8 +186,8 @@ BAD = [   # (name, path, body or raw bytes, status)
 ]
 
 
-def test_bad_input_gets_only_4xx_in_openais_shape_and_the_replica_keeps_serving(server):
-    url, _ = server
+def test_bad_input_gets_only_4xx_in_openais_shape_and_the_replica_keeps_serving(endpoint):
+    url = endpoint
     assert len(BAD) >= 30
     wrong = []
     for name, path, body, status in BAD:
@@ -184,16 +200,30 @@ def test_bad_input_gets_only_4xx_in_openais_shape_and_the_replica_keeps_serving(
     assert ok == 200 and body["choices"][0]["text"]
 
 
-def test_api_key_is_required(server):
-    url, _ = server
+def test_api_key_is_required(endpoint):
+    url = endpoint
     for key in (None, "wrong"):
         status, payload = call(url, "/v1/completions", {"prompt": "x", "max_tokens": 2}, key=key)
         assert status == 401 and payload["error"]["code"] == "invalid_api_key"
     assert call(url, "/v1/models", key=None)[0] == 401
 
 
-def test_parallel_clients_through_a_live_weight_sync(server, embedded_model):
-    """32 clients x 4 requests; a new policy version is published while they run."""
+def test_serving_listens_on_loopback_only(server, replica_url):
+    """Serve's proxy, the replica's HTTP port and its internal gRPC port (Ray binds that one to
+    every interface unless serve.py narrows it) are all on 127.0.0.1."""
+    import psutil
+
+    replicas = [p for p in psutil.process_iter(["cmdline"])
+                if (p.info["cmdline"] or [""])[0].startswith("ray::ServeReplica")]
+    assert replicas
+    for proc in replicas:
+        listening = [c.laddr for c in proc.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+        assert listening and all(a.ip in ("127.0.0.1", "::ffff:127.0.0.1") for a in listening), listening
+
+
+def test_parallel_clients_through_a_live_weight_sync(server, replica_url, embedded_model):
+    """32 clients x 4 requests, half through Serve's proxy and half to the replica's own port; a new
+    policy version is published while they run."""
     from transformers import AutoModelForCausalLM
 
     url, store = server
@@ -206,7 +236,7 @@ def test_parallel_clients_through_a_live_weight_sync(server, embedded_model):
                     if (i + j) % 2 else {"prompt": "I bought this kettle last month and", "max_tokens": 16})
             path = "/v1/chat/completions" if (i + j) % 2 else "/v1/completions"
             try:
-                status, payload = call(url, path, body, timeout=120)
+                status, payload = call(replica_url if i % 2 else url, path, body, timeout=120)
                 with lock:
                     (results if status == 200 else errors).append((i, j, status, payload.get("policy_version")))
             except Exception as e:  # a dropped connection counts as a failure too

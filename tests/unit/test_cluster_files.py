@@ -79,3 +79,30 @@ def test_runtime_env_is_valid():
 
     env = yaml.safe_load((ROOT / "cluster" / "runtime_env.yaml").read_text())
     RuntimeEnv(**env)
+
+
+def test_cluster_files_start_ray_with_the_serve_settings_of_local_clusters():
+    """Serve's settings are read when a cluster starts: every way to launch one sets them all."""
+    from online_dpo.cluster import SERVE_ENV
+
+    launcher = yaml.safe_load((ROOT / "cluster" / "gpu-cluster.yaml").read_text())
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        (start,) = [c for c in launcher[key] if "ray start" in c]
+        assert all(f"{k}={v}" in start.split(";")[0].split() for k, v in SERVE_ENV.items()), start
+    for name in ("raycluster.yaml", "rayjob.yaml"):
+        text = (ROOT / "cluster" / "kuberay" / name).read_text()
+        containers = [c for spec in _pod_specs(yaml.safe_load(text)) for c in spec["containers"]]
+        assert containers
+        for c in containers:
+            assert {e["name"]: e["value"] for e in c.get("env", [])} == SERVE_ENV, (name, c["name"])
+
+
+def _pod_specs(node):
+    if isinstance(node, dict):
+        if "containers" in node:
+            yield node
+        for v in node.values():
+            yield from _pod_specs(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _pod_specs(v)
