@@ -12,7 +12,7 @@ import torch
 
 from online_dpo.engine import EngineSpec, engine_env
 from online_dpo.sampler import Sampler
-from online_dpo.sequences import pack, token_logprobs
+from online_dpo.sequences import SequenceScorer, pack, token_logprobs
 from online_dpo.weight_sync import PolicyStore
 from online_dpo.weight_sync import pack as pack_weights
 
@@ -25,6 +25,27 @@ def hf_token_logprobs(model, prompt_ids, response_ids) -> torch.Tensor:
     with torch.no_grad():
         lp = token_logprobs(model(input_ids=ids, attention_mask=attn).logits, ids)
     return lp[0, len(prompt_ids) - 1:len(prompt_ids) - 1 + len(response_ids)]
+
+
+def lora_dpo_steps(peft, tok, prompt_ids, steps: int) -> None:
+    """`steps` DPO steps on a LoRA policy as the learner takes them: the reference is the same model
+    with its adapters off, and only the adapters train."""
+    from online_dpo.trainer import AdaptersOff, DPOStep, LearnerSpec
+    from online_dpo.types import Completion, PreferencePair
+
+    def completion(text):
+        return Completion(tuple(tok(text)["input_ids"] + [tok.eos_token_id]), text, "stop", 0)
+
+    pairs = [PreferencePair(PROMPT, tuple(prompt_ids), completion(" it is excellent. Five stars."),
+                            completion(" it broke after a week. It is the worst."), 1.0, -1.0)] * 4
+    trainable = [p for p in peft.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=5e-3)
+    spec = LearnerSpec(policy="x", reference="x", batch_size=4, micro_batch_size=4, beta=0.1)
+    step = DPOStep(SequenceScorer(peft), AdaptersOff(peft), opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
+                   spec, pad_id=0, device=torch.device("cpu"))
+    for _ in range(steps):
+        stats = step(pairs)
+    assert stats["rewards/margin"] > 0   # the steps moved the policy away from its reference
 
 
 def start_sampler(ray, model: str, name: str, threads: int = 1, lora_rank: int | None = None):
@@ -188,12 +209,9 @@ def test_lora_sync_moves_only_the_adapter_and_the_sampler_matches_peft(ray_local
         peft = lora_model(load_causal_lm(embedded_model, torch.float32),
                           {"rank": 8, "alpha": 16.0, "dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj",
                                                                                         "o_proj", "gate_proj", "up_proj",
-                                                                                        "down_proj"]}).eval()
-        torch.manual_seed(2)
-        with torch.no_grad():
-            for name, p in peft.named_parameters():
-                if "lora_B" in name:
-                    p.normal_(0, 0.05)
+                                                                                        "down_proj"]})
+        lora_dpo_steps(peft, tok, prompt, steps=3)   # what the learner does with model.lora
+        peft.eval()
         expected = hf_token_logprobs(peft, prompt, response)
         with peft.disable_adapter():
             off = hf_token_logprobs(peft, prompt, response)
