@@ -34,7 +34,7 @@ SERVE_ENV = {
     # Ray Serve's direct ingress: each policy-server replica answers HTTP on a port of its own
     # (Ray's range, from 30000), beside Serve's proxy on serve.port, which then runs on the head
     # node only. A request to a replica skips the proxy hop and its callbacks for the body: on
-    # 2 cores 105 -> 183 req/s, as fast as the engine called in-process (bench/serve_vs_direct.py).
+    # 2 cores 95 -> 153 req/s, 0.90 of the engine called in-process (bench/serve_vs_direct.py).
     "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
     # Ray holds a stopping direct-ingress replica 30 s for an outside load balancer to notice;
     # there is none by default, so stopping serving takes a second, not half a minute.

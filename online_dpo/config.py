@@ -279,7 +279,8 @@ class ServeConfig(Section):
     max_replicas: int | None = Field(None, ge=1, description="autoscaling upper bound")
     num_cpus: float = Field(1.0, ge=0)
     num_gpus: float = Field(0.0, ge=0)
-    num_threads: int | None = Field(None, ge=1)
+    num_threads: int | None = Field(None, ge=1, description="engine threads on CPU; default num_cpus - 1 "
+                                    "(at least 1): the replica's Python needs a core")
     max_ongoing_requests: int = Field(64, ge=1)
     default_max_tokens: int = Field(128, ge=1)
     api_key_env: str | None = Field(None, description="environment variable holding the API key")
