@@ -361,22 +361,36 @@ def deploy(spec: ServerSpec, options: dict, host: str, port: int, route_prefix: 
 def replica_urls(route_prefix: str, wait_s: float = 3.0) -> list[str]:
     """Each replica's own HTTP address under Ray Serve's direct ingress (cluster.SERVE_ENV): a
     request there skips the proxy. Empty where the cluster runs Serve without direct ingress
-    (Ray then lists only its proxies, which this leaves out)."""
+    (Ray then lists only its proxies, which this leaves out). With serve.host on loopback, only
+    the replicas on this node are listed: the others listen on their own node's loopback."""
     import time
 
     import ray
     from ray.serve.context import _get_global_client
 
     client = _get_global_client()
-    proxy_port = client.http_config.port
+    proxy_port, host = client.http_config.port, client.http_config.host
+
+    def reachable(t) -> bool:   # a replica bound to loopback (serve.host) on another node is not
+        return t.port != proxy_port and (not loopback(host) or t.ip == host)
+
     deadline = time.monotonic() + wait_s
     while True:   # a replica's port reaches the controller a control-loop tick after it starts
         groups = ray.get(client._controller.get_target_groups.remote(APP_NAME))
         urls = sorted(f"http://{t.ip}:{t.port}{route_prefix.rstrip('/')}" for g in groups
-                      if g.protocol == "HTTP" for t in g.targets if t.port != proxy_port)
+                      if g.protocol == "HTTP" for t in g.targets if reachable(t))
         if urls or time.monotonic() > deadline:
             return urls
         time.sleep(0.2)
+
+
+def loopback(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def describe(url: str, replicas: list[str]) -> str:

@@ -120,3 +120,10 @@ def test_a_stalled_request_cannot_hold_a_load_past_the_drain():
     assert stalled.revoked and stalled.version == 0
     assert not fresh.revoked and fresh.version == 1
     assert not active
+
+
+def test_loopback_hosts():
+    from online_dpo.serve import loopback
+
+    assert loopback("127.0.0.1") and loopback("localhost") and loopback("::1")
+    assert not loopback("0.0.0.0") and not loopback("10.0.0.5") and not loopback("head.example")
