@@ -209,8 +209,8 @@ def test_api_key_is_required(endpoint):
 
 
 def test_serving_listens_on_loopback_only(server, replica_url):
-    """Serve's proxy, the replica's HTTP port and its internal gRPC port (Ray binds that one to
-    every interface unless serve.py narrows it) are all on 127.0.0.1."""
+    """Every port the replica listens on is on 127.0.0.1: its own HTTP port (direct ingress) and its
+    internal gRPC port, which Ray binds to every interface unless serve.py narrows it."""
     import psutil
 
     replicas = [p for p in psutil.process_iter(["cmdline"])
