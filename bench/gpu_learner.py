@@ -1,31 +1,42 @@
 """The learner on one GPU: DPO-step MFU and peak memory against the GEMM ceiling of the same run,
-DDP and FSDP, and the pack time of the weight transfer.
+DDP and FSDP, with and without Liger's fused kernels, and the pack time of the weight transfer.
 
-Torch and transformers only (no Ray, no vLLM), so it runs on a bare GPU box:
+Torch and transformers only (no Ray, no vLLM), so it runs on a bare GPU box.
+Liger (liger-kernel, pure Python over Triton) is optional: its settings are
+skipped, and say so, when it is not importable. On a GPU box without it,
+carry its wheel and unzip it onto the path:
 
     python bench/gpu_learner.py                    # writes bench/results/gpu_learner.json
-    python bench/gpu_learner.py --shapes tiny      # a CPU smoke run of the same code
+    python -m zipfile -e liger_kernel-0.8.5-py3-none-any.whl /tmp/liger &&
+        PYTHONPATH=/tmp/liger python bench/gpu_learner.py
+    python bench/gpu_learner.py --shapes tiny --settings ddp-full-logits-mb8 ddp-chunked-tokens   # CPU smoke
 
 For each model shape (Qwen2.5-0.5B and -1.5B geometry, random weights) it
 takes DPO steps (`online_dpo.trainer.DPOStep` on `SequenceScorer`s, bf16
 autocast over fp32 master weights, policy and reference alike) on 32 pairs
-x (128 prompt + ~250 response tokens) in several settings:
-
-- `ddp`, micro-batches of 8 pairs, full logits (the old learner);
-- `ddp` with the LM head in checkpointed chunks and micro-batches sized by tokens;
-- the same with every 2nd decoder layer recomputed in backward;
-- `fsdp` (FSDP2, one rank) with chunks, token micro-batches and checkpointing.
+x (128 prompt + ~250 response tokens) in the settings of SETTINGS: full
+logits in micro-batches of 8 pairs (the old learner), the LM head in
+checkpointed chunks or through Liger's fused linear cross-entropy,
+micro-batches sized by tokens, every k-th decoder layer recomputed in
+backward, and FSDP2 (one rank). Each run also records how far its
+sequence log-probs are from the full-logits function in float32 on two
+pairs (`logp_max_abs_diff`; the learner's options must agree within 1e-4).
 
 MFU counts the policy's forward and backward passes and the reference's
 forward pass over real tokens (4x the forward FLOPs: 2 x parameters per
-token plus attention) against a bf16 8192^3 GEMM timed in the same run. The
-transfer figure is `weight_sync.pack` of the bf16 weights: one pinned
-device-to-host copy into a flat buffer, what a publish costs the learner.
+token plus attention; recomputation is not counted) against a bf16 8192^3
+GEMM timed in the same run. The transfer figure is `weight_sync.pack` of the
+bf16 weights as a publish runs it: one device-to-host copy into a pinned
+buffer that is kept between publishes (`first_seconds` includes pinning it).
+
+The JSON is rewritten after every run, and no new run starts after
+`--budget-s`, so a run cut short still leaves its figures.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -35,7 +46,8 @@ from pathlib import Path
 
 import torch
 
-from online_dpo.sequences import SequenceScorer
+from online_dpo.sequences import SequenceScorer, sequence_logprobs
+from online_dpo.sequences import pack as pack_rows
 from online_dpo.trainer import DPOStep, LearnerSpec, lr_lambda
 from online_dpo.types import Completion, PreferencePair
 from online_dpo.weight_sync import pack
@@ -48,13 +60,43 @@ SHAPES = {
     "tiny": dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                  num_attention_heads=1, num_key_value_heads=1, head_dim=64, tie_word_embeddings=True),
 }
-# name -> (strategy, micro_batch pairs, micro_batch_tokens, logprob_chunk, checkpoint_every_layers)
+# name -> (strategy, micro_batch pairs, micro_batch_tokens, LM head, logprob_chunk, checkpoint_every_layers)
 SETTINGS = {
-    "ddp-full-logits-mb8": ("ddp", 8, None, None, 0),
-    "ddp-chunked-tokens": ("ddp", 32, 16384, 64, 0),
-    "ddp-chunked-tokens-ac2": ("ddp", 32, 24576, 64, 2),
-    "fsdp-chunked-tokens-ac2": ("fsdp", 32, 24576, 64, 2),
+    "ddp-full-logits-mb8": ("ddp", 8, None, "full", None, 0),
+    "ddp-chunked-tokens": ("ddp", 32, 16384, "chunked", 64, 0),
+    "ddp-chunked-tokens-ac2": ("ddp", 32, 24576, "chunked", 64, 2),
+    "fsdp-chunked-tokens-ac2": ("fsdp", 32, 24576, "chunked", 64, 2),
+    "ddp-liger-tokens": ("ddp", 32, 16384, "liger", None, 0),
+    "ddp-liger-tokens-ac4": ("ddp", 32, 24576, "liger", None, 4),
+    "ddp-liger-tokens-ac2": ("ddp", 32, 24576, "liger", None, 2),
+    "ddp-liger-tokens-ac1": ("ddp", 32, 24576, "liger", None, 1),
+    "fsdp-liger-tokens-ac2": ("fsdp", 32, 24576, "liger", None, 2),
 }
+
+
+def liger_missing() -> str | None:
+    """Why Liger's settings cannot run here, or None."""
+    try:
+        import liger_kernel.transformers  # noqa: F401
+    except ImportError as e:
+        return f"liger-kernel is not importable ({e})"
+    if not torch.cuda.is_available():
+        return "Liger's kernels need CUDA"
+    return None
+
+
+@contextlib.contextmanager
+def module_globals_kept():
+    """Liger's instance patch also swaps classes and functions in transformers' qwen2 module; put them
+    back afterwards so later runs build plain models."""
+    from transformers.models.qwen2 import modeling_qwen2
+
+    saved = dict(vars(modeling_qwen2))
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(modeling_qwen2, name, value)
 
 
 def gemm_tflops(device) -> float:
@@ -100,26 +142,44 @@ def forward_flops(cfg, batch: list) -> float:
     return total
 
 
+def parity(scorer, lm, batch, device) -> float:
+    """Largest |log-prob difference| between `scorer` and full logits, float32, no autocast."""
+    rows = pack_rows([p.prompt_ids for p in batch], [p.chosen.token_ids for p in batch], 0)
+    ids, attn, resp = (t.to(device) for t in rows)
+    with torch.no_grad():
+        full = sequence_logprobs(lm(input_ids=ids, attention_mask=attn, use_cache=False).logits, ids, resp)
+        return float((scorer(ids, attn, resp) - full).abs().max())
+
+
 def run(shape: str, setting: str, device, steps: int) -> dict:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
+    from online_dpo.sequences import use_liger_kernels
     from online_dpo.sharding import checkpoint_layers, strategy
 
-    kind, micro, tokens, chunk, every = SETTINGS[setting]
+    kind, micro, tokens, head, chunk, every = SETTINGS[setting]
     torch.manual_seed(0)
     cfg = Qwen2Config(**SHAPES[shape])
-    lm = Qwen2ForCausalLM(cfg)
-    reference = SequenceScorer(copy.deepcopy(lm), chunk).to(device).eval().requires_grad_(False)
+    with torch.device(device):
+        lm = Qwen2ForCausalLM(cfg)
+    ref_lm = copy.deepcopy(lm)
+    if head == "liger":
+        use_liger_kernels(lm)
+        use_liger_kernels(ref_lm)
+    reference = SequenceScorer(ref_lm, chunk, head).eval().requires_grad_(False)
+    tiny = shape == "tiny"
+    batch = pairs(cfg.vocab_size, n=8 if tiny else 32, response=20 if tiny else 250)
+    diff = parity(reference, ref_lm, batch[:2], device)
     checkpoint_layers(lm, every)
     strat = strategy(kind)
-    model = strat.wrap(SequenceScorer(lm, chunk), device) if kind == "fsdp" else \
-        torch.nn.parallel.DistributedDataParallel(SequenceScorer(lm, chunk).to(device))
+    model = strat.wrap(SequenceScorer(lm, chunk, head), device) if kind == "fsdp" else \
+        torch.nn.parallel.DistributedDataParallel(SequenceScorer(lm, chunk, head))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda("constant", 0, 100))
-    spec = LearnerSpec(policy="x", reference="x", dtype="bfloat16", batch_size=32, micro_batch_size=micro,
-                       micro_batch_tokens=tokens, strategy=kind, logprob_chunk=chunk, checkpoint_every_layers=every)
+    spec = LearnerSpec(policy="x", reference="x", dtype="bfloat16", batch_size=len(batch), micro_batch_size=micro,
+                       micro_batch_tokens=tokens, strategy=kind, logprob_chunk=chunk, checkpoint_every_layers=every,
+                       liger_kernels=head == "liger")
     step = DPOStep(model, reference, opt, sched, spec, 0, device, strat)
-    batch = pairs(cfg.vocab_size, n=32 if shape != "tiny" else 8, response=250 if shape != "tiny" else 20)
     for _ in range(2):
         step(batch)
     sync(device)
@@ -127,38 +187,42 @@ def run(shape: str, setting: str, device, steps: int) -> dict:
         torch.cuda.reset_peak_memory_stats()
     start = time.time()
     for _ in range(steps):
-        step(batch)
+        out = step(batch)
     sync(device)
     seconds = (time.time() - start) / steps
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else 0.0
-    del model, reference, opt, step
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return {"shape": shape, "strategy": kind, "setting": setting, "micro_batch": micro,
-            "micro_batch_tokens": tokens, "logprob_chunk": chunk, "checkpoint_every_layers": every,
-            "ms_per_step": round(seconds * 1000, 1), "flops_per_step": 4 * forward_flops(cfg, batch),
-            "peak_gib": round(peak, 1)}
+            "micro_batch_tokens": tokens, "head": head, "logprob_chunk": chunk, "checkpoint_every_layers": every,
+            "micro_batches": int(out["micro_batches"]), "ms_per_step": round(seconds * 1000, 1),
+            "flops_per_step": 4 * forward_flops(cfg, batch), "peak_gib": round(peak, 1),
+            "logp_max_abs_diff": diff}
 
 
 def transfer(shape: str, device) -> dict:
+    """`pack` as `publish` runs it (reuse=True), three times: the first pins the buffer."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    lm = Qwen2ForCausalLM(Qwen2Config(**SHAPES[shape])).to(device)
-    pack(lm.state_dict(), torch.bfloat16, tied=True)   # warm-up (pinned allocation paths)
-    sync(device)
-    start = time.time()
-    buffer, _ = pack(lm.state_dict(), torch.bfloat16, tied=True)
-    seconds = time.time() - start
-    return {"shape": shape, "seconds": round(seconds, 4), "bytes": int(buffer.numel())}
+    with torch.device(device):
+        lm = Qwen2ForCausalLM(Qwen2Config(**SHAPES[shape]))
+    times = []
+    for _ in range(3):
+        sync(device)
+        start = time.time()
+        buffer, _ = pack(lm.state_dict(), torch.bfloat16, tied=True, reuse=True)
+        times.append(time.time() - start)
+    return {"shape": shape, "seconds": round(min(times[1:]), 4), "first_seconds": round(times[0], 4),
+            "bytes": int(buffer.numel())}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shapes", nargs="+", default=["qwen2.5-0.5b", "qwen2.5-1.5b"])
-    p.add_argument("--settings", nargs="+", default=list(SETTINGS))
+    p.add_argument("--shapes", nargs="+", default=["qwen2.5-0.5b", "qwen2.5-1.5b"], choices=list(SHAPES))
+    p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--budget-s", type=float, default=480, help="start no new run after this many seconds")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "gpu_learner.json"))
     args = p.parse_args()
+    began = time.time()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29581")
@@ -167,27 +231,39 @@ def main() -> None:
         torch.cuda.set_device(0)
     ceiling = gemm_tflops(device)
     print(f"GEMM ceiling: {ceiling:.0f} TFLOP/s on {device}", flush=True)
-    runs = []
+    result = {"device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
+              "torch": torch.__version__, "gemm_tflops": round(ceiling, 1), "runs": [], "transfer": []}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def record(key: str, item: dict) -> None:
+        result[key].append(item)
+        print(json.dumps(item), flush=True)
+        out.write_text(json.dumps(result, indent=1) + "\n")
+
+    for shape in args.shapes:
+        record("transfer", transfer(shape, device))
+    no_liger = liger_missing()
     for shape in args.shapes:
         for setting in args.settings:
+            if time.time() - began > args.budget_s:
+                record("runs", {"shape": shape, "setting": setting, "error": "skipped: --budget-s spent"})
+                continue
+            if SETTINGS[setting][3] == "liger" and no_liger:
+                record("runs", {"shape": shape, "setting": setting, "error": f"skipped: {no_liger}"})
+                continue
             try:
-                r = run(shape, setting, device, args.steps)
+                with module_globals_kept():
+                    r = run(shape, setting, device, args.steps)
+                r["mfu"] = round(r["flops_per_step"] / (r["ms_per_step"] / 1000) / (ceiling * 1e12), 3)
             except torch.OutOfMemoryError:
                 r = {"shape": shape, "setting": setting, "error": "out of memory"}
+            except Exception as e:   # one setting failing must not lose the others' figures
+                r = {"shape": shape, "setting": setting, "error": f"{type(e).__name__}: {str(e)[:300]}"}
+            if device.type == "cuda":
                 torch.cuda.empty_cache()
-            if "ms_per_step" in r:
-                r["mfu"] = round(r["flops_per_step"] / (r["ms_per_step"] / 1000) / (ceiling * 1e12), 3)
-            runs.append(r)
-            print(json.dumps(r), flush=True)
-    moves = [transfer(shape, device) for shape in args.shapes]
-    for t in moves:
-        print(json.dumps(t), flush=True)
-    name = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"
-    result = {"device": name, "torch": torch.__version__, "gemm_tflops": round(ceiling, 1), "runs": runs,
-              "transfer": moves}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {args.out}")
+            record("runs", r)
+    print(f"wrote {out} in {time.time() - began:.0f} s")
     torch.distributed.destroy_process_group()
 
 

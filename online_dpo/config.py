@@ -214,6 +214,8 @@ class TrainConfig(Section):
     logprob_chunk: int | None = Field(None, gt=0, description="compute the LM head in chunks of this many "
                                                               "positions (no full fp32 logits)")
     checkpoint_every_layers: int = Field(0, ge=0, description="recompute every k-th decoder layer in backward")
+    liger_kernels: bool = Field(False, description="Liger's fused Triton kernels (RMSNorm, SwiGLU, RoPE, linear "
+                                                   "cross-entropy for the log-probs); needs train.use_gpu")
     max_steps: int = Field(100, gt=0)
     max_failures: int = Field(3, ge=-1, description="Ray Train restarts of the gang from its latest checkpoint")
     max_kl: float | None = Field(None, gt=0, description="stop early once the KL estimate (nats per sequence, "
@@ -230,6 +232,9 @@ class TrainConfig(Section):
         if self.batch_size % self.num_workers:
             raise ValueError(f"train.batch_size ({self.batch_size}) must be a multiple of train.num_workers "
                              f"({self.num_workers})")
+        if self.liger_kernels and not self.use_gpu:
+            raise ValueError("train.liger_kernels needs train.use_gpu: true (Liger's kernels are Triton, CUDA "
+                             "only); set train.liger_kernels: false on CPU")
         if self.micro_batch_tokens is None and self.batch_size % per_pass:
             raise ValueError(
                 f"train.batch_size ({self.batch_size}) must be a multiple of train.num_workers x "

@@ -26,6 +26,7 @@ def learner_spec(cfg: Config, policy: str, reference: str, files=None) -> Learne
                        batch_size=t.batch_size, micro_batch_size=t.micro_batch_size,
                        micro_batch_tokens=t.micro_batch_tokens, max_steps=t.max_steps, strategy=t.strategy,
                        logprob_chunk=t.logprob_chunk, checkpoint_every_layers=t.checkpoint_every_layers,
+                       liger_kernels=t.liger_kernels,
                        seed=cfg.run.seed if t.seed is None else t.seed,
                        num_threads=threads_for(t.num_cpus_per_worker, t.num_threads),
                        trust_remote_code=cfg.model.trust_remote_code,

@@ -83,22 +83,74 @@ def chunked_sequence_logprobs(hidden: torch.Tensor, head_weight: torch.Tensor, i
     return total
 
 
+def liger_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-row -log softmax(hidden @ weight.T)[target] through Liger's fused linear cross-entropy
+    (Triton, CUDA only): the logits exist one chunk of rows at a time and are recomputed in backward."""
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    return LigerFusedLinearCrossEntropyLoss(reduction="none", accum_dtype=torch.float32)(weight, hidden, targets)
+
+
+def fused_sequence_logprobs(hidden: torch.Tensor, head_weight: torch.Tensor, input_ids: torch.Tensor,
+                            response_mask: torch.Tensor, average: bool = False,
+                            cross_entropy=liger_cross_entropy) -> torch.Tensor:
+    """`sequence_logprobs` from the last hidden states through a fused linear cross-entropy.
+
+    Only response positions are scored (prompts and padding never reach the
+    LM head); under autocast both operands go in the autocast dtype, as the
+    LM head's matmul would. `cross_entropy(hidden [N, H], weight [V, H],
+    targets [N]) -> [N]` is the per-row negative log-likelihood."""
+    mask = response_mask[:, 1:].bool()
+    rows = mask.nonzero()[:, 0]
+    x, targets = hidden[:, :-1][mask], input_ids[:, 1:][mask]
+    if torch.is_autocast_enabled(x.device.type):
+        kind = torch.get_autocast_dtype(x.device.type)
+        x, head_weight = x.to(kind), head_weight.to(kind)
+    nll = cross_entropy(x, head_weight, targets).float()
+    total = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device).index_add(0, rows, -nll)
+    if average:
+        return total / mask.sum(-1).clamp(min=1).float()
+    return total
+
+
+def use_liger_kernels(lm) -> None:
+    """Swap a causal LM's RMSNorm, SwiGLU MLP and rotary embedding for Liger's fused Triton kernels
+    (CUDA only), in place; an error names the model type when Liger has no kernels for it."""
+    try:
+        from liger_kernel.transformers.monkey_patch import (MODEL_TYPE_TO_APPLY_LIGER_FN,
+                                                            _apply_liger_kernel_to_instance)
+    except ImportError as e:
+        raise RuntimeError("train.liger_kernels is on but liger-kernel is not installed where the learner runs: "
+                           "pip install -e '.[gpu]', or set train.liger_kernels: false") from e
+    kind = getattr(lm.config, "model_type", None)
+    if kind not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+        raise ValueError(f"train.liger_kernels: Liger has no kernels for model type {kind!r}; "
+                         f"set train.liger_kernels: false")
+    _apply_liger_kernel_to_instance(lm, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=False)
+
+
 class SequenceScorer(torch.nn.Module):
     """A causal LM that returns each sequence's response log-prob (the learner's forward).
 
     DDP or FSDP wrap this module, so their hooks see the whole computation.
-    `chunk` None computes full logits (`sequence_logprobs`); an int computes the
-    LM head in chunks of that many positions (`chunked_sequence_logprobs`)."""
+    `head` picks how the LM head and log-softmax run: "full" computes the
+    [B, T, V] logits (`sequence_logprobs`), "chunked" runs them over `chunk`
+    positions at a time (`chunked_sequence_logprobs`), "liger" through
+    Liger's fused linear cross-entropy (`fused_sequence_logprobs`)."""
 
-    def __init__(self, lm, chunk: int | None = None):
+    def __init__(self, lm, chunk: int | None = None, head: str | None = None):
         super().__init__()
         self.lm, self.chunk = lm, chunk
+        self.head = head or ("full" if chunk is None else "chunked")
 
     def forward(self, input_ids, attention_mask, response_mask, average: bool = False):
-        if self.chunk is None:
+        if self.head == "full":
             logits = self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
             return sequence_logprobs(logits, input_ids, response_mask, average=average)
         hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
                                        use_cache=False).last_hidden_state
-        return chunked_sequence_logprobs(hidden, self.lm.get_output_embeddings().weight, input_ids, response_mask,
-                                         self.chunk, average)
+        weight = self.lm.get_output_embeddings().weight
+        if self.head == "liger":
+            return fused_sequence_logprobs(hidden, weight, input_ids, response_mask, average)
+        return chunked_sequence_logprobs(hidden, weight, input_ids, response_mask, self.chunk, average)

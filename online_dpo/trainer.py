@@ -55,6 +55,7 @@ class LearnerSpec:
     strategy: str = "ddp"         # ddp | fsdp (sharding.py)
     logprob_chunk: int | None = None   # LM head in chunks of this many positions (no full fp32 logits)
     checkpoint_every_layers: int = 0   # recompute every k-th decoder layer in backward (0: off)
+    liger_kernels: bool = False   # Liger's fused RMSNorm, SwiGLU, RoPE and linear cross-entropy (CUDA)
     seed: int = 0
     num_threads: int | None = None
     trust_remote_code: bool = False
@@ -111,9 +112,9 @@ def adapter_config(peft_model) -> dict:
 class AdaptersOff(torch.nn.Module):
     """The reference of a LoRA policy: the policy's own model with its adapters disabled."""
 
-    def __init__(self, peft_model, chunk: int | None = None):
+    def __init__(self, peft_model, chunk: int | None = None, head: str | None = None):
         super().__init__()
-        self.peft, self.scorer = peft_model, SequenceScorer(peft_model, chunk)
+        self.peft, self.scorer = peft_model, SequenceScorer(peft_model, chunk, head)
 
     def forward(self, *args, **kwargs):
         with self.peft.disable_adapter():
@@ -308,26 +309,32 @@ class Worker:
     def __init__(self, spec: LearnerSpec, folder: str | None, device: torch.device, rank: int, world: int):
         from transformers import AutoTokenizer
 
+        from .sequences import use_liger_kernels
         from .sharding import checkpoint_layers, strategy
 
         self.spec, self.device, self.rank, self.world = spec, device, rank, world
         self.strategy = strategy(spec.strategy)
+        head = "liger" if spec.liger_kernels else None
+
+        def load(path: str):
+            lm = load_causal_lm(path, torch.float32, spec.trust_remote_code)
+            if spec.liger_kernels:
+                use_liger_kernels(lm)
+            return lm
+
         if spec.lora:
-            self.lm = lora_model(load_causal_lm(spec.policy, torch.float32, spec.trust_remote_code), spec.lora,
-                                 os.path.join(folder, "policy") if folder else None)
+            self.lm = lora_model(load(spec.policy), spec.lora, os.path.join(folder, "policy") if folder else None)
         else:
-            self.lm = load_causal_lm(os.path.join(folder, "policy") if folder else spec.policy, torch.float32,
-                                     spec.trust_remote_code)
+            self.lm = load(os.path.join(folder, "policy") if folder else spec.policy)
         checkpoint_layers(self.lm, spec.checkpoint_every_layers)
         if spec.lora:   # the reference is the same model with its adapters off: no second copy
-            reference = AdaptersOff(self.lm, spec.logprob_chunk).to(device)
+            reference = AdaptersOff(self.lm, spec.logprob_chunk, head).to(device)
         else:
-            reference = SequenceScorer(load_causal_lm(spec.reference, torch.float32, spec.trust_remote_code),
-                                       spec.logprob_chunk)
+            reference = SequenceScorer(load(spec.reference), spec.logprob_chunk, head)
             reference = self.strategy.wrap_frozen(reference.eval().requires_grad_(False), device)
         self.tokenizer = AutoTokenizer.from_pretrained(spec.policy, trust_remote_code=spec.trust_remote_code)
         pad_id = self.lm.config.pad_token_id
-        self.model = self.strategy.wrap(SequenceScorer(self.lm, spec.logprob_chunk), device)
+        self.model = self.strategy.wrap(SequenceScorer(self.lm, spec.logprob_chunk, head), device)
         self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=spec.lr,
                                            weight_decay=spec.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(

@@ -51,14 +51,34 @@ class WeightsHandle:
 ALIGN = 64   # bytes; every tensor starts at a multiple, so typed views of the buffer are aligned
 
 
-def pack(state_dict: dict, dtype=None, tied: bool = False, device=None) -> tuple:
+_PINNED: dict = {}   # reuse=True: the one pinned host buffer, kept between publishes
+
+
+def _host_buffer(nbytes: int, pinned: bool, reuse: bool):
+    """A uint8 host buffer; pinned allocation costs about as much as the copy itself, so a publisher
+    (`reuse`) keeps one buffer and refills it each version."""
+    import torch
+
+    if not (pinned and reuse):
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
+    kept = _PINNED.get("buffer")
+    if kept is None or kept.numel() != nbytes:
+        _PINNED.clear()   # free the old one before pinning the new one
+        kept = _PINNED["buffer"] = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    return kept
+
+
+def pack(state_dict: dict, dtype=None, tied: bool = False, device=None, reuse: bool = False) -> tuple:
     """One flat byte buffer holding every tensor, and its layout [(name, dtype, shape, offset), ...].
 
     GPU tensors are copied straight into a pinned host buffer (asynchronously,
     then one synchronize), so export costs one device-to-host copy: no
     per-tensor host round trip and no serialisation format. The receiver makes
     views of the same bytes (`unpack`). With `device` (a CUDA device, for an
-    NCCL broadcast) the buffer stays on that device: one device-side copy."""
+    NCCL broadcast) the buffer stays on that device: one device-side copy.
+    `reuse`: fill the pinned buffer of the previous `reuse` call when the size
+    matches (the caller must be done with it, as `publish` is once the store
+    has its copy)."""
     import torch
 
     items = [(name, t.detach().to(dtype) if dtype is not None and t.is_floating_point() else t.detach())
@@ -70,7 +90,7 @@ def pack(state_dict: dict, dtype=None, tied: bool = False, device=None) -> tuple
     cuda = any(t.is_cuda for _, t in items)
     on_device = device is not None and torch.device(device).type == "cuda"
     buffer = (torch.empty(offset, dtype=torch.uint8, device=device) if on_device
-              else torch.empty(offset, dtype=torch.uint8, pin_memory=cuda))
+              else _host_buffer(offset, cuda, reuse))
     for (name, t), (_, _, shape, start) in zip(items, layout):
         n = t.numel() * t.element_size()
         buffer[start:start + n].view(t.dtype).view(shape).copy_(t, non_blocking=cuda)
@@ -110,7 +130,8 @@ def publish(model, version: int, store, dtype=None, tied: bool | None = None, se
         model = getattr(model, "module", model)
         tied = getattr(model.config, "tie_word_embeddings", False) if tied is None else tied
         state = model.state_dict()
-    buffer, layout = pack(state, dtype, bool(tied), sender.device if sender is not None else None)
+    # reuse: Ray copies the buffer into the object store when `publish.remote` is called
+    buffer, layout = pack(state, dtype, bool(tied), sender.device if sender is not None else None, reuse=True)
     if sender is not None and sender.ready():
         handle = ray.get(store.announce.remote(version, layout, buffer.numel()))
         if sender.send(handle.serial, version, buffer):

@@ -62,6 +62,7 @@ BAD = {
     "unknown mode": (MINIMAL + "sync:\n  mode: pipelined\n", ["sync.mode", "async"]),
     "bad run name": (MINIMAL + "run:\n  name: 'a b/c'\n", ["run.name"]),
     "tp without gpus": (MINIMAL + "sampler:\n  tensor_parallel_size: 2\n", ["tensor_parallel_size", "num_gpus"]),
+    "liger on cpu": (MINIMAL + "train:\n  liger_kernels: true\n", ["train.liger_kernels", "train.use_gpu"]),
 }
 
 
