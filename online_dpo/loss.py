@@ -76,12 +76,17 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
     )
 
 
-def reward_stats(out: DPOOutput) -> dict[str, float]:
-    """Implicit-reward figures for logging: means, accuracy and margin."""
+def reward_tensors(out: DPOOutput) -> dict[str, torch.Tensor]:
+    """`reward_stats` as 0-d tensors on the rewards' device (no device-to-host sync)."""
     c, r = out.chosen_rewards.float(), out.rejected_rewards.float()
     return {
-        "rewards/chosen": c.mean().item(),
-        "rewards/rejected": r.mean().item(),
-        "rewards/accuracy": (c > r).float().mean().item(),
-        "rewards/margin": (c - r).mean().item(),
+        "rewards/chosen": c.mean(),
+        "rewards/rejected": r.mean(),
+        "rewards/accuracy": (c > r).float().mean(),
+        "rewards/margin": (c - r).mean(),
     }
+
+
+def reward_stats(out: DPOOutput) -> dict[str, float]:
+    """Implicit-reward figures for logging: means, accuracy and margin."""
+    return {k: v.item() for k, v in reward_tensors(out).items()}

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from .loss import LENGTH_AVERAGED, dpo_loss, reward_stats
+from .loss import LENGTH_AVERAGED, dpo_loss, reward_tensors
 from .sequences import SequenceScorer, pack
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -171,7 +171,7 @@ class DPOStep:
     def __call__(self, shard: list) -> dict[str, float]:
         spec = self.spec
         batches = self.micro_batches(shard)
-        totals: dict[str, float] = {}
+        totals: dict[str, torch.Tensor] = {}   # on the device, read once after the last micro-batch
         for k, batch in enumerate(batches):
             share = len(batch) / len(shard)
             with self.strategy.accumulate(self.model, last=k == len(batches) - 1):
@@ -184,25 +184,29 @@ class DPOStep:
                                label_smoothing=spec.label_smoothing, gamma=spec.simpo_gamma,
                                length_margin=spec.length_penalty * lengths)
                 (out.losses.mean() * share).backward()
-            stats = reward_stats(out)
-            stats["loss"] = out.losses.mean().item()
-            stats["kl"] = 0.5 * ((pc - rc).mean() + (pr - rr).mean()).item()
-            stats["logps/chosen"] = pc.mean().item()
-            stats["logps/rejected"] = pr.mean().item()
-            stats["length/chosen"] = sum(len(p.chosen.token_ids) for p in batch) / len(batch)
-            stats["length/rejected"] = sum(len(p.rejected.token_ids) for p in batch) / len(batch)
-            for key, v in stats.items():
-                totals[key] = totals.get(key, 0.0) + v * share
+            with torch.no_grad():
+                stats = reward_tensors(out)
+                stats["loss"] = out.losses.mean()
+                stats["kl"] = 0.5 * ((pc - rc).mean() + (pr - rr).mean())
+                stats["logps/chosen"] = pc.mean()
+                stats["logps/rejected"] = pr.mean()
+                for key, v in stats.items():
+                    totals[key] = totals.get(key, 0.0) + v.float() * share
         params = [p for p in self.model.parameters() if p.grad is not None]
         clip = spec.grad_clip if spec.grad_clip else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(params, clip)
-        totals["grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)   # FSDP: DTensor
-        totals["micro_batches"] = len(batches)
-        totals["lr"] = self.scheduler.get_last_lr()[0]
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm   # FSDP: a DTensor
+        keys = sorted(totals)
+        values = torch.stack([totals[k] for k in keys] + [norm.float()]).tolist()   # one device-to-host copy
+        result = dict(zip(keys, values[:-1]), grad_norm=values[-1])
+        result["length/chosen"] = sum(len(p.chosen.token_ids) for p in shard) / len(shard)
+        result["length/rejected"] = sum(len(p.rejected.token_ids) for p in shard) / len(shard)
+        result["micro_batches"] = len(batches)
+        result["lr"] = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return totals
+        return result
 
 
 def _peak_rss_mib() -> float:
