@@ -160,7 +160,7 @@ def cmd_monitor(args) -> int:
 def cmd_dry_run(cfg) -> int:
     """Print which actor goes where against the cluster's resources; 1 if it cannot fit."""
     from .cluster import existing_address
-    from .placement import check, cluster_nodes, local_nodes
+    from .placement import check, cluster_nodes, learner_memory, local_nodes
 
     if existing_address():
         from .cluster import connect
@@ -171,6 +171,7 @@ def cmd_dry_run(cfg) -> int:
     text, problems = check(cfg, nodes)
     print(f"[online-dpo] dry run of '{cfg.run.name}' against {where}")
     print(text)
+    print(learner_memory(cfg))
     if problems:
         print("error: this plan cannot run on this cluster; see the result above", file=sys.stderr)
     return 1 if problems else 0

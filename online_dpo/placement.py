@@ -165,3 +165,62 @@ def check(cfg: Config, nodes: list[Node]) -> tuple[str, list[str]]:
     asks = plan(cfg)
     placed, problems = fit(asks, nodes)
     return render(asks, nodes, placed, problems), problems
+
+
+# ---------------------------------------------------------------- learner memory
+
+def model_parameters(path: str, lora: dict | None = None, trust_remote_code: bool = False) -> tuple[int, int]:
+    """(all parameters, trainable ones) of the policy, counted on the meta device from its config alone
+    (a hub id reads only config.json). With `lora` ({rank, target_modules}), the trainable ones are the
+    adapters'."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        lm = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    total = sum(p.numel() for p in lm.parameters())
+    if not lora:
+        return total, total
+    targets = set(lora["target_modules"])
+    adapters = sum(lora["rank"] * (m.in_features + m.out_features) for name, m in lm.named_modules()
+                   if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets)
+    return total + adapters, adapters
+
+
+def learner_state_bytes(params: int, trainable: int, strategy: str, workers: int, lora: bool = False) -> int:
+    """Bytes of model state per trainer worker: fp32 weights (4 per parameter), and for trainable ones
+    fp32 gradients and AdamW's two fp32 moments (12 more), plus the fp32 reference (4 per parameter;
+    none with LoRA, whose reference is the policy with its adapters off). FSDP shards all of it over
+    the workers; DDP keeps a full copy in each. Activations come on top."""
+    total = 4 * params + 12 * trainable + (0 if lora else 4 * params)
+    return total // workers if strategy == "fsdp" else total
+
+
+def learner_memory(cfg: Config) -> str:
+    """One line for the dry run: the learner's model state per worker, or why it is unknown."""
+    from .embedded import EMBEDDED
+
+    t, m = cfg.train, cfg.model
+    lora = m.lora.model_dump() if m.lora else None
+    if m.policy == EMBEDDED:
+        from .embedded.build import default_home, model_dir
+        path = str(model_dir(default_home()))
+    else:
+        path = m.policy
+    try:
+        params, trainable = model_parameters(path, lora, m.trust_remote_code)
+    except Exception as e:   # offline, or an unknown architecture: the plan above still stands
+        return f"learner memory: unknown (cannot read {m.policy}'s config: {str(e).splitlines()[0][:160]})"
+    nbytes = learner_state_bytes(params, trainable, t.strategy, t.num_workers, bool(lora))
+    shard = f"sharded over {t.num_workers} workers (fsdp)" if t.strategy == "fsdp" else "a full copy each (ddp)"
+    return (f"learner memory: {_count(params)} parameters ({_count(trainable)} trained) -> {_size(nbytes)} per "
+            f"worker of weights, gradients, AdamW state and reference, {shard}; activations come on top")
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
+
+
+def _size(n: int) -> str:
+    return f"{n / 2 ** 30:.1f} GiB" if n >= 2 ** 30 else f"{n / 2 ** 20:.1f} MiB"

@@ -118,6 +118,8 @@ def test_dry_run_prints_the_plan_and_refuses_more_gpus_than_exist():
     ok = run_cli("train", "--dry-run", timeout=120)
     assert ok.returncode == 0 and "result: fits" in ok.stdout
     assert "sampler  1 x {CPU 0.4}" in ok.stdout and "trainer  2 x {CPU 0.4}" in ok.stdout
+    # the embedded policy: 0.91M parameters x 20 bytes (weights, gradients, AdamW moments, reference)
+    assert "learner memory: 0.91M parameters (0.91M trained) -> 17.4 MiB per worker" in ok.stdout
     bad = run_cli("train", "--dry-run", "--set", "sampler.num_gpus=64", timeout=120)
     assert bad.returncode == 1
     assert "does NOT fit" in bad.stdout and "sampler.num_actors / num_cpus / num_gpus" in bad.stdout

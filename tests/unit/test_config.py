@@ -134,3 +134,24 @@ def test_lora_settings_that_cannot_work_are_refused_with_the_field(extra, messag
     with pytest.raises(ConfigError, match=message):
         load_config(lora, extra)
     assert load_config(lora).model.lora.rank == 8
+
+
+def test_learner_memory_backs_the_7b_config_claim(tmp_path):
+    """configs/qwen2.5-7b-fsdp.yaml: model state fits an 80 GB GPU with FSDP over 4 workers and would
+    not with DDP. Counted from the Qwen2.5-7B shape on the meta device (config.json only)."""
+    from transformers import Qwen2Config
+
+    from online_dpo.placement import learner_state_bytes, model_parameters
+
+    Qwen2Config(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False).save_pretrained(tmp_path)
+    params, trainable = model_parameters(str(tmp_path))
+    assert 7.6e9 < params < 7.7e9 and trainable == params
+    cfg = load_config(ROOT / "configs" / "qwen2.5-7b-fsdp.yaml")
+    fsdp = learner_state_bytes(params, trainable, cfg.train.strategy, cfg.train.num_workers)
+    ddp = learner_state_bytes(params, trainable, "ddp", cfg.train.num_workers)
+    assert fsdp == 20 * params // 4 and fsdp < 40e9 and ddp > 150e9
+    # LoRA: the adapters are trained, the base is frozen and doubles as the reference
+    lora_params, adapters = model_parameters(str(tmp_path), {"rank": 8, "target_modules": ["q_proj", "v_proj"]})
+    assert adapters == 28 * 8 * ((3584 + 3584) + (3584 + 512)) and lora_params == params + adapters
+    assert learner_state_bytes(lora_params, adapters, "ddp", 1, lora=True) == 4 * lora_params + 12 * adapters
