@@ -342,8 +342,6 @@ class Config(Section):
             if self.model.reference not in (None, self.model.policy):
                 raise ValueError("model.lora: the reference is the policy with its adapters disabled; leave "
                                  "model.reference out (or equal to model.policy)")
-            if self.train.strategy == "fsdp":
-                raise ValueError("model.lora with train.strategy fsdp is not supported yet; use train.strategy ddp")
         return self
 
 

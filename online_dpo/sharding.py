@@ -60,8 +60,12 @@ class DDP:
         """No gradient all-reduce until the last micro-batch."""
         return contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
 
-    def full_state(self, model) -> dict:
-        return _strip(getattr(model, "module", model).state_dict())
+    def full_state(self, model, trainable_only: bool = False) -> dict:
+        state = getattr(model, "module", model).state_dict()
+        if trainable_only:
+            keep = {n for n, p in getattr(model, "module", model).named_parameters() if p.requires_grad}
+            state = {k: v for k, v in state.items() if k in keep}
+        return _strip(state)
 
     def optim_state(self, model, optimizer) -> dict:
         return optimizer.state_dict()
@@ -90,11 +94,13 @@ class FSDP:
         model.set_requires_gradient_sync(last)
         return contextlib.nullcontext()
 
-    def full_state(self, model) -> dict:
-        """Gathered on every rank (a collective), kept on CPU."""
+    def full_state(self, model, trainable_only: bool = False) -> dict:
+        """Gathered on every rank (a collective), kept on CPU; `trainable_only` leaves frozen
+        parameters (a LoRA base model) out of the gather."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        return _strip(get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)))
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
+        return _strip(get_model_state_dict(model, options=options))
 
     def optim_state(self, model, optimizer) -> dict:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict

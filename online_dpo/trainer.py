@@ -110,15 +110,19 @@ def adapter_config(peft_model) -> dict:
 
 
 class AdaptersOff(torch.nn.Module):
-    """The reference of a LoRA policy: the policy's own model with its adapters disabled."""
+    """The reference of a LoRA policy: the policy's own scorer run with its adapters disabled.
 
-    def __init__(self, peft_model, chunk: int | None = None, head: str | None = None):
+    `scorer` is the policy's SequenceScorer itself (under FSDP the sharded one,
+    so its forward gathers the parameters), not a copy: there is no second model."""
+
+    def __init__(self, peft_model, scorer):
         super().__init__()
-        self.peft, self.scorer = peft_model, SequenceScorer(peft_model, chunk, head)
+        self.peft = peft_model
+        self.scorer = [scorer]   # a list: not registered as a submodule (the policy owns it)
 
     def forward(self, *args, **kwargs):
         with self.peft.disable_adapter():
-            return self.scorer(*args, **kwargs)
+            return self.scorer[0](*args, **kwargs)
 
 
 class DPOStep:
@@ -175,9 +179,9 @@ class DPOStep:
         for k, batch in enumerate(batches):
             share = len(batch) / len(shard)
             with self.strategy.accumulate(self.model, last=k == len(batches) - 1):
-                pc, pr = self._logps(self.model, batch)
-                with torch.no_grad():
+                with torch.no_grad():   # first: a LoRA reference runs the policy's own (FSDP) module
                     rc, rr = self._logps(self.reference, batch)
+                pc, pr = self._logps(self.model, batch)
                 lengths = torch.tensor([len(p.chosen.token_ids) - len(p.rejected.token_ids) for p in batch],
                                        dtype=torch.float32, device=self.device)
                 out = dpo_loss(pc, pr, rc, rr, beta=spec.beta, loss_type=spec.loss,
@@ -266,11 +270,9 @@ def _set_rng_state(state: dict) -> None:
 def save_checkpoint(folder: str, lm, weights: dict, tokenizer, optimizer_state: dict, scheduler, state: dict,
                     controller: bytes | None) -> None:
     """Everything a restart or `--resume` needs; the controller state rides along. `weights` and
-    `optimizer_state` are full (gathered) state dicts."""
-    if weights is None:   # a PEFT model saves its adapter (adapter_config.json, adapter_model.safetensors)
-        lm.save_pretrained(os.path.join(folder, "policy"))
-    else:
-        lm.save_pretrained(os.path.join(folder, "policy"), state_dict=weights)
+    `optimizer_state` are full (gathered) state dicts; a PEFT model saves its adapter from `weights`
+    (adapter_config.json, adapter_model.safetensors)."""
+    lm.save_pretrained(os.path.join(folder, "policy"), state_dict=weights)
     tokenizer.save_pretrained(os.path.join(folder, "policy"))
     torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": _rng_state()},
                os.path.join(folder, "learner.pt"))
@@ -331,14 +333,14 @@ class Worker:
         else:
             self.lm = load(os.path.join(folder, "policy") if folder else spec.policy)
         checkpoint_layers(self.lm, spec.checkpoint_every_layers)
-        if spec.lora:   # the reference is the same model with its adapters off: no second copy
-            reference = AdaptersOff(self.lm, spec.logprob_chunk, head).to(device)
-        else:
-            reference = SequenceScorer(load(spec.reference), spec.logprob_chunk, head)
-            reference = self.strategy.wrap_frozen(reference.eval().requires_grad_(False), device)
         self.tokenizer = AutoTokenizer.from_pretrained(spec.policy, trust_remote_code=spec.trust_remote_code)
         pad_id = self.lm.config.pad_token_id
         self.model = self.strategy.wrap(SequenceScorer(self.lm, spec.logprob_chunk, head), device)
+        if spec.lora:   # the reference is the same model with its adapters off: no second copy
+            reference = AdaptersOff(self.lm, getattr(self.model, "module", self.model))
+        else:
+            reference = SequenceScorer(load(spec.reference), spec.logprob_chunk, head)
+            reference = self.strategy.wrap_frozen(reference.eval().requires_grad_(False), device)
         self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=spec.lr,
                                            weight_decay=spec.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -363,14 +365,20 @@ class Worker:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return int(t.item())
 
-    def weights(self) -> dict:
-        """The full policy state dict (every rank calls it: under FSDP it is a gather); with LoRA, the
-        adapter tensors only (PEFT names)."""
+    def _gathered(self) -> dict:
+        """The full policy state dict, gathered on every rank under FSDP (a collective); with LoRA only
+        the trainable (adapter) tensors, under the PEFT model's own names."""
+        return self.strategy.full_state(self.model, trainable_only=bool(self.spec.lora))
+
+    def weights(self, gathered: dict | None = None) -> dict:
+        """What a publish sends: the full policy state dict, or with LoRA the adapter tensors under
+        PEFT's adapter names (what vLLM loads). Every rank calls it."""
+        gathered = self._gathered() if gathered is None else gathered
         if self.spec.lora:
             from peft import get_peft_model_state_dict
 
-            return get_peft_model_state_dict(self.lm)
-        return self.strategy.full_state(self.model)
+            return get_peft_model_state_dict(self.lm, state_dict=gathered)
+        return gathered
 
     def publish(self, version: int, store):
         from .weight_sync import publish
@@ -385,10 +393,9 @@ class Worker:
                        store_copy=self.spec.store_copy)
 
     def checkpoint(self, step: int, state: dict, controller: bytes | None) -> tuple[float, int]:
-        weights, optim = self.weights(), self.strategy.optim_state(self.model, self.optimizer)
+        gathered, optim = self._gathered(), self.strategy.optim_state(self.model, self.optimizer)
         return _report_checkpoint(self.rank, step, lambda d: save_checkpoint(
-            d, self.lm, None if self.spec.lora else weights, self.tokenizer, optim, self.scheduler, state,
-            controller))
+            d, self.lm, gathered, self.tokenizer, optim, self.scheduler, state, controller))
 
 
 def train_loop(config: dict) -> None:

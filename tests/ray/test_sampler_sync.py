@@ -41,7 +41,8 @@ def lora_dpo_steps(peft, tok, prompt_ids, steps: int) -> None:
     trainable = [p for p in peft.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=5e-3)
     spec = LearnerSpec(policy="x", reference="x", batch_size=4, micro_batch_size=4, beta=0.1)
-    step = DPOStep(SequenceScorer(peft), AdaptersOff(peft), opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
+    policy = SequenceScorer(peft)
+    step = DPOStep(policy, AdaptersOff(peft, policy), opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
                    spec, pad_id=0, device=torch.device("cpu"))
     for _ in range(steps):
         stats = step(pairs)

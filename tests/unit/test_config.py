@@ -125,7 +125,6 @@ def test_gpu_configs_fit_the_hardware_they_name(path):
 
 @pytest.mark.parametrize("extra,message", [
     (["model.reference=/elsewhere"], "the reference is the policy with its adapters disabled"),
-    (["train.strategy=fsdp"], "model.lora with train.strategy fsdp"),
     (["model.lora={rank: 0}"], "model.lora.rank"),
     (["model.lora={target_modules: []}"], "model.lora.target_modules"),
 ])
