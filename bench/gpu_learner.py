@@ -3,12 +3,11 @@ DDP and FSDP, with and without Liger's fused kernels, and the pack time of the w
 
 Torch and transformers only (no Ray, no vLLM), so it runs on a bare GPU box.
 Liger (liger-kernel, pure Python over Triton) is optional: its settings are
-skipped, and say so, when it is not importable. On a GPU box without it,
-carry its wheel and unzip it onto the path:
+skipped, and say so, when it is not importable. `bench/gpu_device.sh` runs
+it on a bare box with Liger's wheel from bench/wheels/ unzipped onto the path:
 
     python bench/gpu_learner.py                    # writes bench/results/gpu_learner.json
-    python -m zipfile -e liger_kernel-0.8.5-py3-none-any.whl /tmp/liger &&
-        PYTHONPATH=/tmp/liger python bench/gpu_learner.py
+    bash bench/gpu_device.sh                       # the same on a bare GPU box, Liger included
     python bench/gpu_learner.py --shapes tiny --settings ddp-full-logits-mb8 ddp-chunked-tokens   # CPU smoke
 
 For each model shape (Qwen2.5-0.5B and -1.5B geometry, random weights) it
