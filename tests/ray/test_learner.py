@@ -99,6 +99,22 @@ def run_orders(ray_local, spec, tok, tmp_path, name, steps=3):
     return published, box
 
 
+def restore_and_step(ray_local, spec, tok, tmp_path, name, last):
+    """A new gang of run `name` restores its checkpoint after step `last`, republishes, and takes one
+    more step; returns (the republished weights, that step's metrics)."""
+    broker, store = ray_local.remote(Broker).remote(), ray_local.remote(PolicyStore).remote()
+    t, _ = fit_in_thread(ray_local, spec, broker, store, str(tmp_path), name)
+    start = ray_local.get(broker.wait_hello.remote(1, 300))
+    assert start.step == last
+    restored = unpack(*fetch(start.weights))
+    order = StepOrder(step=last + 1, pairs=pairs(tok, 8, last), sync=True, version=last + 1)
+    result = ray_local.get(broker.submit.remote(order), timeout=300)
+    ray_local.get(broker.close.remote("done"))
+    t.join(300)
+    assert result["metrics"]["step"] == last + 1
+    return restored, result["metrics"]
+
+
 def test_fsdp_takes_the_same_steps_as_ddp_and_restores(ray_local, embedded_model, tmp_path):
     from transformers import AutoTokenizer
 
@@ -114,18 +130,10 @@ def test_fsdp_takes_the_same_steps_as_ddp_and_restores(ray_local, embedded_model
     moved = max((ddp[-1][k] - ddp[0][k]).abs().max().item() for k in ddp[0])
     assert moved > 1e-3   # the steps did change the weights
     # A new FSDP gang restores the sharded run's checkpoint (optimizer state included).
-    broker, store = ray_local.remote(Broker).remote(), ray_local.remote(PolicyStore).remote()
-    spec = LearnerSpec(**common, strategy="fsdp", logprob_chunk=8)
-    t, _ = fit_in_thread(ray_local, spec, broker, store, str(tmp_path), "fsdp")
-    start = ray_local.get(broker.wait_hello.remote(1, 300))
-    assert start.step == 3
-    restored = unpack(*fetch(start.weights))
+    restored, metrics = restore_and_step(ray_local, LearnerSpec(**common, strategy="fsdp", logprob_chunk=8), tok,
+                                         tmp_path, "fsdp", 3)
     assert max((restored[k] - fsdp[-1][k]).abs().max().item() for k in restored) == 0
-    result = ray_local.get(broker.submit.remote(StepOrder(step=4, pairs=pairs(tok, 8, 3), sync=True, version=4)),
-                           timeout=300)
-    assert result["metrics"]["step"] == 4 and result["metrics"]["loss"] < 0.6931
-    ray_local.get(broker.close.remote("done"))
-    t.join(300)
+    assert metrics["loss"] < 0.6931
 
 
 def test_lora_under_fsdp_takes_the_same_steps_as_ddp_and_restores(ray_local, embedded_model, tmp_path):
@@ -146,15 +154,7 @@ def test_lora_under_fsdp_takes_the_same_steps_as_ddp_and_restores(ray_local, emb
     b_weights = [k for k in ddp[0] if "lora_B" in k]   # zero at the start: the first step moves them
     assert max(ddp[-1][k].abs().max().item() for k in b_weights) > 1e-3
 
-    broker, store = ray_local.remote(Broker).remote(), ray_local.remote(PolicyStore).remote()
-    t, _ = fit_in_thread(ray_local, LearnerSpec(**common, strategy="fsdp"), broker, store, str(tmp_path),
-                         "lora-fsdp")
-    start = ray_local.get(broker.wait_hello.remote(1, 300))
-    assert start.step == 2
-    restored = unpack(*fetch(start.weights))
+    restored, metrics = restore_and_step(ray_local, LearnerSpec(**common, strategy="fsdp"), tok, tmp_path,
+                                         "lora-fsdp", 2)
     assert max((restored[k] - fsdp[-1][k]).abs().max().item() for k in restored) == 0
-    result = ray_local.get(broker.submit.remote(StepOrder(step=3, pairs=pairs(tok, 8, 2), sync=True, version=3)),
-                           timeout=300)
-    assert result["metrics"]["step"] == 3 and result["metrics"]["rewards/margin"] > 0
-    ray_local.get(broker.close.remote("done"))
-    t.join(300)
+    assert metrics["rewards/margin"] > 0
