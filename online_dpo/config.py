@@ -437,8 +437,15 @@ def check_paths(cfg: Config) -> None:
 
 
 def check_imports(cfg: Config) -> None:
-    """A rule judge's function must import (on the driver, as on the cluster)."""
+    """A rule judge's function must import (on the driver, as on the cluster), and the packages an
+    option needs must be installed."""
+    import importlib.util
+
     from .judges.rule import import_function
+
+    if cfg.train.liger_kernels and importlib.util.find_spec("liger_kernel") is None:
+        raise ConfigError("train.liger_kernels needs the liger-kernel package, which is not installed: "
+                          "pip install -e '.[gpu]', or set train.liger_kernels: false")
 
     rules = [("judge.function", cfg.judge.function)] if cfg.judge.kind == "rule" else []
     rules += [(f"judge.members[{m.name}].function", m.function) for m in cfg.judge.members if m.kind == "rule"]

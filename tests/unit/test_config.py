@@ -154,3 +154,16 @@ def test_learner_memory_backs_the_7b_config_claim(tmp_path):
     lora_params, adapters = model_parameters(str(tmp_path), {"rank": 8, "target_modules": ["q_proj", "v_proj"]})
     assert adapters == 28 * 8 * ((3584 + 3584) + (3584 + 512)) and lora_params == params + adapters
     assert learner_state_bytes(lora_params, adapters, "ddp", 1, lora=True) == 4 * lora_params + 12 * adapters
+
+
+def test_liger_kernels_need_the_package(tmp_path, monkeypatch):
+    import importlib.util
+
+    from online_dpo.config import check_imports
+
+    cfg = load_config(write(tmp_path, MINIMAL), ["train.use_gpu=true", "train.liger_kernels=true"])
+    check_imports(cfg)   # installed with the test extra
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "liger_kernel" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"train.liger_kernels needs the liger-kernel package.*\.\[gpu\]"):
+        check_imports(cfg)
