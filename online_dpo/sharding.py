@@ -61,9 +61,10 @@ class DDP:
         return contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
 
     def full_state(self, model, trainable_only: bool = False) -> dict:
-        state = getattr(model, "module", model).state_dict()
+        module = getattr(model, "module", model)
+        state = module.state_dict()
         if trainable_only:
-            keep = {n for n, p in getattr(model, "module", model).named_parameters() if p.requires_grad}
+            keep = {n for n, p in module.named_parameters() if p.requires_grad}
             state = {k: v for k, v in state.items() if k in keep}
         return _strip(state)
 

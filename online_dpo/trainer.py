@@ -117,12 +117,11 @@ class AdaptersOff(torch.nn.Module):
 
     def __init__(self, peft_model, scorer):
         super().__init__()
-        self.peft = peft_model
-        self.scorer = [scorer]   # a list: not registered as a submodule (the policy owns it)
+        self.peft, self.scorer = peft_model, scorer
 
     def forward(self, *args, **kwargs):
         with self.peft.disable_adapter():
-            return self.scorer[0](*args, **kwargs)
+            return self.scorer(*args, **kwargs)
 
 
 class DPOStep:

@@ -19,7 +19,7 @@ Implicit rewards (beta 0.5): chosen 0.5 * 0.5 = 0.25, rejected 0.5 * -0.5 = -0.2
 import pytest
 import torch
 
-from online_dpo.loss import dpo_loss, reward_stats
+from online_dpo.loss import dpo_loss, reward_tensors
 
 PC, PR, RC, RR = (torch.tensor([v]) for v in (-1.0, -2.0, -1.5, -1.5))
 
@@ -42,7 +42,7 @@ def test_rewards_and_stats_by_hand():
     out = dpo_loss(PC, PR, RC, RR, beta=0.5)
     assert out.chosen_rewards.item() == pytest.approx(0.25)
     assert out.rejected_rewards.item() == pytest.approx(-0.25)
-    stats = reward_stats(out)
+    stats = {k: v.item() for k, v in reward_tensors(out).items()}
     assert stats["rewards/accuracy"] == 1.0
     assert stats["rewards/margin"] == pytest.approx(0.5)
 
@@ -51,7 +51,7 @@ def test_equal_policy_and_reference_gives_log2():
     z = torch.zeros(4)
     out = dpo_loss(z, z, z, z, beta=0.1)
     assert torch.allclose(out.losses, torch.full((4,), 0.6931472))
-    assert reward_stats(out)["rewards/accuracy"] == 0.0
+    assert reward_tensors(out)["rewards/accuracy"].item() == 0.0
 
 
 def test_gradient_pushes_chosen_up_and_rejected_down():
