@@ -173,3 +173,29 @@ def test_liger_head_runs_liger_kernel_and_matches_full_logits():
     assert out.returncode == 0, out.stderr[-2000:]
     value, mean, grad = out.stdout.split()
     assert float(value) < 1e-4 and float(mean) < 1e-4 and float(grad) < 1e-4, out.stdout
+
+
+def test_use_liger_kernels_patches_qwen2_and_refuses_other_model_types():
+    """The instance patch swaps the norms and MLPs for Liger's (their kernels need CUDA, so nothing
+    runs here); a model type Liger does not cover is refused by name. Liger also patches
+    transformers' qwen2 module globals, which are put back so later tests build plain models."""
+    import pytest
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.models.qwen2 import modeling_qwen2
+
+    from online_dpo.sequences import use_liger_kernels
+
+    saved = dict(vars(modeling_qwen2))
+    try:
+        lm = tiny_lm()
+        use_liger_kernels(lm)
+        layer = lm.model.layers[0]
+        assert "LigerSwiGLUMLP.forward" in repr(layer.mlp.forward)
+        assert all("LigerRMSNorm.forward" in repr(norm.forward)
+                   for norm in (layer.input_layernorm, layer.post_attention_layernorm, lm.model.norm))
+    finally:
+        for name, value in saved.items():
+            setattr(modeling_qwen2, name, value)
+    with pytest.raises(ValueError, match="Liger has no kernels for model type 'gpt2'"):
+        use_liger_kernels(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=1, vocab_size=16,
+                                                     bos_token_id=0, eos_token_id=0)))
