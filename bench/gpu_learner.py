@@ -11,7 +11,7 @@ it on a bare box with Liger's wheel from bench/wheels/ unzipped onto the path:
     python bench/gpu_learner.py --shapes tiny --settings ddp-full-logits-mb8 ddp-chunked-tokens   # CPU smoke
 
 For each model shape (Qwen2.5-0.5B and -1.5B geometry, random weights) it
-takes DPO steps (`online_dpo.trainer.DPOStep` on `SequenceScorer`s, bf16
+takes DPO steps (`online_dpo.step.DPOStep` on `SequenceScorer`s, bf16
 autocast over fp32 master weights, policy and reference alike) on 32 pairs
 x (128 prompt + ~250 response tokens) in the settings of SETTINGS: full
 logits in micro-batches of 8 pairs (the old learner), the LM head in
@@ -47,7 +47,8 @@ import torch
 
 from online_dpo.sequences import SequenceScorer, sequence_logprobs
 from online_dpo.sequences import pack as pack_rows
-from online_dpo.trainer import DPOStep, LearnerSpec, lr_lambda
+from online_dpo.specs import LearnerSpec
+from online_dpo.step import DPOStep, lr_lambda
 from online_dpo.types import Completion, PreferencePair
 from online_dpo.weight_sync import pack
 

@@ -106,7 +106,8 @@ def main() -> None:
     serve_defaults()
     import ray
 
-    from online_dpo import serve as serving
+    from online_dpo.plan import serve_plan
+    from online_dpo.serve import app as serving
     from online_dpo.config import ServeConfig
 
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
@@ -114,7 +115,8 @@ def main() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cfg = ServeConfig(port=port, dtype="float32", num_cpus=os.cpu_count(), max_ongoing_requests=256)
-    spec, options = serving.from_config(cfg, model, "reviews", None)
+    plan = serve_plan(cfg, model, "reviews")
+    spec, options = plan.spec, plan.options
     proxy_url = serving.deploy(spec, options, "127.0.0.1", port, "/")
     (replica_url,) = serving.replica_urls("/")
     serve = {"replica": asyncio.run(bench_serve(replica_url, prompts, args)),

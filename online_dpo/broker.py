@@ -4,20 +4,23 @@ The controller owns the schedule and the pairs; the learner only executes
 step orders. `submit(order)` queues an order and resolves, as an ObjectRef
 the controller can wait on, when rank 0 reports the step `done`. Rank 0 says
 `hello` when the gang (re)starts, with the step and version it restored; any
-order queued or running then resolves as `{"restarted": ...}` so the
+order queued or running then resolves as `Restarted(start)` so the
 controller can plan again from there, and so does an order planned for an
 earlier gang (its `incarnation` counts the hellos the controller had seen).
 `next(expected)` hands rank 0 the order for the step it expects (Ray may
 start two submits out of order; the broker puts them back in step order).
 It also posts the current generation of the collective weight group
 (`set_weight_group`/`weight_group`), which trainer rank 0 polls (collective.py).
-`close` resolves everything as `{"closed": reason}` and makes `next` return None.
+`close` resolves everything as `Closed(reason)` and makes `next` return None.
+Rank 0 answers a step with `StepDone` (types.py): every result is typed.
 Runs as an async Ray actor, so all of these wait without blocking each other.
 """
 
 import asyncio
 import collections
 import time
+
+from .types import Closed, Restarted
 
 
 class Broker:
@@ -30,13 +33,13 @@ class Broker:
         self.group = None   # collective.GroupSpec of the weight group's current generation
 
     async def submit(self, order) -> dict:
-        """Queue a step order; returns its result, or {"restarted"|"closed": ...}."""
+        """Queue a step order; returns its StepDone, or Restarted / Closed."""
         loop = asyncio.get_running_loop()
         async with self.changed:
             if self.closed is not None:
-                return {"closed": self.closed}
+                return Closed(self.closed)
             if order.incarnation != len(self.hellos):   # planned before the gang restarted
-                return {"restarted": self.hellos[-1]}
+                return Restarted(self.hellos[-1])
             done = self.waiting[order.step] = loop.create_future()
             self.orders.append(order)
             self.changed.notify_all()
@@ -63,7 +66,7 @@ class Broker:
     async def hello(self, start) -> None:
         """Rank 0 (re)started from `start` (a LearnerStart): forget every queued or running order."""
         async with self.changed:
-            self._resolve_all({"restarted": start})
+            self._resolve_all(Restarted(start))
             self.orders.clear()
             self.hellos.append(start)
             self.changed.notify_all()
@@ -87,10 +90,10 @@ class Broker:
     async def close(self, reason: str) -> None:
         async with self.changed:
             self.closed = self.closed or reason
-            self._resolve_all({"closed": self.closed})
+            self._resolve_all(Closed(self.closed))
             self.changed.notify_all()
 
-    def _resolve_all(self, value: dict) -> None:
+    def _resolve_all(self, value) -> None:
         for future in self.waiting.values():
             if not future.done():
                 future.set_result(value)

@@ -23,27 +23,26 @@ import sys
 import time
 
 
-def _load(path, overrides):
-    from .config import ConfigError, check_imports, check_paths, load_config
+def _plan(path, overrides):
+    """The run plan of a config file and its overrides; exits 2 with the message when it is invalid."""
+    from .config import ConfigError, load_config
+    from .plan import RunPlan
 
     try:
-        cfg = load_config(path, overrides)
-        check_paths(cfg)
-        check_imports(cfg)
-        return cfg
+        return RunPlan.from_config(load_config(path, overrides))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
 
 def cmd_validate(args) -> int:
-    from .config import ConfigError, check_paths, load_config
+    from .config import ConfigError, load_config
+    from .plan import check_paths
 
     bad = 0
     for path in args.configs:
         try:
-            cfg = load_config(path, args.set)
-            check_paths(cfg)
+            check_paths(load_config(path, args.set))
             print(f"ok: {path}")
         except ConfigError as e:
             print(f"error: {e}", file=sys.stderr)
@@ -78,70 +77,48 @@ def cmd_report(args) -> int:
     return 0
 
 
-def cmd_serve(args) -> int:
-    """Serve a finished run directory or any HF model directory until interrupted."""
-    from pathlib import Path
-
+def _serve_section(args):
+    """The `serve` section `online-dpo serve` uses: from --config, or the defaults with --set serve.*."""
     from .config import ConfigError, apply_override, load_config, validate
 
-    path = Path(args.path)
-    model = path / "policy" if (path / "policy" / "config.json").exists() else path
-    adapter = path / "policy" if (path / "policy" / "adapter_config.json").exists() else None
-    if adapter is not None:   # a LoRA run: its base model with the final adapter
-        try:
-            run_cfg = load_config(path / "config.yaml")
-        except ConfigError as e:
-            print(f"error: {path} holds a LoRA adapter but no readable config.yaml: {e}", file=sys.stderr)
-            return 2
-    if adapter is None and args.path != "embedded:reviews" and not (model / "config.json").exists():
-        print(f"error: {args.path} is neither a run directory (with policy/) nor a model directory "
-              "(with config.json)", file=sys.stderr)
-        return 2
+    if args.config:
+        return load_config(args.config, args.set).serve
+    raw = {"model": {"policy": "unused"}, "data": {"source": "unused"}}
+    for item in args.set:
+        if not item.startswith("serve."):
+            raise ConfigError(f"--set {item}: only serve.* fields apply to `online-dpo serve`")
+        apply_override(raw, item)
+    return validate(raw, source="--set").serve
+
+
+def cmd_serve(args) -> int:
+    """Serve a finished run directory or any HF model directory until interrupted."""
+    from .config import ConfigError
+    from .plan import standalone_serve
+
     try:
-        if args.config:
-            serve_cfg = load_config(args.config, args.set).serve
-        else:
-            raw = {"model": {"policy": "unused"}, "data": {"source": "unused"}}
-            for item in args.set:
-                if not item.startswith("serve."):
-                    raise ConfigError(f"--set {item}: only serve.* fields apply to `online-dpo serve`")
-                apply_override(raw, item)
-            serve_cfg = validate(raw, source="--set").serve
+        plan, what = standalone_serve(args.path, _serve_section(args), "info" if args.verbose else "quiet")
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from .cluster import connect
-    from .embedded import resolve_model
-    from . import serve as serving
-
-    model_path = resolve_model(args.path) if args.path == "embedded:reviews" else str(model.resolve())
-    if adapter is not None:
-        model_path = resolve_model(run_cfg.model.policy)
-    name = serve_cfg.model_name or (path.name if model != path or adapter is not None else model.name)
+    from .serve import app
     from .signals import Interrupted, Stop
 
     started = connect(namespace=f"online-dpo-serve-{int(time.time())}", log_to_driver=args.verbose)
     Stop().install()   # after ray.init(), whose SIGTERM handler aborts the process
     code = 0
     try:
-        spec, options = serving.from_config(
-            serve_cfg, model_path, name, None, "info" if args.verbose else "quiet",
-            lora_rank=run_cfg.model.lora.rank if adapter is not None else None,
-            adapter_dir=str(adapter.resolve()) if adapter is not None else None)
-        url = serving.deploy(spec, options, serve_cfg.host, serve_cfg.port, serve_cfg.route_prefix)
-        where = serving.describe(url, serving.replica_urls(serve_cfg.route_prefix))
-        what = f"{model_path} with the adapter {adapter}" if adapter is not None else model_path
-        print(f"[online-dpo] serving {what} as '{name}' at {where} (Ctrl-C to stop)", flush=True)
+        url = app.deploy(plan.spec, plan.options, plan.host, plan.port, plan.route_prefix)
+        where = app.describe(url, app.replica_urls(plan.route_prefix))
+        print(f"[online-dpo] serving {what} as '{plan.spec.served_name}' at {where} (Ctrl-C to stop)", flush=True)
         while True:
             time.sleep(3600)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except Interrupted as e:
         print(f"[online-dpo] {e.reason}", file=sys.stderr)
         code = e.code
     finally:
-        serving.undeploy()
+        app.undeploy()
         if started:
             _shutdown()
     return code
@@ -157,7 +134,7 @@ def cmd_monitor(args) -> int:
     return run(args.prometheus_port, args.grafana_port, data, say=lambda t: print(f"[online-dpo] {t}", flush=True))
 
 
-def cmd_dry_run(cfg) -> int:
+def cmd_dry_run(plan) -> int:
     """Print which actor goes where against the cluster's resources; 1 if it cannot fit."""
     from .cluster import existing_address
     from .placement import check, cluster_nodes, learner_memory, local_nodes
@@ -168,13 +145,21 @@ def cmd_dry_run(cfg) -> int:
         nodes, where = cluster_nodes(), "the connected Ray cluster"
     else:
         nodes, where = local_nodes(), "a local Ray cluster on this machine (none is running)"
-    text, problems = check(cfg, nodes)
-    print(f"[online-dpo] dry run of '{cfg.run.name}' against {where}")
+    text, problems = check(plan.asks, nodes)
+    print(f"[online-dpo] dry run of '{plan.name}' against {where}")
     print(text)
-    print(learner_memory(cfg))
+    print(learner_memory(plan.learner, plan.gang.ask.count))
     if problems:
         print("error: this plan cannot run on this cluster; see the result above", file=sys.stderr)
     return 1 if problems else 0
+
+
+def _ensure_embedded(plan, console) -> None:
+    from .embedded.build import ensure_default, is_built
+
+    if plan.needs_embedded and not is_built():
+        console.info("building the embedded default (once; about two minutes on 2 cores)")
+        ensure_default()
 
 
 def cmd_train(args) -> int:
@@ -188,27 +173,20 @@ def cmd_train(args) -> int:
                   f"{args.resume} has none" if not config.exists() else
                   "error: give either CONFIG or --resume RUN_DIR, not both", file=sys.stderr)
             return 2
-    cfg = _load(config, args.set + (["run.log_level=info"] if args.verbose else []))
+    plan = _plan(config, args.set + (["run.log_level=info"] if args.verbose else []))
     if args.dry_run:
-        return cmd_dry_run(cfg)
+        return cmd_dry_run(plan)
     from .cluster import connect, dashboard_note, existing_address
-    from .controller import RunFailed, train
-    from .monitor import EXPORT_SECONDS, attached, hold_seconds, ray_env
     from .metrics import ConsoleLog
-    from .signals import Interrupted, Stop
-
-    from .embedded import EMBEDDED
-    from .embedded.build import ensure_default, is_built
+    from .monitor import EXPORT_SECONDS, attached, hold_seconds, ray_env
+    from .signals import Stop
 
     console = ConsoleLog()
-    if EMBEDDED in (cfg.model.policy, cfg.data.source) and not is_built():
-        console.info("building the embedded default (once; about two minutes on 2 cores)")
-        ensure_default()
+    _ensure_embedded(plan, console)
     monitor = attached()
     if monitor and not existing_address():   # the dashboard process inherits these
         os.environ.update(ray_env(monitor))
-    started = connect(namespace=f"online-dpo-{cfg.run.name}-{int(time.time())}",
-                      log_to_driver=cfg.run.log_level != "quiet",
+    started = connect(namespace=f"online-dpo-{plan.name}-{int(time.time())}", log_to_driver=plan.log_level != "quiet",
                       metrics_export_ms=EXPORT_SECONDS * 1000 if monitor else None)
     stop = Stop()
     stop.install()   # after ray.init(): Ray's own SIGTERM handler aborts the process
@@ -218,10 +196,24 @@ def cmd_train(args) -> int:
         console.info(note)
     if monitor:
         console.info(f"metrics go to the monitor's Prometheus at {monitor['prometheus']}")
+    try:
+        return _train(plan, console, args.resume, stop)
+    finally:
+        if started and hold_seconds(monitor):   # let Prometheus scrape the final values
+            time.sleep(hold_seconds(monitor))
+        if started:
+            _shutdown()
+
+
+def _train(plan, console, resume, stop) -> int:
+    """Run the plan; the exit code, with what went wrong or how to continue on stderr."""
+    from .controller import train
     from .data import DataError
+    from .errors import RunFailed
+    from .signals import Interrupted
 
     try:
-        summary = train(cfg, console, resume_dir=args.resume, stop=stop)
+        summary = train(plan, console, resume_dir=resume, stop=stop)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -231,52 +223,31 @@ def cmd_train(args) -> int:
     except Interrupted as e:
         print(f"[online-dpo] {e.reason}{_resume_hint(e)}", file=sys.stderr)
         return e.code
-    else:
-        shown = {k: v for k, v in summary.items() if not k.startswith("samples")}
-        console.info("summary: " + json.dumps(shown))
-        return 0
-    finally:
-        if started and hold_seconds(monitor):   # let Prometheus scrape the final values
-            time.sleep(hold_seconds(monitor))
-        if started:
-            _shutdown()
+    shown = {k: v for k, v in summary.items() if not k.startswith("samples")}
+    console.info("summary: " + json.dumps(shown))
+    return 0
 
 
 def cmd_export(args) -> int:
     """A LoRA run's policy/ is a PEFT adapter; --merge writes base + adapter as one HF model."""
     from pathlib import Path
 
-    from .config import ConfigError, load_config
-    from .embedded import resolve_model
+    from .config import ConfigError
+    from .plan import merge_target
 
-    run, out = Path(args.run_dir), Path(args.merge)
-    policy = run / "policy"
-    if not (run / "config.yaml").exists() or not policy.is_dir():
-        print(f"error: {run} is not a finished run directory (it needs config.yaml and policy/)", file=sys.stderr)
+    out = Path(args.merge)
+    try:
+        base, adapter, trust_remote_code = merge_target(args.run_dir)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     if out.exists() and any(out.iterdir()):
         print(f"error: --merge {out} exists and is not empty; give a new directory", file=sys.stderr)
         return 2
-    try:
-        cfg = load_config(run / "config.yaml")
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if not (policy / "adapter_config.json").exists():
-        print(f"error: {policy} is a full model already (the run had no model.lora); use it as it is",
-              file=sys.stderr)
-        return 2
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from .model import merge_adapter
 
-    base_path = resolve_model(cfg.model.policy)
-    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32,
-                                                trust_remote_code=cfg.model.trust_remote_code)
-    merged = PeftModel.from_pretrained(base, str(policy)).merge_and_unload()
-    merged.save_pretrained(out)
-    AutoTokenizer.from_pretrained(policy if (policy / "tokenizer_config.json").exists() else base_path).save_pretrained(out)
-    print(f"merged {policy} into {base_path}: {out}")
+    merge_adapter(base, adapter, str(out), trust_remote_code)
+    print(f"merged {adapter} into {base}: {out}")
     return 0
 
 
@@ -292,15 +263,10 @@ def cmd_tune(args) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    cfg = _load(args.config, args.set)
-    from .embedded import EMBEDDED
-    from .embedded.build import ensure_default, is_built
-
+    plan = _plan(args.config, args.set)
     console = ConsoleLog()
-    if EMBEDDED in (cfg.model.policy, cfg.data.source) and not is_built():
-        console.info("building the embedded default (once; about two minutes on 2 cores)")
-        ensure_default()
-    started = connect(namespace=f"online-dpo-tune-{cfg.run.name}-{int(time.time())}", log_to_driver=args.verbose)
+    _ensure_embedded(plan, console)
+    started = connect(namespace=f"online-dpo-tune-{plan.name}-{int(time.time())}", log_to_driver=args.verbose)
     try:
         result = search(args.config, args.set, grid, ranges, args.samples, args.scheduler, args.metric,
                         args.concurrent, console)

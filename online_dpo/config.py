@@ -1,9 +1,8 @@
-"""The run YAML: schema, loading, `--set` overrides and readable errors.
+"""The run YAML: schema, loading, `--set` overrides and readable errors. Imports nothing from the package.
 
-One file describes a run. It is validated here, at the edge, and nowhere
-else: components get plain arguments built from it. Unknown keys, wrong types
-and out-of-range values are refused with the dotted path of the field and what
-is allowed, as a `ConfigError` whose message is one short paragraph.
+One file describes a run. It is validated here, at the edge, and plan.py turns it into one frozen
+`RunPlan`; components get their part of the plan, never the config. Unknown keys, wrong types and
+out-of-range values are refused as a `ConfigError` naming the dotted field and what is allowed.
 """
 
 from __future__ import annotations
@@ -14,7 +13,6 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .embedded import EMBEDDED
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 
 
@@ -26,6 +24,14 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class Placed(Section):
+    """Where an actor group goes: what each of its actors asks of a node."""
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per actor")
+    node_labels: dict[str, str] = Field(default_factory=dict, description="place only on nodes with these labels")
+
+
 class RunConfig(Section):
     name: str = Field("run", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     output_dir: str = "runs"
@@ -34,23 +40,20 @@ class RunConfig(Section):
     check_resources: bool = Field(True, description="refuse a plan the cluster cannot hold (off for autoscaling)")
 
 
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
 class LoraSection(Section):
     """Train LoRA adapters instead of the full policy (PEFT); only the adapters travel at a sync."""
     rank: int = Field(8, ge=1, le=512)
     alpha: float = Field(16.0, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] = Field(default_factory=lambda: list(LORA_TARGETS), min_length=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                               "up_proj", "down_proj"], min_length=1)
 
 
 class ModelConfig(Section):
     policy: str = Field(..., min_length=1, description="HF directory, hub id, or embedded:reviews")
     reference: str | None = Field(None, description="defaults to the policy's starting weights")
-    dtype: Literal["float32", "bfloat16"] = Field(
-        "float32", description="learner compute dtype (bfloat16: autocast over fp32 master weights); "
-                               "float16 is refused: the learner has no loss scaling")
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="learner compute dtype (no float16: "
+                                                                        "the learner has no loss scaling)")
     trust_remote_code: bool = False
     lora: LoraSection | None = Field(None, description="train LoRA adapters; leave out for full fine-tuning")
 
@@ -67,10 +70,8 @@ class DataConfig(Section):
     shuffle: bool = True
 
 
-class SamplerConfig(Section):
+class SamplerConfig(Placed):
     num_actors: int = Field(1, ge=1)
-    num_cpus: float = Field(1.0, ge=0)
-    num_gpus: float = Field(0.0, ge=0)
     tensor_parallel_size: int = Field(1, ge=1)
     num_threads: int | None = Field(None, ge=1, description="torch/OpenMP threads per actor on CPU")
     n: int = Field(2, ge=2, description="completions per prompt")
@@ -85,8 +86,6 @@ class SamplerConfig(Section):
     prompts_per_call: int | None = Field(None, gt=0, description="async: prompts per sampler request")
     max_restarts: int = Field(3, ge=0, description="Ray restarts of a crashed sampler")
     engine: dict[str, Any] = Field(default_factory=dict, description="extra vllm.LLM arguments")
-    resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per actor")
-    node_labels: dict[str, str] = Field(default_factory=dict, description="place only on nodes with these labels")
 
 
 def _judge_needs(kind: str, function: str | None, model: str | None, where: str) -> None:
@@ -99,21 +98,30 @@ def _judge_needs(kind: str, function: str | None, model: str | None, where: str)
         raise ValueError(f"{where}function must look like 'pkg.module:function'")
 
 
-class JudgeMember(Section):
+def _unique(field: str, names: list[str]) -> None:
+    if len(set(names)) != len(names):
+        raise ValueError(f"{field} names must differ; got {names}")
+
+
+class JudgeFields(Section):
+    """What every judge kind reads; an ensemble's members and the judge section share them."""
+    function: str | None = Field(None, description="rule: import path 'pkg.module:function'")
+    model: str | None = Field(None, description="reward_model / llm: HF directory or hub id")
+    batch_size: int = Field(16, gt=0)
+    max_length: int = Field(1024, gt=0)
+    template: str | None = Field(None, description="llm: prompt with {prompt}, {a}, {b}")
+    max_new_tokens: int = Field(8, gt=0)
+    constrained: bool = Field(True, description="llm: restrict the verdict to 'A' or 'B'")
+    engine: dict[str, Any] = Field(default_factory=dict)
+
+
+class JudgeMember(JudgeFields):
     """One objective of an ensemble judge (judges/ensemble.py)."""
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_]+$", description="the objective's name in metrics")
     kind: Literal["rule", "reward_model", "llm"] = "rule"
-    function: str | None = None
-    model: str | None = None
     weight: float = Field(1.0, description="its weight in the combined score (negative: lower is better)")
     normalize: bool = Field(False, description="z-score with the mean and spread of the first batch it scores")
     margin: float = Field(0.0, ge=0, description="its raw-score gaps at or below this count as zero")
-    batch_size: int = Field(16, gt=0)
-    max_length: int = Field(1024, gt=0)
-    template: str | None = None
-    max_new_tokens: int = Field(8, gt=0)
-    constrained: bool = True
-    engine: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _needs(self):
@@ -132,25 +140,13 @@ class JudgePrinciple(Section):
     weight: float = Field(1.0, gt=0)
 
 
-class JudgeConfig(Section):
+class JudgeConfig(JudgeFields, Placed):
     kind: Literal["rule", "reward_model", "llm", "ensemble", "constitutional"] = "rule"
-    function: str | None = Field(None, description="rule: import path 'pkg.module:function'")
-    model: str | None = Field(None, description="reward_model / llm: HF directory or hub id")
     members: list[JudgeMember] = Field(default_factory=list, description="ensemble: the judges it combines")
     principles: list[JudgePrinciple] = Field(default_factory=list, description="constitutional: the principles")
     margin: float = Field(0.0, ge=0, description="score gaps at or below this are ties")
     num_actors: int = Field(1, ge=1)
-    num_cpus: float = Field(1.0, ge=0)
-    num_gpus: float = Field(0.0, ge=0)
-    batch_size: int = Field(16, gt=0)
-    max_length: int = Field(1024, gt=0)
-    template: str | None = Field(None, description="llm: prompt with {prompt}, {a}, {b}")
-    max_new_tokens: int = Field(8, gt=0)
-    constrained: bool = Field(True, description="llm: restrict the verdict to 'A' or 'B'")
     max_restarts: int = Field(3, ge=0, description="Ray restarts of a crashed judge")
-    engine: dict[str, Any] = Field(default_factory=dict)
-    resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per actor")
-    node_labels: dict[str, str] = Field(default_factory=dict, description="place only on nodes with these labels")
 
     @model_validator(mode="after")
     def _needs(self):
@@ -158,9 +154,7 @@ class JudgeConfig(Section):
             if not self.members:
                 raise ValueError("judge.kind 'ensemble' needs judge.members: a list of judges, each with a "
                                  "name, a kind and a weight")
-            names = [m.name for m in self.members]
-            if len(set(names)) != len(names):
-                raise ValueError(f"judge.members names must differ; got {names}")
+            _unique("judge.members", [m.name for m in self.members])
             if self.function or self.model:
                 raise ValueError("judge.kind 'ensemble' takes its judges from judge.members; move "
                                  "judge.function / judge.model into a member")
@@ -172,9 +166,7 @@ class JudgeConfig(Section):
                 raise ValueError("judge.kind 'constitutional' needs judge.model, a generative model directory or hub id")
             if not self.principles:
                 raise ValueError("judge.kind 'constitutional' needs judge.principles: a list of {name, text, weight}")
-            names = [p.name for p in self.principles]
-            if len(set(names)) != len(names):
-                raise ValueError(f"judge.principles names must differ; got {names}")
+            _unique("judge.principles", [p.name for p in self.principles])
             missing = [k for k in ("{principle}", "{prompt}", "{a}", "{b}") if self.template and k not in self.template]
             if missing:
                 raise ValueError(f"judge.template lacks {', '.join(missing)}; a constitutional template needs "
@@ -196,8 +188,7 @@ class TrainConfig(Section):
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     loss: Literal["sigmoid", "ipo", "hinge", "robust", "sigmoid_norm", "simpo"] = "sigmoid"
     simpo_gamma: float = Field(0.5, ge=0, description="simpo: target reward margin")
-    length_penalty: float = Field(0.0, ge=0, description="R-DPO alpha: per token the chosen response is longer, "
-                                                         "this much of the preference is put down to length")
+    length_penalty: float = Field(0.0, ge=0, description="R-DPO alpha: preference put down to length, per token")
     beta: float = Field(0.1, gt=0)
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)
     lr: float = Field(1e-6, gt=0, le=1)
@@ -207,24 +198,15 @@ class TrainConfig(Section):
     grad_clip: float | None = Field(1.0, gt=0)
     batch_size: int = Field(32, gt=0, description="pairs per optimizer step, all workers together")
     micro_batch_size: int = Field(8, gt=0, description="pairs per worker per forward pass")
-    micro_batch_tokens: int | None = Field(None, gt=0, description="size micro-batches by padded tokens "
-                                                                   "(chosen + rejected rows) instead of pairs")
-    strategy: Literal["ddp", "fsdp"] = Field("ddp", description="ddp: a full copy per worker; fsdp: FSDP2 shards "
-                                                                "parameters, gradients and optimizer state")
-    logprob_chunk: int | None = Field(None, gt=0, description="compute the LM head in chunks of this many "
-                                                              "positions (no full fp32 logits)")
+    micro_batch_tokens: int | None = Field(None, gt=0, description="size micro-batches by padded tokens instead")
+    strategy: Literal["ddp", "fsdp"] = Field("ddp", description="ddp: a copy per worker; fsdp: FSDP2 shards it all")
+    logprob_chunk: int | None = Field(None, gt=0, description="LM head in chunks of this many positions")
     checkpoint_every_layers: int = Field(0, ge=0, description="recompute every k-th decoder layer in backward")
-    liger_kernels: bool = Field(False, description="Liger's fused Triton kernels (RMSNorm, SwiGLU, RoPE, linear "
-                                                   "cross-entropy for the log-probs); needs train.use_gpu")
+    liger_kernels: bool = Field(False, description="Liger's fused Triton kernels; needs train.use_gpu")
     max_steps: int = Field(100, gt=0)
     max_failures: int = Field(3, ge=-1, description="Ray Train restarts of the gang from its latest checkpoint")
-    max_kl: float | None = Field(None, gt=0, description="stop early once the KL estimate (nats per sequence, "
-                                                         "mean of the last 5 steps) passes this")
+    max_kl: float | None = Field(None, gt=0, description="stop once the KL (nats/seq, last 5 steps) passes this")
     seed: int | None = None
-
-    @property
-    def grad_accum(self) -> int:
-        return self.batch_size // (self.num_workers * self.micro_batch_size)
 
     @model_validator(mode="after")
     def _divides(self):
@@ -249,8 +231,7 @@ class SyncConfig(Section):
     max_policy_lag: int = Field(1, ge=0, description="async: train on pairs at most this many versions old")
     buffer_pairs: int | None = Field(None, gt=0, description="async: pairs sampled ahead of the learner (default: two batches)")
     transport: Literal["object_store", "collective"] = Field(
-        "object_store", description="how weights reach the samplers: Ray's object store, or a broadcast over "
-        "a process group of trainer rank 0 and the sampler engines (gloo on CPU, NCCL on GPU)")
+        "object_store", description="Ray's object store, or a broadcast from trainer rank 0 to the engines")
     bucket_mb: int = Field(64, ge=1, description="collective: MiB per broadcast")
 
     @model_validator(mode="after")
@@ -268,11 +249,11 @@ class CheckpointConfig(Section):
 
 class EvalConfig(Section):
     prompts: int = Field(64, ge=0, description="held-out prompts scored at start and end; 0 = off")
-    every_steps: int = Field(0, ge=0)
-    temperature: float = Field(1.0, ge=0)
+    every_steps: int = Field(0, ge=0, description="also evaluate every N steps (0: only at start and end)")
+    temperature: float = Field(1.0, ge=0, description="sampling temperature of the held-out responses")
 
 
-class ServeConfig(Section):
+class ServeConfig(Placed):
     enabled: bool = Field(False, description="deploy the policy server at the start of training")
     keep_alive: bool = Field(False, description="after training, keep serving until Ctrl-C")
     host: str = "127.0.0.1"
@@ -282,10 +263,7 @@ class ServeConfig(Section):
     num_replicas: int = Field(1, ge=1)
     min_replicas: int | None = Field(None, ge=0, description="autoscaling lower bound")
     max_replicas: int | None = Field(None, ge=1, description="autoscaling upper bound")
-    num_cpus: float = Field(1.0, ge=0)
-    num_gpus: float = Field(0.0, ge=0)
-    num_threads: int | None = Field(None, ge=1, description="engine threads on CPU; default num_cpus - 1 "
-                                    "(at least 1): the replica's Python needs a core")
+    num_threads: int | None = Field(None, ge=1, description="engine threads on CPU; default num_cpus - 1, >= 1")
     max_ongoing_requests: int = Field(64, ge=1)
     default_max_tokens: int = Field(128, ge=1)
     api_key_env: str | None = Field(None, description="environment variable holding the API key")
@@ -293,13 +271,10 @@ class ServeConfig(Section):
     kv_cache_gib: int = Field(1, ge=1)
     max_model_len: int | None = Field(None, gt=0)
     poll_seconds: float = Field(0.5, gt=0, description="how often replicas look for a new policy version")
-    max_drain_seconds: float = Field(30.0, gt=0, description="a weight load waits this long for in-flight "
-                                     "requests, then aborts the ones still running (503)")
+    max_drain_seconds: float = Field(30.0, gt=0, description="a load aborts requests still running after this")
     max_body_bytes: int = Field(2 << 20, ge=1024, description="larger request bodies get 413")
     max_n: int = Field(16, ge=1, description="most choices (n) one request may ask for")
     engine: dict[str, Any] = Field(default_factory=dict)
-    resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per actor")
-    node_labels: dict[str, str] = Field(default_factory=dict, description="place only on nodes with these labels")
 
     @model_validator(mode="after")
     def _bounds(self):
@@ -328,20 +303,15 @@ class Config(Section):
     serve: ServeConfig = Field(default_factory=ServeConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
 
-    @property
-    def pairs_per_version(self) -> int:
-        return self.sync.every_steps * self.train.batch_size
-
     @model_validator(mode="after")
     def _cross(self):
         if self.sampler.num_gpus == 0 and self.sampler.tensor_parallel_size > 1:
             raise ValueError("sampler.tensor_parallel_size > 1 needs GPUs: set sampler.num_gpus")
         if self.judge.kind == "llm" and self.judge.template is None:
             self.judge.template = DEFAULT_LLM_TEMPLATE
-        if self.model.lora is not None:
-            if self.model.reference not in (None, self.model.policy):
-                raise ValueError("model.lora: the reference is the policy with its adapters disabled; leave "
-                                 "model.reference out (or equal to model.policy)")
+        if self.model.lora is not None and self.model.reference not in (None, self.model.policy):
+            raise ValueError("model.lora: the reference is the policy with its adapters disabled; leave "
+                             "model.reference out (or equal to model.policy)")
         return self
 
 
@@ -422,39 +392,6 @@ def _fields_at(loc: tuple) -> list[str]:
             return []
         model = ann
     return list(model.model_fields)
-
-
-def check_paths(cfg: Config) -> None:
-    """Refuse local paths that do not exist (hub ids and embedded:reviews pass)."""
-    fields = {"model.policy": cfg.model.policy, "model.reference": cfg.model.reference,
-              "data.source": cfg.data.source, "data.eval_source": cfg.data.eval_source,
-              "judge.model": cfg.judge.model,
-              **{f"judge.members[{m.name}].model": m.model for m in cfg.judge.members}}
-    for name, value in fields.items():
-        if value and value.startswith(("/", "./", "../", "~")) and not Path(value).expanduser().exists():
-            raise ConfigError(f"{name}: {value} does not exist; give an existing local path, "
-                              f"a hub id, or {EMBEDDED}")
-
-
-def check_imports(cfg: Config) -> None:
-    """A rule judge's function must import (on the driver, as on the cluster), and the packages an
-    option needs must be installed."""
-    import importlib.util
-
-    from .judges.rule import import_function
-
-    if cfg.train.liger_kernels and importlib.util.find_spec("liger_kernel") is None:
-        raise ConfigError("train.liger_kernels needs the liger-kernel package, which is not installed: "
-                          "pip install -e '.[gpu]', or set train.liger_kernels: false")
-
-    rules = [("judge.function", cfg.judge.function)] if cfg.judge.kind == "rule" else []
-    rules += [(f"judge.members[{m.name}].function", m.function) for m in cfg.judge.members if m.kind == "rule"]
-    for field, function in rules:
-        try:
-            import_function(function)
-        except ValueError as e:
-            raise ConfigError(str(e).replace("judge.function", field, 1)
-                              + "; give an importable 'pkg.module:function'") from None
 
 
 def dump(cfg: Config) -> str:

@@ -145,3 +145,13 @@ def load_splits(source: str, split: str, eval_source: str | None, eval_split: st
         raise DataError(f"data.source has {len(train)} prompts, too few to hold out eval.prompts "
                         f"({eval_prompts}) and train on the rest; lower eval.prompts or set data.eval_source")
     return train[eval_prompts:], train[:eval_prompts]
+
+
+def load_prompts(spec) -> tuple[PromptSource, list[Prompt]]:
+    """The run's prompt source and held-out prompts, rendered with the policy's tokenizer (a DataSpec)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(spec.tokenizer, trust_remote_code=spec.trust_remote_code)
+    train, heldout = load_splits(spec.source, spec.split, spec.eval_source, spec.eval_split, spec.prompt_field, tok,
+                                 spec.format, spec.system_prompt, spec.max_prompt_tokens, spec.eval_prompts)
+    return PromptSource(train, seed=spec.seed, shuffle=spec.shuffle), heldout

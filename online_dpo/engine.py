@@ -24,25 +24,9 @@ the new body with the old output layer. Re-running the head's
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from .specs import EngineSpec
 
 EXTENSION = "online_dpo.engine.WeightLoader"
-
-
-@dataclass(frozen=True)
-class EngineSpec:
-    """Plain arguments for building a vLLM engine."""
-    model: str
-    dtype: str = "auto"
-    tensor_parallel_size: int = 1
-    max_model_len: int | None = None
-    gpu_memory_utilization: float = 0.85
-    seed: int = 0
-    trust_remote_code: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
-    lora_rank: int | None = None   # serve LoRA adapters of up to this rank (one slot: the policy's adapter)
-    file_server: Any = None   # fetches `model` when this node cannot see it (artifacts.py)
 
 
 def engine_env(num_threads: int, kv_cache_gib: int, on_gpu: bool, log_level: str,

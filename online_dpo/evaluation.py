@@ -9,19 +9,20 @@ restarted.
 
 from __future__ import annotations
 
-from .rollout import split
-from .topology import ActorGroup
+from .specs import Sampling
+from .topology import ActorGroup, split
 
 EVAL_SEED = 424242
 
 
-def evaluate(samplers: ActorGroup, judges: ActorGroup, heldout: list, sampling: dict, weights,
+def evaluate(samplers: ActorGroup, judges: ActorGroup, heldout: list, sampling: Sampling, weights,
              version: int, baseline: dict | None = None) -> dict:
-    """Score one sample per held-out prompt from `weights` (None: the engines' starting weights)."""
+    """Score one sample per held-out prompt (`sampling`: eval's, n = 1) from `weights` (None: the
+    engines' starting weights)."""
     if not heldout:
         return {}
     calls = [(([list(p.ids) for p in c], [p.text for p in c]),
-              dict(sampling, n=1, seed=EVAL_SEED + 10_000 * i, weights=weights))
+              dict(sampling.kwargs(), seed=EVAL_SEED + 10_000 * i, weights=weights))
              for i, c in enumerate(split(heldout, len(samplers.handles))) if c]
     groups = [g for batch in samplers.run("generate", calls) for g in batch.groups]
     prompts = [g.prompt for g in groups]

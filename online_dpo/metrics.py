@@ -242,3 +242,49 @@ class Tracker:
     def close(self) -> None:
         if self.external is not None:
             self.external.close()
+
+
+class Reporter:
+    """What the controller says about a run: each event's console line and its metrics record, in one place."""
+
+    def __init__(self, console: ConsoleLog, tracker: Tracker):
+        self.console, self.tracker = console, tracker
+
+    def info(self, text: str) -> None:
+        self.console.info(text)
+
+    def record(self, record: dict) -> None:
+        self.tracker.log(record)
+
+    def step(self, record: dict, total: int, show: bool) -> None:
+        self.tracker.log(record)
+        if show:
+            self.console.step(record, total)
+
+    def evaluation(self, result: dict, step: int) -> None:
+        self.tracker.log({**{k: v for k, v in result.items() if k not in ("prompts", "responses")}, "step": step})
+        self.console.eval(result)
+
+    def actor_event(self, event: dict, step: int, counts: dict) -> None:
+        """A sampler or judge died (Ray restarts it; its work went to a live one) or came back."""
+        if event["event"] == "died" and event["restarts"] > event["max_restarts"]:
+            self.console.info(f"{event['actor']} died")
+        elif event["event"] == "died":
+            self.console.info(f"{event['actor']} died; Ray is restarting it (restart {event['restarts']} of "
+                              f"{event['max_restarts']} for its kind) and its work goes to a live one")
+        else:
+            self.console.info(f"{event['actor']} is back after {event['seconds']:.1f}s")
+        self.tracker.log({"kind": "restart", "step": step, **event, **counts})
+
+    def learner_back(self, step: int, lost: int, dropped: int, seconds: float, counts: dict) -> None:
+        self.console.info(f"the learner restarted from its checkpoint at step {step} after {seconds:.1f}s; "
+                          f"{lost} step(s) to redo, {dropped} pair(s) from newer versions dropped")
+        self.tracker.log({"kind": "restart", "actor": "learner", "event": "back", "step": step, "steps_lost": lost,
+                          "pairs_dropped": dropped, "seconds": round(seconds, 1), **counts})
+
+    def stopped_early(self, step: int, reason: str, run_dir, signalled: bool) -> None:
+        more = (f"continue with: online-dpo train --resume {run_dir}" if signalled else
+                f"to go further: online-dpo train --resume {run_dir} --set train.max_kl=..."
+                if reason.startswith("KL limit") else "")
+        self.console.info(f"stopped early at step {step} ({reason}); saved summary.json, curves.png and "
+                          f"policy/{'; ' + more if more else ''}")

@@ -1,12 +1,14 @@
-"""Placement: what each actor group asks for, and whether the cluster can hold it.
+"""Placement: whether the cluster can hold what each actor group asks for.
 
 The run YAML places samplers, judges, trainer workers and serve replicas by
 Ray resources (CPU, GPU, custom resources such as a node type's) and node
-labels. `plan()` lists the asks, `fit()` packs them onto the cluster's nodes
-(first fit, largest first; the trainer gang as its placement group's strategy
-says), and `render()` prints the plan. A plan that cannot fit is refused with
-a message naming the fields to change, in a dry run and before a real run
-starts any actor, instead of leaving actors pending forever.
+labels. The run plan (plan.py) holds each group's `Ask`, the same one that
+places the group when it starts; `fit()` packs the asks onto the cluster's
+nodes (first fit, largest first; the trainer gang as its placement group's
+strategy says), and `render()` prints the plan. A plan that cannot fit is
+refused with a message naming the fields to change, in a dry run and before
+a real run starts any actor (`require_fit`), instead of leaving actors
+pending forever.
 """
 
 from __future__ import annotations
@@ -14,17 +16,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from .config import Config
-
-
-@dataclass(frozen=True)
-class Ask:
-    group: str                 # "sampler", "judge", "trainer", "serve"
-    count: int
-    resources: dict[str, float]
-    labels: dict[str, str] = field(default_factory=dict)
-    strategy: str | None = None  # the trainer gang's placement group strategy
-    fields: str = ""           # the config fields to change when it does not fit
+from .errors import RunFailed
+from .specs import Ask, LearnerSpec
 
 
 @dataclass
@@ -46,34 +39,6 @@ class Node:
     def take(self, ask: Ask, times: int = 1) -> None:
         for r, amount in ask.resources.items():
             self.free[r] = self.free.get(r, 0.0) - amount * times
-
-
-def _res(cpus: float, gpus: float, extra: dict[str, float]) -> dict[str, float]:
-    out = {"CPU": cpus} if cpus else {}
-    if gpus:
-        out["GPU"] = gpus
-    out.update(extra)
-    return out
-
-
-def plan(cfg: Config) -> list[Ask]:
-    s, j, t, v = cfg.sampler, cfg.judge, cfg.train, cfg.serve
-    asks = [
-        Ask("sampler", s.num_actors, _res(s.num_cpus, s.num_gpus * s.tensor_parallel_size if s.num_gpus else 0,
-                                           s.resources), s.node_labels,
-            fields="sampler.num_actors / num_cpus / num_gpus / resources / node_labels"),
-        Ask("judge", j.num_actors, _res(j.num_cpus, j.num_gpus, j.resources), j.node_labels,
-            fields="judge.num_actors / num_cpus / num_gpus / resources / node_labels"),
-        Ask("trainer", t.num_workers, _res(t.num_cpus_per_worker, 1 if t.use_gpu else 0, t.resources_per_worker),
-            t.node_labels, strategy=t.placement_strategy,
-            fields="train.num_workers / num_cpus_per_worker / use_gpu / resources_per_worker / node_labels"),
-    ]
-    if v.enabled:
-        start = v.min_replicas if v.min_replicas is not None else v.num_replicas  # replicas at deploy time
-        asks.append(Ask("serve", start,
-                        _res(v.num_cpus, v.num_gpus, v.resources), v.node_labels,
-                        fields="serve.num_replicas / num_cpus / num_gpus / resources / node_labels"))
-    return asks
 
 
 def cluster_nodes() -> list[Node]:
@@ -161,10 +126,19 @@ def render(asks: list[Ask], nodes: list[Node], placed: dict[str, list[str]], pro
     return "\n".join(lines)
 
 
-def check(cfg: Config, nodes: list[Node]) -> tuple[str, list[str]]:
-    asks = plan(cfg)
+def check(asks: tuple[Ask, ...] | list[Ask], nodes: list[Node]) -> tuple[str, list[str]]:
+    """The rendered plan against these nodes, and what does not fit."""
+    asks = list(asks)
     placed, problems = fit(asks, nodes)
     return render(asks, nodes, placed, problems), problems
+
+
+def require_fit(asks: tuple[Ask, ...]) -> None:
+    """Refuse a plan the connected cluster cannot hold, instead of leaving actors pending."""
+    text, problems = check(asks, cluster_nodes())
+    if problems:
+        raise RunFailed("the cluster cannot hold this run (set run.check_resources: false on an "
+                        "autoscaling cluster):\n" + text)
 
 
 # ---------------------------------------------------------------- learner memory
@@ -197,23 +171,14 @@ def learner_state_bytes(params: int, trainable: int, strategy: str, workers: int
     return total // workers if strategy == "fsdp" else total
 
 
-def learner_memory(cfg: Config) -> str:
+def learner_memory(spec: LearnerSpec, workers: int) -> str:
     """One line for the dry run: the learner's model state per worker, or why it is unknown."""
-    from .embedded import EMBEDDED
-
-    t, m = cfg.train, cfg.model
-    lora = m.lora.model_dump() if m.lora else None
-    if m.policy == EMBEDDED:
-        from .embedded.build import default_home, model_dir
-        path = str(model_dir(default_home()))
-    else:
-        path = m.policy
     try:
-        params, trainable = model_parameters(path, lora, m.trust_remote_code)
+        params, trainable = model_parameters(spec.policy, spec.lora, spec.trust_remote_code)
     except Exception as e:   # offline, or an unknown architecture: the plan above still stands
-        return f"learner memory: unknown (cannot read {m.policy}'s config: {str(e).splitlines()[0][:160]})"
-    nbytes = learner_state_bytes(params, trainable, t.strategy, t.num_workers, bool(lora))
-    shard = f"sharded over {t.num_workers} workers (fsdp)" if t.strategy == "fsdp" else "a full copy each (ddp)"
+        return f"learner memory: unknown (cannot read {spec.policy}'s config: {str(e).splitlines()[0][:160]})"
+    nbytes = learner_state_bytes(params, trainable, spec.strategy, workers, bool(spec.lora))
+    shard = f"sharded over {workers} workers (fsdp)" if spec.strategy == "fsdp" else "a full copy each (ddp)"
     return (f"learner memory: {_count(params)} parameters ({_count(trainable)} trained) -> {_size(nbytes)} per "
             f"worker of weights, gradients, AdamW state and reference, {shard}; activations come on top")
 

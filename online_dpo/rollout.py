@@ -27,15 +27,12 @@ import threading
 import time
 
 from .data import PromptSource
-from .topology import ActorGroup, RunFailed
-from .types import PreferencePair, SampleBatch
+from .errors import RunFailed
+from .specs import RolloutSpec
+from .topology import ActorGroup, split
+from .types import Labels, PreferencePair, SampleBatch
 
 STARVED = 20  # give up after sampling this many times the prompts a batch needs without getting it
-
-
-def split(items: list, k: int) -> list[list]:
-    size = math.ceil(len(items) / k) if items else 0
-    return [items[i * size:(i + 1) * size] for i in range(k)]
 
 
 class Starved(RunFailed):
@@ -99,22 +96,21 @@ class PairBuffer:
 
     def state(self) -> dict:
         with self.cond:
-            return {"pairs": list(self.pairs), "stale": self.stale, "discarded": self.discarded}
+            return {"pairs": [p.data() for p in self.pairs], "stale": self.stale, "discarded": self.discarded}
 
     def restore(self, state: dict) -> None:
         with self.cond:
-            self.pairs = collections.deque(state["pairs"])
+            self.pairs = collections.deque(PreferencePair.from_data(p) for p in state["pairs"])
             self.stale, self.discarded = state["stale"], state["discarded"]
 
 
 class Rollouts:
     """What both strategies share: the prompt source, the actor groups, the counters and the records."""
 
-    def __init__(self, samplers: ActorGroup, judges: ActorGroup, source: PromptSource, sampling: dict,
-                 seed: int, log, capacity: int):
+    def __init__(self, spec: RolloutSpec, samplers: ActorGroup, judges: ActorGroup, source: PromptSource, log):
         self.samplers, self.judges, self.source = samplers, judges, source
-        self.sampling, self.seed, self.log = sampling, seed, log   # log(record): the tracker
-        self.buffer = PairBuffer(capacity)
+        self.sampling, self.seed, self.log = spec.sampling.kwargs(), spec.seed, log   # log(record): the tracker
+        self.buffer = PairBuffer(spec.capacity)
         self.weights = None          # the latest published WeightsHandle
         self.version = 0             # its version
         self.round = 0
@@ -130,14 +126,16 @@ class Rollouts:
                       weights=weights)
         return ([list(p.ids) for p in prompts], [p.text for p in prompts]), kwargs
 
-    def record(self, batches: list[SampleBatch], pairs: list, stats: list, judge_seconds: float) -> dict:
+    def record(self, batches: list[SampleBatch], labels: list[Labels], judge_seconds: float) -> dict:
         comps = [c for b in batches for g in b.groups for c in g.completions]
         groups = sum(len(b.groups) for b in batches)
-        scores = [x for st in stats for x in st.scores]
+        scores = [x for lb in labels for x in lb.scores]
+        pairs = [p for lb in labels for p in lb.pairs]
         record = {
             "kind": "rollout", "round": self.round, "policy_version": min(b.version for b in batches),
             "prompts": groups, "completions": len(comps), "pairs": len(pairs),
-            "ties": sum(st.ties for st in stats), "identical": sum(st.identical for st in stats),
+            "ties": sum(lb.ties for lb in labels), "identical": sum(lb.identical for lb in labels),
+            "malformed": sum(lb.malformed for lb in labels),
             "reward_mean": sum(scores) / max(1, len(scores)),
             "chosen_score": sum(p.chosen_score for p in pairs) / max(1, len(pairs)),
             "rejected_score": sum(p.rejected_score for p in pairs) / max(1, len(pairs)),
@@ -146,19 +144,18 @@ class Rollouts:
             "sample_seconds": max(b.seconds for b in batches),
             "load_seconds": max(b.load_seconds for b in batches), "judge_seconds": judge_seconds,
             "versions": sorted({b.version for b in batches}),
-            **objective_means(stats),
+            **objective_means(labels),
         }
-        for key in ("prompts", "completions", "pairs", "ties", "identical"):
+        for key in ("prompts", "completions", "pairs", "ties", "identical", "malformed"):
             self.counts[key] += record[key]
         self.latest = record
         self.log(record)
         return record
 
-    def label(self, batches: list[SampleBatch]) -> tuple[list, list]:
+    def label(self, batches: list[SampleBatch]) -> list[Labels]:
         groups = [g for b in batches for g in b.groups]
         chunks = [c for c in split(groups, len(self.judges.handles)) if c]
-        results = self.judges.run("label", [((c,), {}) for c in chunks])
-        return [p for ps, _ in results for p in ps], [st for _, st in results]
+        return self.judges.run("label", [((c,), {}) for c in chunks])
 
     # ------------------------------------------------------------ the interface
 
@@ -171,6 +168,11 @@ class Rollouts:
             self.set_weights(handle)
         self.version = version
         return self.buffer.discard_newer(version)
+
+    @property
+    def stale(self) -> int:
+        """Pairs dropped so far for lagging too far behind the learner."""
+        return self.buffer.stale
 
     def stats(self) -> dict:
         return {**self.counts, "stale_dropped": self.buffer.stale, "restart_dropped": self.buffer.discarded,
@@ -195,8 +197,8 @@ class Rollouts:
 class LockStep(Rollouts):
     """Sample, judge, learn, sync: one phase at a time, every sampler on the learner's version."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, *args):
+        super().__init__(*args)
         self.keep_rate = 1.0
 
     def take(self, n: int, min_version: int, want: int | None = None, timeout: float | None = None):
@@ -218,9 +220,10 @@ class LockStep(Rollouts):
         for i, b in enumerate(batches):
             self.busy[i] += b.seconds + b.load_seconds
         t = time.time()
-        pairs, stats = self.label(batches)
+        labels = self.label(batches)
+        pairs = [p for lb in labels for p in lb.pairs]
         self.round += 1
-        self.record(batches, pairs, stats, time.time() - t)
+        self.record(batches, labels, time.time() - t)
         self.keep_rate = 0.5 * self.keep_rate + 0.5 * len(pairs) / max(1, len(prompts))
         return pairs
 
@@ -235,9 +238,9 @@ class LockStep(Rollouts):
 class Pipelined(Rollouts):
     """Samplers run ahead of the learner in a background thread, into a bounded buffer."""
 
-    def __init__(self, *args, prompts_per_call: int, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.prompts_per_call = prompts_per_call
+    def __init__(self, spec: RolloutSpec, *args):
+        super().__init__(spec, *args)
+        self.prompts_per_call = spec.prompts_per_call
         self.keep_rate = 0.5
         self.error: BaseException | None = None
         self.stopping = threading.Event()
@@ -282,18 +285,17 @@ class Pipelined(Rollouts):
     def _loop(self) -> None:
         import ray
 
-        sampling: dict = {}   # ref -> (sampler index, prompts, call, epoch, sent at)
-        judging: dict = {}    # ref -> (judge index, batch, epoch, started, sent at)
+        sampling: dict = {}   # ref -> (Call, prompts, epoch)
+        judging: dict = {}    # ref -> (Call, batch, epoch, started)
         while not self.stopping.is_set():
-            busy = {i for i, *_ in sampling.values()}
+            busy = {call.actor for call, *_ in sampling.values()}
             for i in self.samplers.live():
                 if i in busy or not self.room():
                     continue
                 prompts = self.source.next_batch(self.prompts_per_call)
-                call = self.request(prompts, i, self.weights)
+                call = self.samplers.send("generate", *self.request(prompts, i, self.weights), actor=i)
                 self.round += 1
-                sampling[self.samplers.handles[i].generate.remote(*call[0], **call[1])] = (
-                    i, prompts, call, self.epoch, time.time())
+                sampling[call.ref] = (call, prompts, self.epoch)
                 self.inflight_prompts += len(prompts)
                 self.asked_since_take += len(prompts)
             refs = list(sampling) + list(judging)
@@ -303,51 +305,46 @@ class Pipelined(Rollouts):
             ready, _ = ray.wait(refs, num_returns=1, timeout=0.1)
             for ref in ready:
                 if ref in sampling:
-                    self._sampled(ref, sampling, judging)
+                    self._sampled(*sampling.pop(ref), sampling, judging)
                 else:
-                    self._judged(ref, judging, sampling)
+                    self._judged(*judging.pop(ref), judging)
 
-    def _sampled(self, ref, sampling: dict, judging: dict) -> None:
-        import ray
-
-        i, prompts, call, epoch, sent = sampling.pop(ref)
-        try:
-            batch = ray.get(ref)
-        except ray.exceptions.RayActorError as e:
-            self.samplers.failed(i, e, sent)
-            j = self.samplers.wait_live()[0]   # the same seeded request, on a live sampler
-            sampling[self.samplers.handles[j].generate.remote(*call[0], **call[1])] = (
-                j, prompts, call, epoch, time.time())
+    def _sampled(self, call, prompts: list, epoch: int, sampling: dict, judging: dict) -> None:
+        done, out = self.samplers.receive(call)
+        if not done:   # its sampler died: the same seeded request went to a live one
+            sampling[out.ref] = (out, prompts, epoch)
             return
-        self.busy[i] += batch.seconds + batch.load_seconds
-        self._judge(batch, judging, epoch, time.time())
+        self.busy[call.actor] += out.seconds + out.load_seconds
+        self._judge(out, judging, epoch, time.time())
 
     def _judge(self, batch: SampleBatch, judging: dict, epoch: int, started: float) -> None:
         live = self.judges.wait_live()
-        k = live[self.round % len(live)]
-        judging[self.judges.handles[k].label.remote(list(batch.groups))] = (k, batch, epoch, started, time.time())
+        call = self.judges.send("label", (list(batch.groups),), actor=live[self.round % len(live)])
+        judging[call.ref] = (call, batch, epoch, started)
 
-    def _judged(self, ref, judging: dict, sampling: dict) -> None:
-        import ray
-
-        k, batch, epoch, started, sent = judging.pop(ref)
-        try:
-            pairs, stats = ray.get(ref)
-        except ray.exceptions.RayActorError as e:
-            self.judges.failed(k, e, sent)
-            self._judge(batch, judging, epoch, started)
+    def _judged(self, call, batch: SampleBatch, epoch: int, started: float, judging: dict) -> None:
+        done, labels = self.judges.receive(call)
+        if not done:   # its judge died: the same batch went to a live one
+            judging[labels.ref] = (labels, batch, epoch, started)
             return
         self.inflight_prompts -= len(batch.groups)
         if epoch != self.epoch:   # sampled before the learner was restored: its version is gone
-            self.buffer.discarded += len(pairs)
+            self.buffer.discarded += len(labels.pairs)
             return
-        self.record([batch], pairs, [stats], time.time() - started)
-        self.keep_rate = 0.8 * self.keep_rate + 0.2 * len(pairs) / max(1, len(batch.groups))
-        self.buffer.put(pairs)
+        self.record([batch], [labels], time.time() - started)
+        self.keep_rate = 0.8 * self.keep_rate + 0.2 * len(labels.pairs) / max(1, len(batch.groups))
+        self.buffer.put(list(labels.pairs))
 
 
-def objective_means(stats: list) -> dict:
+def make_rollouts(spec: RolloutSpec, samplers: ActorGroup, judges: ActorGroup, source: PromptSource, log):
+    """Lock-step rollouts for sync.mode sync, pipelined ones for async."""
+    if spec.mode == "sync":
+        return LockStep(spec, samplers, judges, source, log)
+    return Pipelined(spec, samplers, judges, source, log)
+
+
+def objective_means(labels: list[Labels]) -> dict:
     """An ensemble judge's per-objective figures over a batch's label calls, weighted by groups."""
-    total = sum(st.groups for st in stats if st.objectives)
-    keys = list(dict.fromkeys(k for st in stats for k in st.objectives))   # the members' order
-    return {k: sum(st.objectives.get(k, 0.0) * st.groups for st in stats) / total for k in keys} if total else {}
+    total = sum(lb.groups for lb in labels if lb.objectives)
+    keys = list(dict.fromkeys(k for lb in labels for k in lb.objectives))   # the members' order
+    return {k: sum(lb.objectives.get(k, 0.0) * lb.groups for lb in labels) / total for k in keys} if total else {}

@@ -14,7 +14,8 @@ from __future__ import annotations
 import os
 import time
 
-from .engine import EngineSpec, build_llm
+from .engine import build_llm
+from .specs import EngineSpec
 from .types import Completion, SampleBatch, SampleGroup
 from .weight_sync import EngineWeights, WeightsHandle
 

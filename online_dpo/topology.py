@@ -8,7 +8,7 @@
                 engines in one process group (collective.py); a new generation
                 forms whenever its members change
   file-server   hands local model directories to nodes that cannot see them
-  trainer       a Ray Train gang (learner.py), started beside these
+  trainer       a Ray Train gang (gang.py), started beside these
 
 Samplers and judges restart after a crash (Ray `max_restarts`); an
 `ActorGroup` sends a dead actor's work to a live one and counts restarts,
@@ -18,86 +18,32 @@ engines build while the trainer gang starts.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
+from dataclasses import dataclass, field, replace
 
-from .config import Config
-from .embedded import EMBEDDED, resolve_model
-from .engine import EngineSpec, engine_env
+from .errors import RunFailed, death_cause, last_line
+from .specs import OWN_PLACEMENT, GroupSpec, ServePlan
 
-
-class RunFailed(RuntimeError):
-    pass
+READY_SECONDS = 900.0   # an actor that has not built its engine (or judge) by then has hung
 
 
-def engine_spec(cfg: Config, model_path: str, files=None) -> EngineSpec:
-    s = cfg.sampler
-    return EngineSpec(model=model_path, dtype=s.dtype, tensor_parallel_size=s.tensor_parallel_size,
-                      max_model_len=s.max_model_len, gpu_memory_utilization=s.gpu_memory_utilization,
-                      seed=cfg.run.seed, trust_remote_code=cfg.model.trust_remote_code, extra=dict(s.engine),
-                      lora_rank=cfg.model.lora.rank if cfg.model.lora else None, file_server=files)
+@dataclass
+class Call:
+    """One method call sent to one actor of a group, kept so it can be sent again elsewhere."""
+    method: str
+    args: tuple
+    kwargs: dict = field(default_factory=dict)
+    actor: int = 0
+    sent: float = 0.0
+    ref: object = None
 
 
-def judge_options(cfg: Config, files=None) -> dict:
-    j = cfg.judge
-    opts = dict(kind=j.kind, margin=j.margin, function=j.function, batch_size=j.batch_size,
-                max_length=j.max_length, template=j.template, max_new_tokens=j.max_new_tokens,
-                constrained=j.constrained, engine=dict(j.engine), file_server=files)
-    if j.model:
-        opts["model"] = resolve_model(j.model)
-    if j.kind in ("llm", "constitutional") and j.model == EMBEDDED:
-        opts["engine"].setdefault("dtype", "float32")
-    if j.kind == "ensemble":
-        opts["members"] = [member_options(m) for m in j.members]
-    if j.kind == "constitutional":
-        opts["principles"] = [p.model_dump() for p in j.principles]
-    return opts
-
-
-def member_options(m) -> dict:
-    """An ensemble member's plain arguments (judges.build_judge)."""
-    opts = m.model_dump()
-    if m.model:
-        opts["model"] = resolve_model(m.model)
-    if m.kind == "llm" and m.model == EMBEDDED:
-        opts["engine"].setdefault("dtype", "float32")
-    return opts
-
-
-def threads_for(num_cpus: float, explicit: int | None) -> int:
-    return explicit or max(1, int(num_cpus))
-
-
-def last_line(err: BaseException) -> str:
-    """The cause at the bottom of a Ray error's remote traceback."""
-    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-    return lines[-1] if lines else repr(err)
-
-
-def death_cause(err: BaseException) -> str:
-    """One line on why an actor died: out of memory, how its process exited, or its last error line."""
-    text = " ".join(str(err).split())
-    if "OutOfMemoryError" in type(err).__name__ or "running low on memory" in text:
-        return "Ray killed it because the node ran low on memory (out of memory)"
-    if "Worker exit detail:" in text:
-        detail = text.split("Worker exit detail:", 1)[1].strip()
-        return detail.split(". ")[0].rstrip(".")
-    return last_line(err)
-
-
-# The run's actors are scheduled on their own, never inside a placement group the caller runs in
-# (a Ray Tune trial's, for `online-dpo tune`): Ray would otherwise try to fit them into its bundle.
-OWN_PLACEMENT = {"scheduling_strategy": "DEFAULT"}
-
-
-def placed(resources: dict[str, float], labels: dict[str, str]) -> dict:
-    """Ray actor options that place an actor by custom resources and node labels."""
-    out: dict = dict(OWN_PLACEMENT)
-    if resources:
-        out["resources"] = dict(resources)
-    if labels:
-        out["label_selector"] = dict(labels)
-    return out
+def split(items: list, k: int) -> list[list]:
+    """`items` in k contiguous chunks of near-equal size (one per actor; trailing ones may be empty)."""
+    size = math.ceil(len(items) / k) if items else 0
+    return [items[i * size:(i + 1) * size] for i in range(k)]
 
 
 class ActorGroup:
@@ -169,27 +115,34 @@ class ActorGroup:
                 raise RunFailed(f"no {self.kind} came back within {timeout:.0f}s of a crash")
             time.sleep(0.2)
 
-    def run(self, method: str, calls: list[tuple[tuple, dict]]) -> list:
-        """Run call k on actor k (mod live actors) and return the results in order;
-        a call whose actor dies is resent to a live one."""
+    def send(self, method: str, args: tuple = (), kwargs: dict | None = None, actor: int | None = None) -> Call:
+        """Call `method` on actor `actor` (default: the first live one) without waiting."""
+        i = self.wait_live()[0] if actor is None else actor
+        call = Call(method, tuple(args), dict(kwargs or {}), i, time.time())
+        call.ref = getattr(self.handles[i], method).remote(*call.args, **call.kwargs)
+        return call
+
+    def receive(self, call: Call) -> tuple[bool, object]:
+        """(True, the call's result); or, when its actor died, (False, the same call sent to a live one)."""
         import ray
 
-        results: list = [None] * len(calls)
-        todo = list(range(len(calls)))
-        while todo:
-            live = self.wait_live()
-            refs, sent = {}, time.time()
-            for k in todo:
-                i = live[k % len(live)]
-                args, kwargs = calls[k]
-                refs[getattr(self.handles[i], method).remote(*args, **kwargs)] = (k, i)
-            todo = []
-            for ref, (k, i) in refs.items():
-                try:
-                    results[k] = ray.get(ref)
-                except ray.exceptions.RayActorError as e:
-                    self.failed(i, e, sent)
-                    todo.append(k)
+        try:
+            return True, ray.get(call.ref)
+        except ray.exceptions.RayActorError as e:
+            self.failed(call.actor, e, call.sent)
+            return False, self.send(call.method, call.args, call.kwargs)
+
+    def run(self, method: str, calls: list[tuple[tuple, dict]]) -> list:
+        """Run call k on actor k (mod live actors) and return the results in order;
+        a call whose actor dies is sent again to a live one."""
+        live = self.wait_live()
+        sent = [self.send(method, args, kwargs, live[k % len(live)]) for k, (args, kwargs) in enumerate(calls)]
+        results = []
+        for call in sent:
+            done, out = self.receive(call)
+            while not done:
+                done, out = self.receive(out)
+            results.append(out)
         return results
 
     def stats(self) -> dict:
@@ -206,43 +159,43 @@ class Topology:
         self.serve_url = self.serve_where = None
 
     @classmethod
-    def start(cls, cfg: Config, policy_path: str) -> "Topology":
+    def start(cls, samplers: GroupSpec, judges: GroupSpec, transport: str, run_name: str) -> "Topology":
         """Create every actor without waiting for any to be ready."""
         import ray
 
-        from .artifacts import NAME as FILES, start_file_server
+        from .artifacts import start_file_server
         from .broker import Broker
         from .judges.actor import JudgeActor
         from .sampler import Sampler
-        from .weight_sync import PolicyStore
+        from .weight_sync import STORE_NAME, PolicyStore
 
-        s, j = cfg.sampler, cfg.judge
         files = start_file_server()
-        on_gpu = s.num_gpus > 0
-        env = engine_env(threads_for(s.num_cpus, s.num_threads), s.kv_cache_gib, on_gpu, cfg.run.log_level)
-        spec = engine_spec(cfg, policy_path, FILES)
-        samplers = [ray.remote(Sampler).options(
-            name=f"sampler-{i}", num_cpus=s.num_cpus, num_gpus=s.num_gpus * s.tensor_parallel_size,
-            max_restarts=s.max_restarts, **placed(s.resources, s.node_labels),
-            runtime_env={"env_vars": env}).remote(spec, f"sampler-{i}", on_gpu, cfg.run.name)
-            for i in range(s.num_actors)]
-        judge_env = engine_env(threads_for(j.num_cpus, None), s.kv_cache_gib, j.num_gpus > 0,
-                               cfg.run.log_level)
-        judges = [ray.remote(JudgeActor).options(
-            name=f"judge-{i}", num_cpus=j.num_cpus, num_gpus=j.num_gpus, max_restarts=j.max_restarts,
-            **placed(j.resources, j.node_labels),
-            runtime_env={"env_vars": judge_env}).remote(name=f"judge-{i}", **judge_options(cfg, FILES))
-            for i in range(j.num_actors)]
+        sampler_actors = [ray.remote(Sampler).options(
+            name=f"sampler-{i}", max_restarts=samplers.max_restarts, runtime_env={"env_vars": samplers.env},
+            **samplers.ask.actor_options()).remote(samplers.spec, f"sampler-{i}", samplers.on_gpu, run_name)
+            for i in range(samplers.ask.count)]
+        judge_actors = [ray.remote(JudgeActor).options(
+            name=f"judge-{i}", max_restarts=judges.max_restarts, runtime_env={"env_vars": judges.env},
+            **judges.ask.actor_options()).remote(judges.spec, name=f"judge-{i}")
+            for i in range(judges.ask.count)]
         broker = ray.remote(Broker).options(name="broker", num_cpus=0, **OWN_PLACEMENT).remote()
-        from . import serve as serving
-        store = ray.remote(PolicyStore).options(name=serving.STORE_NAME, num_cpus=0, **OWN_PLACEMENT).remote()
+        store = ray.remote(PolicyStore).options(name=STORE_NAME, num_cpus=0, **OWN_PLACEMENT).remote()
         rendezvous = None
-        if cfg.sync.transport == "collective" and cfg.model.lora is None:   # adapters go through the store
+        if transport == "collective":
             from .collective import Rendezvous
             rendezvous = Rendezvous()
-        return cls(ActorGroup("sampler", samplers, s.max_restarts, "sampler.max_restarts"),
-                   ActorGroup("judge", judges, j.max_restarts, "judge.max_restarts"), broker, store, files,
-                   rendezvous, s.tensor_parallel_size)
+        return cls(ActorGroup("sampler", sampler_actors, samplers.max_restarts, samplers.restarts_field),
+                   ActorGroup("judge", judge_actors, judges.max_restarts, judges.restarts_field), broker, store,
+                   files, rendezvous, samplers.spec.tensor_parallel_size)
+
+    def on_actor_event(self, callback) -> None:
+        """`callback(event)` hears of every sampler or judge that dies or comes back. A sampler's
+        event also forms a new generation of the weight group, without it or with it back."""
+        def sampler_event(event: dict) -> None:
+            self.form_weight_group()
+            callback(event)
+
+        self.samplers.notify, self.judges.notify = sampler_event, callback
 
     def form_weight_group(self) -> None:
         """A new generation of the collective weight group: trainer rank 0 and the live samplers'
@@ -255,29 +208,31 @@ class Topology:
             self.samplers.handles[i].join_weight_group.remote(spec, 1 + k * self.workers_per_sampler)
         self.broker.set_weight_group.remote(spec)
 
-    def wait_ready(self) -> None:
-        """Wait for every sampler and judge to build; a failure names the actor and its cause."""
+    def wait_ready(self, timeout: float = READY_SECONDS) -> None:
+        """Wait for every sampler and judge to build; a failure or a hang names the actor and its cause."""
         import ray
 
+        deadline = time.time() + timeout
         for group in (self.samplers, self.judges):
             for i, actor in enumerate(group.handles):
                 try:
-                    ray.get(actor.ready.remote())
+                    ray.get(actor.ready.remote(), timeout=max(1.0, deadline - time.time()))
+                except ray.exceptions.GetTimeoutError:
+                    raise RunFailed(f"{group.name(i)} did not start within {timeout:.0f}s (is the cluster short "
+                                    "of resources, or its engine stuck loading?)") from None
                 except ray.exceptions.RayError as e:
                     raise RunFailed(f"{group.name(i)} failed to start: {last_line(e)}") from None
 
-    def start_serving(self, cfg: Config, policy_path: str) -> None:
+    def start_serving(self, serve: ServePlan) -> None:
         """The policy server, fed live by the PolicyStore the learner publishes to."""
         import ray
 
-        from . import serve as serving
+        from .serve import app
 
         namespace = ray.get_runtime_context().namespace
-        spec, options = serving.from_config(cfg.serve, policy_path, cfg.serve.model_name or cfg.run.name,
-                                            namespace, cfg.run.log_level, self.files,
-                                            lora_rank=cfg.model.lora.rank if cfg.model.lora else None)
-        self.serve_url = serving.deploy(spec, options, cfg.serve.host, cfg.serve.port, cfg.serve.route_prefix)
-        self.serve_where = serving.describe(self.serve_url, serving.replica_urls(cfg.serve.route_prefix))
+        spec = replace(serve.spec, store_namespace=namespace)
+        self.serve_url = app.deploy(spec, serve.options, serve.host, serve.port, serve.route_prefix)
+        self.serve_where = app.describe(self.serve_url, app.replica_urls(serve.route_prefix))
 
     def restarts(self) -> dict:
         return {"sampler": self.samplers.stats(), "judge": self.judges.stats()}
@@ -286,7 +241,7 @@ class Topology:
         import ray
 
         if self.serve_url:
-            from .serve import undeploy
+            from .serve.app import undeploy
             undeploy()
         others = [self.broker, self.files] + ([] if keep_store else [self.store])
         for actor in self.samplers.handles + self.judges.handles + others:

@@ -93,6 +93,7 @@ def run_trial(params: dict, base: str | None, overrides: list[str], out: str) ->
 
     from .controller import train
     from .metrics import ConsoleLog
+    from .plan import RunPlan
 
     name = re.sub(r"[^A-Za-z0-9_.-]", "_", "trial-" + "-".join(f"{k.split('.')[-1]}-{_short(v)}"
                                                               for k, v in params.items()))
@@ -108,7 +109,7 @@ def run_trial(params: dict, base: str | None, overrides: list[str], out: str) ->
 
     (Path(out) / "trials").mkdir(parents=True, exist_ok=True)
     with open(Path(out) / "trials" / f"{name}.log", "w") as log:
-        summary = train(cfg, ConsoleLog(stream=log), listener=listener)
+        summary = train(RunPlan.from_config(cfg), ConsoleLog(stream=log), listener=listener)
     tune.report({"reward": summary["reward_after"], "win_rate": summary["win_rate"], "kl": summary["final_kl"],
                  "step": summary["steps"], "done": True, "run_dir": summary["run_dir"],
                  "train_seconds": summary["train_seconds"]})

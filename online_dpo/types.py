@@ -6,7 +6,7 @@ checked for staleness wherever it travels (samplers -> judge -> learner).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 
 @dataclass(frozen=True)
@@ -39,19 +39,41 @@ class PreferencePair:
     def policy_version(self) -> int:
         return min(self.chosen.policy_version, self.rejected.policy_version)
 
+    def data(self) -> dict:
+        """Plain data (JSON): what a checkpoint keeps of a buffered pair."""
+        return asdict(self)
+
+    @classmethod
+    def from_data(cls, d: dict) -> PreferencePair:
+        def completion(c: dict) -> Completion:
+            return Completion(token_ids=tuple(c["token_ids"]), text=c["text"], finish_reason=c["finish_reason"],
+                              policy_version=int(c["policy_version"]), logprobs=tuple(c.get("logprobs", ())))
+
+        return cls(prompt=d["prompt"], prompt_ids=tuple(d["prompt_ids"]), chosen=completion(d["chosen"]),
+                   rejected=completion(d["rejected"]), chosen_score=float(d["chosen_score"]),
+                   rejected_score=float(d["rejected_score"]))
+
 
 @dataclass(frozen=True)
-class LabelStats:
-    """What the judge did with one batch of groups."""
+class Labels:
+    """What a judge made of one batch of groups: the pairs it kept, and why it dropped the others."""
+    pairs: tuple[PreferencePair, ...] = ()
     groups: int = 0
-    pairs: int = 0
     ties: int = 0               # best and worst within the margin
     identical: int = 0          # best and worst had the same tokens
+    malformed: int = 0          # verdicts the judge gave that did not parse (LLM judges)
+    asked: int = 0              # verdicts asked for (LLM judges)
     scores: tuple[float, ...] = field(default=(), repr=False)
-    chosen_mean: float = 0.0
-    rejected_mean: float = 0.0
     seconds: float = 0.0
     objectives: dict = field(default_factory=dict)   # ensemble judges: per-objective figures (ensemble.py)
+
+    @property
+    def chosen_mean(self) -> float:
+        return sum(p.chosen_score for p in self.pairs) / len(self.pairs) if self.pairs else 0.0
+
+    @property
+    def rejected_mean(self) -> float:
+        return sum(p.rejected_score for p in self.pairs) / len(self.pairs) if self.pairs else 0.0
 
 
 @dataclass(frozen=True)
@@ -70,7 +92,7 @@ class StepOrder:
     pairs: tuple[PreferencePair, ...]
     sync: bool                  # publish the weights after the step as `version`
     version: int                # the policy version once this step is done
-    checkpoint: bytes | None = None   # controller state to save with a checkpoint after the step
+    checkpoint: str | None = None     # controller state (JSON) to save with a checkpoint after the step
     final: bool = False         # the last step: save the final policy
     incarnation: int = 1        # the gang it was planned for (1: the first; +1 per restart)
 
@@ -81,6 +103,27 @@ class LearnerStart:
     step: int                   # steps already taken (0 on a fresh start)
     version: int
     weights: object = None      # a WeightsHandle of the restored weights (None on a fresh start)
-    controller: bytes | None = None   # the controller state saved with that checkpoint
+    controller: str | None = None     # the controller state (JSON) saved with that checkpoint
     checkpoint: str | None = None     # where it restored from
     seconds: float = 0.0        # from the start of the train function to this hello
+
+
+# What the broker answers a step order with: one of these three.
+
+@dataclass(frozen=True)
+class StepDone:
+    """Rank 0 took the step: its metrics, and the published weights when it synced."""
+    metrics: dict
+    weights: object = None      # a WeightsHandle, or None
+
+
+@dataclass(frozen=True)
+class Restarted:
+    """The gang restarted from a checkpoint before the order ran; plan again from `start`."""
+    start: LearnerStart
+
+
+@dataclass(frozen=True)
+class Closed:
+    """The broker closed (the learner stopped, or the run is ending)."""
+    reason: str

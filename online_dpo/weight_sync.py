@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+STORE_NAME = "policy-store"   # the PolicyStore's actor name (serve replicas look it up)
 LOAD_RPC = "load_packed"   # engine.WeightLoader's methods
 RECEIVED_RPC = "load_received"
 ADAPTER = "policy"         # the name of the one LoRA slot samplers and replicas hold
@@ -167,18 +168,32 @@ class EngineWeights:
         start = time.time()
         if handle.transport == "collective":
             self.receive(llm, handle)
-            return time.time() - start
-        if handle.adapter is not None:
-            request = self.stage_adapter(handle, *fetch(handle))
-            llm.llm_engine.add_lora(request)
-            llm.reset_prefix_cache()   # cached blocks were computed with the slot's previous adapter
-            self.use_adapter(handle, request)
-            return time.time() - start
-        data, layout = fetch(handle)
-        llm.collective_rpc(LOAD_RPC, args=(data.tobytes(), layout))   # bytes cross vLLM's rpc intact
-        llm.reset_prefix_cache()
-        self.version, self.serial = handle.version, handle.serial
+        else:
+            for method, args, kwargs in self.engine_calls(handle, *fetch(handle)):
+                getattr(llm.llm_engine, method)(*args, **kwargs)
         return time.time() - start
+
+    async def load_async(self, engine, handle: WeightsHandle) -> float:
+        """Load into a vLLM `AsyncLLM` (its methods are LLMEngine's, awaited); returns seconds."""
+        start = time.time()
+        data, layout = await handle.payload[0]
+        for method, args, kwargs in self.engine_calls(handle, data, layout):
+            await getattr(engine, method)(*args, **kwargs)
+        return time.time() - start
+
+    def engine_calls(self, handle: WeightsHandle, data, layout):
+        """The engine calls that load an object-store version, as (method, args, kwargs): the caller
+        makes them, plainly or awaited. Once they are made, the engine holds `handle`."""
+        if handle.adapter is not None:
+            request = self.stage_adapter(handle, data, layout)
+            yield "add_lora", (request,), {}
+        else:   # bytes cross vLLM's rpc intact (tensors would arrive as nested lists)
+            yield "collective_rpc", (LOAD_RPC,), {"args": (data.tobytes(), layout)}
+        yield "reset_prefix_cache", (), {}   # cached blocks were computed with the old weights
+        if handle.adapter is not None:
+            self.use_adapter(handle, request)
+        else:
+            self.version, self.serial = handle.version, handle.serial
 
     def stage_adapter(self, handle: WeightsHandle, data, layout):
         """LoRA: write the version's adapter (PEFT format) to a local directory; returns the LoRARequest
@@ -222,21 +237,6 @@ class EngineWeights:
         llm.reset_prefix_cache()
         self.serial, self.version = got
 
-    async def load_async(self, engine, handle: WeightsHandle) -> float:
-        """Load into a vLLM `AsyncLLM`; returns seconds."""
-        start = time.time()
-        data, layout = await handle.payload[0]
-        if handle.adapter is not None:
-            request = self.stage_adapter(handle, data, layout)
-            await engine.add_lora(request)
-            await engine.reset_prefix_cache()
-            self.use_adapter(handle, request)
-            return time.time() - start
-        await engine.collective_rpc(LOAD_RPC, args=(data.tobytes(), layout))
-        await engine.reset_prefix_cache()
-        self.version, self.serial = handle.version, handle.serial
-        return time.time() - start
-
 
 def write_adapter(folder: str, tensors: dict, config: dict) -> None:
     """A PEFT adapter directory (adapter_model.safetensors + adapter_config.json) from its tensors."""
@@ -276,9 +276,6 @@ class PolicyStore:
         self.serial += 1
         return WeightsHandle(version=version, serial=self.serial, payload=layout, nbytes=int(nbytes),
                              transport="collective")
-
-    def version(self) -> int:
-        return self.handles[-1].version if self.handles else 0
 
     def latest(self) -> WeightsHandle | None:
         return self.handles[-1] if self.handles else None

@@ -11,6 +11,15 @@ import json
 EMBEDDED = "embedded:reviews"
 
 
+def model_path(name: str) -> str:
+    """Where a model name points, without building anything (the embedded default's directory)."""
+    if name != EMBEDDED:
+        return name
+    from .build import default_home, model_dir
+
+    return str(model_dir(default_home()))
+
+
 def resolve_model(name: str) -> str:
     """A model path for vLLM/transformers: the embedded default is built if missing."""
     if name != EMBEDDED:

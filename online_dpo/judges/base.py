@@ -1,5 +1,16 @@
 """The judge contract and pair construction (pure Python; no torch, no Ray).
 
+Every judge kind answers the same four questions:
+
+    label(groups, margin) -> Labels          training: pairs, and why the rest were dropped
+    compare(prompts, a, b) -> [P(a > b)]     evaluation's win rate
+    score(prompts, responses) -> [float]     evaluation's reward; None for a pairwise-only judge
+    objectives(prompts, responses) -> dict   per-objective mean scores ({} for a single judge)
+
+`label_groups` answers the first for any judge that compares (or scores):
+rule, reward-model and LLM judges use it as is; an ensemble combines its
+members' scores first and hands `make_pairs` its own gap.
+
 Pairs are best vs worst of the n completions of a prompt. A pair is dropped
 and counted when the judge cannot separate them (a score gap at or below the
 margin, or a pairwise verdict of 0.5) and when the two token sequences are
@@ -9,16 +20,22 @@ identical: identical responses are never trained on.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol, runtime_checkable
 
-from ..types import LabelStats, PreferencePair, SampleGroup
+from ..types import Labels, PreferencePair, SampleGroup
 
 
 @runtime_checkable
 class Judge(Protocol):
     def compare(self, prompts: Sequence[str], a: Sequence[str], b: Sequence[str]) -> list[float]:
         """P(a better than b) per prompt; 0.5 is a tie."""
+
+    def label(self, groups: Sequence[SampleGroup], margin: float) -> Labels:
+        """Best-vs-worst pairs of each group, and counts of what was dropped."""
+
+    def objectives(self, prompts: Sequence[str], responses: Sequence[str]) -> dict[str, float]:
+        """Each objective's mean score of these responses ({} for a judge of one objective)."""
 
 
 @runtime_checkable
@@ -33,16 +50,39 @@ def compare_by_score(judge: PointwiseJudge, prompts, a, b, margin: float = 0.0) 
     return [1.0 if x - y > margin else 0.0 if y - x > margin else 0.5 for x, y in zip(sa, sb)]
 
 
-def make_pairs(groups: Sequence[SampleGroup], scores: Sequence[Sequence[float]],
-               margin: float) -> tuple[list[PreferencePair], dict]:
-    """Best vs worst of each group by score; returns pairs and drop counts."""
+def regroup(flat: Sequence[float], groups: Sequence) -> list[list[float]]:
+    """Flat per-completion values back into rows, one per group (a group or a row of values)."""
+    rows, k = [], 0
+    for g in groups:
+        n = len(g.completions) if isinstance(g, SampleGroup) else len(g)
+        rows.append(list(flat[k:k + n]))
+        k += n
+    return rows
+
+
+def flat_texts(groups: Sequence[SampleGroup]) -> tuple[list[str], list[str]]:
+    """Each completion's prompt and text, in group order (what a pointwise judge scores)."""
+    return [g.prompt for g in groups for _ in g.completions], [c.text for g in groups for c in g.completions]
+
+
+def extremes(scores: Sequence[float]) -> tuple[int, int]:
+    """Indices of the best and the worst score."""
+    return max(range(len(scores)), key=lambda i: scores[i]), min(range(len(scores)), key=lambda i: scores[i])
+
+
+Gap = Callable[[int, int, int], float]   # (group, best, worst) -> the gap that decides a tie
+
+
+def make_pairs(groups: Sequence[SampleGroup], scores: Sequence[Sequence[float]], margin: float,
+               gap: Gap | None = None) -> tuple[list[PreferencePair], dict]:
+    """Best vs worst of each group by score; returns pairs and drop counts. `gap` replaces the score
+    difference as what must exceed the margin (an ensemble's gap leaves out tied objectives)."""
     pairs, ties, identical = [], 0, 0
-    for group, s in zip(groups, scores):
-        best = max(range(len(s)), key=lambda i: s[i])
-        worst = min(range(len(s)), key=lambda i: s[i])
+    for g, (group, s) in enumerate(zip(groups, scores)):
+        best, worst = extremes(s)
         chosen, rejected = group.completions[best], group.completions[worst]
-        if s[best] - s[worst] <= margin:  # all equal (best is worst) or within the margin
-            ties += 1
+        if best == worst or (s[best] - s[worst] if gap is None else gap(g, best, worst)) <= margin:
+            ties += 1   # all equal, or within the margin
         elif chosen.token_ids == rejected.token_ids:
             identical += 1
         else:
@@ -71,25 +111,17 @@ def round_robin_scores(judge: Judge, groups: Sequence[SampleGroup]) -> list[list
     return [[w / max(1, len(row) - 1) for w in row] for row in wins]
 
 
-def label_groups(judge: Judge, groups: Sequence[SampleGroup], margin: float = 0.0
-                 ) -> tuple[list[PreferencePair], LabelStats]:
-    start = time.time()
+def group_scores(judge, groups: Sequence[SampleGroup]) -> list[list[float]]:
+    """Each completion's score per group: the judge's own (pointwise), or round-robin win rates."""
     if isinstance(judge, PointwiseJudge):
-        flat_prompts = [g.prompt for g in groups for _ in g.completions]
-        flat = judge.score(flat_prompts, [c.text for g in groups for c in g.completions])
-        scores, k = [], 0
-        for g in groups:
-            scores.append(flat[k:k + len(g.completions)])
-            k += len(g.completions)
-    else:
-        # Round-robin win rates lie in [0, 1]; a 0.5 verdict between the two ends is a tie.
-        scores = round_robin_scores(judge, groups)
+        return regroup(judge.score(*flat_texts(groups)), groups)
+    return round_robin_scores(judge, groups)   # win rates lie in [0, 1]; a 0.5 verdict is a tie
+
+
+def label_groups(judge, groups: Sequence[SampleGroup], margin: float = 0.0) -> Labels:
+    """Labels from any judge that scores or compares."""
+    start = time.time()
+    scores = group_scores(judge, groups)
     pairs, dropped = make_pairs(groups, scores, margin)
-    all_scores = tuple(x for row in scores for x in row)
-    stats = LabelStats(
-        groups=len(groups), pairs=len(pairs), ties=dropped["ties"], identical=dropped["identical"],
-        scores=all_scores,
-        chosen_mean=sum(p.chosen_score for p in pairs) / len(pairs) if pairs else 0.0,
-        rejected_mean=sum(p.rejected_score for p in pairs) / len(pairs) if pairs else 0.0,
-        seconds=time.time() - start)
-    return pairs, stats
+    return Labels(pairs=tuple(pairs), groups=len(groups), ties=dropped["ties"], identical=dropped["identical"],
+                  scores=tuple(x for row in scores for x in row), seconds=time.time() - start)

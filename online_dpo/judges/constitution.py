@@ -24,8 +24,10 @@ pair becomes a tie, never a win for the injected response.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import replace
 
+from ..specs import JudgeSpec, Principle
+from ..types import Labels
 from .ensemble import EnsembleJudge, Member
 from .llm import LLMJudge, combine
 
@@ -50,13 +52,6 @@ Response B:
 </response>
 
 Which response better follows the principle? Answer with a single letter, A or B."""
-
-
-@dataclass(frozen=True)
-class Principle:
-    name: str
-    text: str
-    weight: float = 1.0
 
 
 class PrincipleJudge:
@@ -109,11 +104,23 @@ class ConstitutionalJudge:
                 out[i] += self.weights[name] * v / total
         return out
 
-    def label(self, groups, margin: float):
+    def label(self, groups, margin: float) -> Labels:
         before = {n: (j.asked, j.inconsistent, j.malformed) for n, j in self.principles.items()}
-        pairs, stats = self.ensemble.label(groups, margin)
+        asked, malformed = self.llm.asked, self.llm.malformed
+        labels = self.ensemble.label(groups, margin)
+        objectives = dict(labels.objectives)
         for name, j in self.principles.items():
-            asked = max(1, j.asked - before[name][0])
-            stats.objectives[f"principle_inconsistent/{name}"] = (j.inconsistent - before[name][1]) / asked
-            stats.objectives[f"principle_malformed/{name}"] = (j.malformed - before[name][2]) / asked
-        return pairs, stats
+            n = max(1, j.asked - before[name][0])
+            objectives[f"principle_inconsistent/{name}"] = (j.inconsistent - before[name][1]) / n
+            objectives[f"principle_malformed/{name}"] = (j.malformed - before[name][2]) / n
+        return replace(labels, objectives=objectives, asked=self.llm.asked - asked,
+                       malformed=self.llm.malformed - malformed)
+
+    def objectives(self, prompts, responses) -> dict[str, float]:
+        return {}   # principles compare two responses; a lone response has no score
+
+
+def build(spec: JudgeSpec) -> ConstitutionalJudge:
+    return ConstitutionalJudge(spec.model, list(spec.principles), template=spec.template or TEMPLATE,
+                               max_new_tokens=spec.max_new_tokens, constrained=spec.constrained,
+                               engine=spec.engine, file_server=spec.file_server)

@@ -24,13 +24,15 @@ often it agrees with the pair the ensemble chose (`agree`), or calls it a tie.
 
 from __future__ import annotations
 
+import collections
 import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..types import LabelStats, PreferencePair, SampleGroup
-from .base import PointwiseJudge, compare_by_score, round_robin_scores
+from ..specs import JudgeSpec
+from ..types import Labels, SampleGroup
+from .base import PointwiseJudge, compare_by_score, extremes, group_scores, make_pairs, regroup
 
 
 @dataclass
@@ -64,45 +66,36 @@ class Member:
 class EnsembleJudge:
     """Combines member judges into one weighted score (see the module docstring)."""
 
-    def __init__(self, members: list[Member]):
+    def __init__(self, members: list[Member], margin: float = 0.0):
         if not members:
             raise ValueError("judge.members is empty: list at least one judge")
-        self.members = members
+        self.members, self.margin = members, margin
 
     # ------------------------------------------------------------ scores
 
     def member_scores(self, groups: Sequence[SampleGroup]) -> dict[str, list[list[float]]]:
         """Each member's raw score of each completion, per group."""
-        out = {}
-        prompts = [g.prompt for g in groups for _ in g.completions]
-        texts = [c.text for g in groups for c in g.completions]
-        for m in self.members:
-            if m.pointwise:
-                flat, rows, k = m.judge.score(prompts, texts), [], 0
-                for g in groups:
-                    rows.append(list(flat[k:k + len(g.completions)]))
-                    k += len(g.completions)
-                out[m.name] = rows
-            else:
-                out[m.name] = round_robin_scores(m.judge, groups)
-        return out
+        return {m.name: group_scores(m.judge, groups) for m in self.members}
 
     def scale(self, raw: dict[str, list[list[float]]]) -> dict[str, list[list[float]]]:
         """Each member's scores after its normalisation, in the same groups."""
-        scaled = {}
-        for m in self.members:
-            values, rows, k = m.scaled([x for row in raw[m.name] for x in row]), [], 0
-            for row in raw[m.name]:
-                rows.append(values[k:k + len(row)])
-                k += len(row)
-            scaled[m.name] = rows
-        return scaled
+        return {m.name: regroup(m.scaled([x for row in raw[m.name] for x in row]), raw[m.name])
+                for m in self.members}
 
     def combine(self, scaled: dict[str, list[list[float]]]) -> list[list[float]]:
         """The weighted sum of the members' scaled scores of each completion."""
         shapes = scaled[self.members[0].name]
         return [[sum(m.weight * scaled[m.name][g][i] for m in self.members) for i in range(len(row))]
                 for g, row in enumerate(shapes)]
+
+    def gaps(self, raw: dict, scaled: dict, g: int, best: int, worst: int) -> dict[str, float | None]:
+        """Each member's weighted gap between group g's best and worst completion; None where the
+        member calls them a tie (its raw gap is within its margin)."""
+        out: dict[str, float | None] = {}
+        for m in self.members:
+            tied = abs(raw[m.name][g][best] - raw[m.name][g][worst]) <= m.margin
+            out[m.name] = None if tied else m.weight * (scaled[m.name][g][best] - scaled[m.name][g][worst])
+        return out
 
     def score(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
         """The combined score of single responses (evaluation): pointwise members only, since a pairwise
@@ -116,7 +109,7 @@ class EnsembleJudge:
 
     def compare(self, prompts: Sequence[str], a: Sequence[str], b: Sequence[str]) -> list[float]:
         """Verdicts from the combined scores (evaluation's win rate)."""
-        return compare_by_score(self, prompts, a, b)
+        return compare_by_score(self, prompts, a, b, self.margin)
 
     def objectives(self, prompts: Sequence[str], responses: Sequence[str]) -> dict[str, float]:
         """Each pointwise objective's mean raw score over these responses."""
@@ -125,46 +118,43 @@ class EnsembleJudge:
 
     # ------------------------------------------------------------ labelling
 
-    def label(self, groups: Sequence[SampleGroup], margin: float) -> tuple[list[PreferencePair], LabelStats]:
+    def label(self, groups: Sequence[SampleGroup], margin: float) -> Labels:
+        """Best vs worst by combined score; the gap that must pass `margin` leaves out tied members."""
         start = time.time()
         raw = self.member_scores(groups)
         scaled = self.scale(raw)
         combined = self.combine(scaled)
-        pairs, ties, identical = [], 0, 0
-        agree = {m.name: 0 for m in self.members}
-        tied = {m.name: 0 for m in self.members}
-        for gi, (group, s) in enumerate(zip(groups, combined)):
-            best = max(range(len(s)), key=lambda i: s[i])
-            worst = min(range(len(s)), key=lambda i: s[i])
-            gap = 0.0
-            for m in self.members:
-                d = scaled[m.name][gi][best] - scaled[m.name][gi][worst]
-                raw_gap = raw[m.name][gi][best] - raw[m.name][gi][worst]
-                if abs(raw_gap) <= m.margin:
-                    tied[m.name] += 1
-                else:
-                    gap += m.weight * d
-                    agree[m.name] += (m.weight * d) > 0
-            chosen, rejected = group.completions[best], group.completions[worst]
-            if best == worst or gap <= margin:
-                ties += 1
-            elif chosen.token_ids == rejected.token_ids:
-                identical += 1
-            else:
-                pairs.append(PreferencePair(prompt=group.prompt, prompt_ids=group.prompt_ids, chosen=chosen,
-                                            rejected=rejected, chosen_score=float(s[best]),
-                                            rejected_score=float(s[worst])))
-        n = max(1, len(groups))
-        objectives = {}
+
+        def gap(g: int, best: int, worst: int) -> float:
+            return sum(d for d in self.gaps(raw, scaled, g, best, worst).values() if d is not None)
+
+        pairs, dropped = make_pairs(groups, combined, margin, gap)
+        return Labels(pairs=tuple(pairs), groups=len(groups), ties=dropped["ties"], identical=dropped["identical"],
+                      scores=tuple(x for row in combined for x in row), seconds=time.time() - start,
+                      objectives=self.report(raw, scaled, combined))
+
+    def report(self, raw: dict, scaled: dict, combined: list[list[float]]) -> dict[str, float]:
+        """Per objective: its mean raw score, and the share of groups where it agrees with the chosen
+        pair or calls it a tie."""
+        agree, tied = collections.Counter(), collections.Counter()
+        for g, s in enumerate(combined):
+            for name, d in self.gaps(raw, scaled, g, *extremes(s)).items():
+                tied[name] += d is None
+                agree[name] += d is not None and d > 0
+        n, out = max(1, len(combined)), {}
         for m in self.members:
             flat = [x for row in raw[m.name] for x in row]
-            objectives[f"objective/{m.name}"] = sum(flat) / max(1, len(flat))
-            objectives[f"objective_agree/{m.name}"] = agree[m.name] / n
-            objectives[f"objective_ties/{m.name}"] = tied[m.name] / n
-        stats = LabelStats(
-            groups=len(groups), pairs=len(pairs), ties=ties, identical=identical,
-            scores=tuple(x for row in combined for x in row),
-            chosen_mean=sum(p.chosen_score for p in pairs) / len(pairs) if pairs else 0.0,
-            rejected_mean=sum(p.rejected_score for p in pairs) / len(pairs) if pairs else 0.0,
-            seconds=time.time() - start, objectives=objectives)
-        return pairs, stats
+            out[f"objective/{m.name}"] = sum(flat) / max(1, len(flat))
+            out[f"objective_agree/{m.name}"] = agree[m.name] / n
+            out[f"objective_ties/{m.name}"] = tied[m.name] / n
+        return out
+
+
+def build(spec: JudgeSpec) -> EnsembleJudge:
+    """An ensemble of judges built by kind (judges/__init__.py's registry)."""
+    from dataclasses import replace
+
+    from . import build_judge
+
+    return EnsembleJudge([Member(name=m.name, weight=m.weight, normalize=m.normalize, margin=m.margin,
+                                 judge=build_judge(replace(m, margin=0.0))) for m in spec.members], spec.margin)

@@ -12,6 +12,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from dataclasses import replace
+
+from ..specs import JudgeSpec
+from ..types import Labels
+from .base import label_groups
 
 VERDICT = re.compile(r"^\s*([AB])\s*\.?\s*$")
 
@@ -44,7 +49,8 @@ class LLMJudge:
         self.tokenizer = None
         self.asked, self.malformed = 0, 0  # verdicts requested / unparseable, for monitoring
         if generate is None:
-            from ..engine import EngineSpec, build_llm
+            from ..engine import build_llm
+            from ..specs import EngineSpec
 
             engine = dict(engine or {})
             self.llm = build_llm(EngineSpec(model=model, dtype=engine.pop("dtype", "auto"), extra=engine,
@@ -83,6 +89,19 @@ class LLMJudge:
 
     def compare(self, prompts: Sequence[str], a: Sequence[str], b: Sequence[str]) -> list[float]:
         return [combine(first, swapped) for first, swapped in self.ask(prompts, a, b)]
+
+    def label(self, groups, margin: float) -> Labels:
+        asked, malformed = self.asked, self.malformed
+        labels = label_groups(self, groups, margin)
+        return replace(labels, asked=self.asked - asked, malformed=self.malformed - malformed)
+
+    def objectives(self, prompts, responses) -> dict[str, float]:
+        return {}
+
+
+def build(spec: JudgeSpec) -> LLMJudge:
+    return LLMJudge(spec.model, template=spec.template, max_new_tokens=spec.max_new_tokens,
+                    constrained=spec.constrained, engine=spec.engine, file_server=spec.file_server)
 
 
 def _on_gpu() -> bool:

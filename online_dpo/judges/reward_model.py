@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .base import compare_by_score
+from ..specs import JudgeSpec
+from ..types import Labels
+from .base import compare_by_score, label_groups
 
 
 class RewardModelJudge:
@@ -56,3 +58,16 @@ class RewardModelJudge:
 
     def compare(self, prompts, a, b) -> list[float]:
         return compare_by_score(self, prompts, a, b, self.margin)
+
+    def label(self, groups, margin: float) -> Labels:
+        return label_groups(self, groups, margin)
+
+    def objectives(self, prompts, responses) -> dict[str, float]:
+        return {}
+
+
+def build(spec: JudgeSpec) -> RewardModelJudge:
+    from ..artifacts import local_model
+
+    return RewardModelJudge(local_model(spec.model, spec.file_server), batch_size=spec.batch_size,
+                            max_length=spec.max_length, margin=spec.margin)

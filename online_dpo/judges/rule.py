@@ -14,7 +14,9 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Sequence
 
-from .base import compare_by_score
+from ..specs import JudgeSpec
+from ..types import Labels
+from .base import compare_by_score, label_groups
 
 
 def import_function(path: str) -> Callable:
@@ -42,6 +44,16 @@ class RuleJudge:
     def compare(self, prompts, a, b) -> list[float]:
         return compare_by_score(self, prompts, a, b, self.margin)
 
+    def label(self, groups, margin: float) -> Labels:
+        return label_groups(self, groups, margin)
+
+    def objectives(self, prompts, responses) -> dict[str, float]:
+        return {}
+
+
+def build(spec: JudgeSpec) -> RuleJudge:
+    return RuleJudge(spec.function, spec.margin)
+
 
 _vader = None
 
@@ -53,11 +65,6 @@ def vader_compound(prompts: list[str], responses: list[str]) -> list[float]:
         from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
         _vader = SentimentIntensityAnalyzer()
     return [_vader.polarity_scores(r)["compound"] for r in responses]
-
-
-def response_length(prompts: list[str], responses: list[str]) -> list[float]:
-    """Longer is better: a toy rule, handy for checking the wiring."""
-    return [float(len(r)) for r in responses]
 
 
 def vader_length_bonus(prompts: list[str], responses: list[str]) -> list[float]:

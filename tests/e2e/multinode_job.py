@@ -40,12 +40,13 @@ def placed_run(out_dir: str, sampler_node: str, trainer_node: str) -> dict:
 
     from online_dpo.config import load_config
     from online_dpo.controller import train
+    from online_dpo.plan import RunPlan
     from online_dpo.metrics import ConsoleLog
 
     cfg = load_config(None, [f"run.output_dir={out_dir}/placed", "run.name=placed", "train.max_steps=4",
                              "eval.prompts=8", "sampler.resources={samplers: 1}",
                              "train.resources_per_worker={trainers: 1}", "judge.resources={head: 1}"])
-    summary = train(cfg, ConsoleLog(stream=sys.stderr))
+    summary = train(RunPlan.from_config(cfg), ConsoleLog(stream=sys.stderr))
     actors = list_actors(detail=True, limit=1000)
     where = {}
     for a in actors:

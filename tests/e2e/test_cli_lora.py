@@ -42,7 +42,7 @@ def test_async_lora_run_syncs_only_the_adapter(tmp_path, embedded_model):
     from transformers import AutoConfig
 
     cfg = AutoConfig.from_pretrained(embedded_model)
-    from online_dpo.trainer import load_causal_lm
+    from online_dpo.model import load_causal_lm
 
     full_bf16 = sum(p.numel() for p in load_causal_lm(embedded_model, torch.float32).parameters()) * 2
     assert s["steps"] == 12 and s["mode"] == "async" and cfg.model_type == "qwen2"

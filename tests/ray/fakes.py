@@ -1,25 +1,6 @@
-"""Fake actors for Ray tests; importable by Ray workers (tests/ray is on their PYTHONPATH)."""
+"""Judge rules for Ray tests; importable by Ray workers (tests/ray is on their PYTHONPATH)."""
 
 from __future__ import annotations
-
-import hashlib
-
-
-class FakeReceiver:
-    """Records what a sampler would load: versions in arrival order and a digest of the bytes."""
-
-    def __init__(self):
-        self.seen = []
-
-    def load_weights(self, handle) -> int:
-        from online_dpo.weight_sync import get_transport
-
-        blob = get_transport(handle.transport).fetch(handle)
-        self.seen.append((handle.version, hashlib.sha256(blob).hexdigest(), len(blob)))
-        return handle.version
-
-    def history(self):
-        return self.seen
 
 
 def constant(prompts, responses):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from online_dpo.judges.actor import JudgeActor
+from online_dpo.specs import JudgeSpec
 from online_dpo.engine import engine_env
 from online_dpo.types import Completion, SampleGroup
 
@@ -19,16 +20,17 @@ def groups():
 
 def start(ray, **options):
     actor = ray.remote(JudgeActor).options(
-        num_cpus=1, runtime_env={"env_vars": engine_env(1, 1, False, "quiet")}).remote(**options)
+        num_cpus=1, runtime_env={"env_vars": engine_env(1, 1, False, "quiet")}).remote(JudgeSpec(**options))
     ray.get(actor.ready.remote())
     return actor
 
 
 def test_rule_judge_actor_labels_pairs(ray_local):
     judge = start(ray_local, kind="rule", function="online_dpo.judges.rule:vader_compound", margin=0.05)
-    pairs, stats = ray_local.get(judge.label.remote(groups()))
+    stats = ray_local.get(judge.label.remote(groups()))
+    pairs = stats.pairs
     assert len(pairs) == 1 and pairs[0].chosen.text == POS and pairs[0].policy_version == 3
-    assert stats.pairs == 1 and stats.chosen_mean > 0.5 > stats.rejected_mean
+    assert len(stats.pairs) == 1 and stats.chosen_mean > 0.5 > stats.rejected_mean
     assert ray_local.get(judge.compare.remote(["p"], [NEG], [POS])) == [0.0]
     ray_local.kill(judge)
 
@@ -63,7 +65,7 @@ def test_reward_model_judge_scores_with_its_chat_template(ray_local, tiny_reward
         with torch.no_grad():
             want = rm(**tok(text, return_tensors="pt", add_special_tokens=False)).logits[0, 0].item()
         assert g == pytest.approx(want, abs=1e-4)
-    pairs, _ = ray_local.get(judge.label.remote(groups()))
+    pairs = ray_local.get(judge.label.remote(groups())).pairs
     s_neg, s_pos = ray_local.get(judge.score.remote(["I bought this kettle and"] * 2, [NEG, POS]))
     assert len(pairs) == 1 and pairs[0].chosen.text == (POS if s_pos > s_neg else NEG)
     ray_local.kill(judge)
@@ -81,7 +83,7 @@ def test_llm_judge_actor_runs_vllm_in_both_orders(ray_local, embedded_model):
     swapped = ray_local.get(judge.compare.remote(["Review it."] * 4, b, a))
     assert [1.0 - p for p in probs] == swapped  # asking both orders makes the verdict symmetric
     assert probs[2] == 0.5 and probs[3] == 0.5  # identical responses can only tie
-    assert ray_local.get(judge.counters.remote()) == {"asked": 16, "malformed": 0}  # constrained
-    pairs, stats = ray_local.get(judge.label.remote(groups()))
-    assert stats.pairs + stats.ties + stats.identical == 1
+    stats = ray_local.get(judge.label.remote(groups()))
+    assert len(stats.pairs) + stats.ties + stats.identical == 1
+    assert (stats.asked, stats.malformed) == (2, 0)   # both orders asked; constrained decoding always parses
     ray_local.kill(judge)

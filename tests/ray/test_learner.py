@@ -9,9 +9,10 @@ import threading
 import torch
 
 from online_dpo.broker import Broker
-from online_dpo.trainer import LearnerSpec, train_loop
-from online_dpo.types import Completion, PreferencePair, StepOrder
+from online_dpo.specs import LearnerSpec
+from online_dpo.types import Completion, PreferencePair, Restarted, StepOrder
 from online_dpo.weight_sync import PolicyStore, fetch, unpack
+from online_dpo.worker import train_loop
 
 
 def pairs(tok, n, version):
@@ -49,26 +50,26 @@ def test_two_gloo_workers_follow_orders_publish_in_order_and_restore(ray_local, 
     results = []
     for step in range(1, 5):   # sync after steps 2 and 4, checkpoint after 2 (with a controller state) and 4
         order = StepOrder(step=step, pairs=pairs(tok, 8, (step - 1) // 2), sync=step % 2 == 0,
-                          version=step // 2, checkpoint=b"state-at-2" if step == 2 else None, final=step == 4)
+                          version=step // 2, checkpoint='{"at": 2}' if step == 2 else None, final=step == 4)
         results.append(ray_local.get(broker.submit.remote(order), timeout=300))
-    metrics = [r["metrics"] for r in results]
+    metrics = [r.metrics for r in results]
     assert [m["step"] for m in metrics] == [1, 2, 3, 4] and [m["pairs"] for m in metrics] == [8, 16, 24, 32]
-    assert [r["weights"] is not None for r in results] == [False, True, False, True]
-    assert [r["weights"].version for r in results if r["weights"]] == [1, 2]
-    assert results[3]["weights"].serial > results[1]["weights"].serial
+    assert [r.weights is not None for r in results] == [False, True, False, True]
+    assert [r.weights.version for r in results if r.weights] == [1, 2]
+    assert results[3].weights.serial > results[1].weights.serial
     assert metrics[-1]["rewards/margin"] > 0 and metrics[-1]["loss"] < metrics[0]["loss"]
     assert metrics[1]["checkpoint_bytes"] > 0 and metrics[1]["checkpoint_seconds"] > 0
 
     # An order planned for an earlier gang is answered with the restart, not run.
     stale = StepOrder(step=5, pairs=pairs(tok, 8, 2), sync=False, version=2, incarnation=0)
-    assert "restarted" in ray_local.get(broker.submit.remote(stale))
+    assert isinstance(ray_local.get(broker.submit.remote(stale)), Restarted)
 
     ray_local.get(broker.close.remote("done"))
     t.join(300)
     # The last version published is exactly the saved final policy.
     with box["result"].checkpoint.as_directory() as d:
         final = AutoModelForCausalLM.from_pretrained(f"{d}/policy", dtype=torch.float32)
-    published = unpack(*fetch(results[3]["weights"]))
+    published = unpack(*fetch(results[3].weights))
     expected = {k: v for k, v in final.state_dict().items() if k != "lm_head.weight"}   # tied head
     assert set(published) == set(expected)
     assert all(torch.equal(published[k], expected[k]) for k in expected)
@@ -93,7 +94,7 @@ def run_orders(ray_local, spec, tok, tmp_path, name, steps=3):
     for step in range(1, steps + 1):
         order = StepOrder(step=step, pairs=pairs(tok, 8, step - 1), sync=True, version=step, final=step == steps)
         result = ray_local.get(broker.submit.remote(order), timeout=300)
-        published.append({k: v.clone() for k, v in unpack(*fetch(result["weights"])).items()})
+        published.append({k: v.clone() for k, v in unpack(*fetch(result.weights)).items()})
     ray_local.get(broker.close.remote("done"))
     t.join(300)
     return published, box
@@ -111,8 +112,8 @@ def restore_and_step(ray_local, spec, tok, tmp_path, name, last):
     result = ray_local.get(broker.submit.remote(order), timeout=300)
     ray_local.get(broker.close.remote("done"))
     t.join(300)
-    assert result["metrics"]["step"] == last + 1
-    return restored, result["metrics"]
+    assert result.metrics["step"] == last + 1
+    return restored, result.metrics
 
 
 def test_fsdp_takes_the_same_steps_as_ddp_and_restores(ray_local, embedded_model, tmp_path):

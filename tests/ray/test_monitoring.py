@@ -47,6 +47,7 @@ class Scraper(threading.Thread):
 @pytest.fixture(scope="module")
 def monitored_run(ray_local, embedded_model, tmp_path_factory):
     from online_dpo.controller import train
+    from online_dpo.plan import RunPlan
     from online_dpo.metrics import ConsoleLog
 
     port = ray_local.nodes()[0]["MetricsExportPort"]
@@ -56,7 +57,7 @@ def monitored_run(ray_local, embedded_model, tmp_path_factory):
                              "eval.prompts=8", "metrics.tensorboard=true"])
     scraper = Scraper(port)
     scraper.start()
-    summary = train(cfg, ConsoleLog())
+    summary = train(RunPlan.from_config(cfg), ConsoleLog())
     time.sleep(3)  # one more export interval for the last values
     scraper.stop.set()
     scraper.join()

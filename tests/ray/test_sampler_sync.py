@@ -30,7 +30,9 @@ def hf_token_logprobs(model, prompt_ids, response_ids) -> torch.Tensor:
 def lora_dpo_steps(peft, tok, prompt_ids, steps: int) -> None:
     """`steps` DPO steps on a LoRA policy as the learner takes them: the reference is the same model
     with its adapters off, and only the adapters train."""
-    from online_dpo.trainer import AdaptersOff, DPOStep, LearnerSpec
+    from online_dpo.model import AdaptersOff
+    from online_dpo.specs import LearnerSpec
+    from online_dpo.step import DPOStep
     from online_dpo.types import Completion, PreferencePair
 
     def completion(text):
@@ -197,7 +199,7 @@ def test_lora_sync_moves_only_the_adapter_and_the_sampler_matches_peft(ray_local
     sampler writes them as a PEFT adapter and samples through vLLM's LoRA path."""
     from peft import get_peft_model_state_dict
 
-    from online_dpo.trainer import adapter_config, load_causal_lm, lora_model
+    from online_dpo.model import adapter_config, load_causal_lm, lora_model
     from online_dpo.weight_sync import publish
 
     _, tok = hf

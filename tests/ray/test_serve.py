@@ -14,13 +14,15 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from dataclasses import replace
 
 import pytest
 import torch
 
-from online_dpo import serve as serving
 from online_dpo.config import ServeConfig
-from online_dpo.weight_sync import PolicyStore, pack
+from online_dpo.plan import serve_plan
+from online_dpo.serve import app as serving
+from online_dpo.weight_sync import STORE_NAME, PolicyStore, pack
 
 KEY_ENV, KEY = "ONLINE_DPO_TEST_API_KEY", "test-secret"
 NAME = "reviews"
@@ -37,11 +39,12 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def server(ray_local, embedded_model):
     os.environ[KEY_ENV] = KEY
-    store = ray_local.remote(PolicyStore).options(name=serving.STORE_NAME).remote()
+    store = ray_local.remote(PolicyStore).options(name=STORE_NAME).remote()
     port = free_port()
     cfg = ServeConfig(num_cpus=1, dtype="float32", port=port, api_key_env=KEY_ENV, max_ongoing_requests=64,
                       poll_seconds=0.2, max_drain_seconds=DRAIN, max_body_bytes=64 * 1024)
-    spec, options = serving.from_config(cfg, embedded_model, NAME, "online-dpo-tests")
+    plan = serve_plan(cfg, embedded_model, NAME)
+    spec, options = replace(plan.spec, store_namespace="online-dpo-tests"), plan.options
     url = serving.deploy(spec, options, "127.0.0.1", port, "/")
     yield url, store
     serving.undeploy()

@@ -4,13 +4,15 @@ follows new adapter versions published to the store, in place."""
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import pytest
 import torch
 
-from online_dpo import serve as serving
 from online_dpo.config import ServeConfig
-from online_dpo.weight_sync import PolicyStore, publish
+from online_dpo.plan import serve_plan
+from online_dpo.serve import app as serving
+from online_dpo.weight_sync import STORE_NAME, PolicyStore, publish
 from test_serve import call, free_port
 
 PROMPT = "I bought this kettle last month and"
@@ -26,7 +28,7 @@ def greedy(model, tok, n=6) -> str:
 
 
 def adapter_model(embedded_model, seed: int):
-    from online_dpo.trainer import load_causal_lm, lora_model
+    from online_dpo.model import load_causal_lm, lora_model
 
     peft = lora_model(load_causal_lm(embedded_model, torch.float32), LORA).eval()
     torch.manual_seed(seed)
@@ -41,10 +43,11 @@ def adapter_model(embedded_model, seed: int):
 def lora_server(ray_local, embedded_model, tmp_path_factory):
     from transformers import AutoTokenizer
 
-    store = ray_local.remote(PolicyStore).options(name=serving.STORE_NAME).remote()
+    store = ray_local.remote(PolicyStore).options(name=STORE_NAME).remote()
     port = free_port()
     cfg = ServeConfig(num_cpus=1, dtype="float32", port=port, poll_seconds=0.2)
-    spec, options = serving.from_config(cfg, embedded_model, "reviews-lora", "online-dpo-tests", lora_rank=8)
+    plan = serve_plan(cfg, embedded_model, "reviews-lora", lora_rank=8)
+    spec, options = replace(plan.spec, store_namespace="online-dpo-tests"), plan.options
     url = serving.deploy(spec, options, "127.0.0.1", port, "/")
     yield url, store, AutoTokenizer.from_pretrained(embedded_model)
     serving.undeploy()
@@ -61,7 +64,7 @@ def complete(url) -> dict:
 def test_a_replica_follows_adapter_versions(lora_server, embedded_model):
     from peft import get_peft_model_state_dict
 
-    from online_dpo.trainer import adapter_config
+    from online_dpo.model import adapter_config
 
     url, store, tok = lora_server
     first = complete(url)

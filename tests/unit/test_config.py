@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from online_dpo.config import Config, ConfigError, check_paths, load_config
+from online_dpo.config import Config, ConfigError, load_config
+from online_dpo.plan import RunPlan, check_imports, check_paths
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -97,7 +98,6 @@ def test_missing_file():
 
 
 def test_rule_function_must_import(tmp_path):
-    from online_dpo.config import check_imports
 
     cfg = load_config(write(tmp_path, MINIMAL), ["judge.function=no_such_module:score"])
     with pytest.raises(ConfigError, match="judge.function 'no_such_module:score' cannot be imported"):
@@ -119,7 +119,7 @@ def test_gpu_configs_fit_the_hardware_they_name(path):
     hw = dict(re.findall(r"(\w+)=(\d+)", re.search(r"# hardware: (.*)", path.read_text()).group(1)))
     nodes = [Node(f"node-{i}", f"10.0.0.{i}", {"CPU": float(hw["cpus_per_node"]), "GPU": float(hw["gpus_per_node"])})
              for i in range(int(hw["nodes"]))]
-    text, problems = check(load_config(path), nodes)
+    text, problems = check(RunPlan.from_config(load_config(path)).asks, nodes)
     assert not problems, text
 
 
@@ -158,8 +158,6 @@ def test_learner_memory_backs_the_7b_config_claim(tmp_path):
 
 def test_liger_kernels_need_the_package(tmp_path, monkeypatch):
     import importlib.util
-
-    from online_dpo.config import check_imports
 
     cfg = load_config(write(tmp_path, MINIMAL), ["train.use_gpu=true", "train.liger_kernels=true"])
     check_imports(cfg)   # installed with the test extra

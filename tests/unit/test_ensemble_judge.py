@@ -10,6 +10,7 @@ from online_dpo.judges.actor import JudgeActor
 from online_dpo.judges.ensemble import EnsembleJudge, Member
 from online_dpo.judges.llm import LLMJudge
 from online_dpo.judges.rule import RuleJudge, distinct_words
+from online_dpo.plan import judge_spec
 from online_dpo.rollout import objective_means
 from online_dpo.types import Completion, SampleGroup
 
@@ -28,7 +29,8 @@ def numbers(i):
 def test_weights_decide_the_pair_and_each_objective_is_reported():
     groups = [group("1,0", "0,1"), group("1,0", "0,3")]
     judge = EnsembleJudge([Member("a", numbers(0), weight=2.0), Member("b", numbers(1), weight=1.0)])
-    pairs, stats = judge.label(groups, margin=0.0)
+    stats = judge.label(groups, margin=0.0)
+    pairs = stats.pairs
     # group 1: combined 2 vs 1 -> "1,0" wins; group 2: 2 vs 3 -> "0,3" wins
     assert [(p.chosen.text, p.rejected.text) for p in pairs] == [("1,0", "0,1"), ("0,3", "1,0")]
     assert [p.chosen_score for p in pairs] == [2.0, 3.0]
@@ -36,12 +38,13 @@ def test_weights_decide_the_pair_and_each_objective_is_reported():
     assert stats.objectives["objective_agree/a"] == 0.5 and stats.objectives["objective_agree/b"] == 0.5
     # a negative weight prefers the lower score
     flipped = EnsembleJudge([Member("a", numbers(0), weight=-1.0)])
-    assert flipped.label([group("1,0", "0,1")], 0.0)[0][0].chosen.text == "0,1"
+    assert flipped.label([group("1,0", "0,1")], 0.0).pairs[0].chosen.text == "0,1"
 
 
 def test_a_member_margin_turns_its_small_gaps_into_ties():
     judge = EnsembleJudge([Member("a", numbers(0), margin=0.5), Member("b", numbers(1), weight=0.1)])
-    pairs, stats = judge.label([group("0.3,0", "0,0.5")], margin=0.0)
+    stats = judge.label([group("0.3,0", "0,0.5")], margin=0.0)
+    pairs = stats.pairs
     # a's gap 0.3 is within its margin: only b counts, and b prefers the second response
     assert stats.objectives["objective_ties/a"] == 1.0
     # the pair chosen by the combined score (0.3 vs 0.05) has combined gap -0.05 after a's tie: dropped
@@ -62,8 +65,8 @@ def test_normalisation_is_fixed_by_the_first_batch():
     calib = [group("0,0", "1,1", "0.5,0.5")]
     raw.label(calib, 0.0), norm.label(calib, 0.0)
     test = [group("0.1,0", "0,1")]
-    assert raw.label(test, 0.0)[0][0].chosen.text == "0.1,0"
-    assert norm.label(test, 0.0)[0][0].chosen.text == "0,1"
+    assert raw.label(test, 0.0).pairs[0].chosen.text == "0.1,0"
+    assert norm.label(test, 0.0).pairs[0].chosen.text == "0,1"
 
 
 def test_a_pairwise_llm_member_counts_by_round_robin_win_rate():
@@ -77,7 +80,8 @@ def test_a_pairwise_llm_member_counts_by_round_robin_win_rate():
 
     llm = LLMJudge("scripted", template="Q: {prompt} A: {a} B: {b}", generate=generate)
     judge = EnsembleJudge([Member("length", llm), Member("distinct", RuleJudge(distinct_words), weight=0.1)])
-    pairs, stats = judge.label([group("short", "a much longer answer")], margin=0.0)
+    stats = judge.label([group("short", "a much longer answer")], margin=0.0)
+    pairs = stats.pairs
     assert pairs[0].chosen.text == "a much longer answer"
     assert stats.objectives["objective/length"] == 0.5   # win rates of a pair sum to 1
     # a lone response cannot be compared: evaluation scores pointwise members only
@@ -90,15 +94,15 @@ def test_built_from_config_and_run_in_the_actor():
         {"name": "sentiment", "function": "online_dpo.judges.rule:vader_compound"},
         {"name": "distinct", "function": "online_dpo.judges.rule:distinct_words", "weight": 0.5,
          "normalize": True}])
-    from online_dpo.topology import member_options
-
-    actor = JudgeActor("ensemble", margin=cfg.margin, members=[member_options(m) for m in cfg.members])
-    pairs, stats = actor.label([group("I love it, it is wonderful.", "It is awful awful awful.")])
+    spec = judge_spec(cfg)
+    actor = JudgeActor(spec)
+    stats = actor.label([group("I love it, it is wonderful.", "It is awful awful awful.")])
+    pairs = stats.pairs
     assert pairs[0].chosen.text == "I love it, it is wonderful."
     assert set(stats.objectives) >= {"objective/sentiment", "objective/distinct"}
     assert set(actor.objectives(["p"], ["fine"])) == {"sentiment", "distinct"}
     assert objective_means([stats, stats]) == pytest.approx(stats.objectives)
-    assert isinstance(build_judge("ensemble", members=[member_options(m) for m in cfg.members]), EnsembleJudge)
+    assert isinstance(build_judge(spec), EnsembleJudge)
 
 
 @pytest.mark.parametrize("judge,message", [
@@ -160,7 +164,8 @@ def test_constitution_asks_each_principle_in_both_orders_and_weights_them():
     p = judge.compare(["q"], ["clear helpful answer!!!"], ["an answer."])
     assert len(asked) == 4 and sum("Principle: safe" in t for t in asked) == 2   # 2 principles x 2 orders
     assert p == [pytest.approx(0.25)]
-    pairs, stats = judge.label([group("clear helpful answer!!!", "an answer.")], margin=0.0)
+    stats = judge.label([group("clear helpful answer!!!", "an answer.")], margin=0.0)
+    pairs = stats.pairs
     assert pairs[0].chosen.text == "an answer."
     assert stats.objectives["objective_agree/safe"] == 1.0 and stats.objectives["objective_agree/helpful"] == 0.0
     assert stats.objectives["principle_inconsistent/helpful"] == 0.0

@@ -37,8 +37,9 @@ def test_vader_rule_prefers_positive():
     assert s[0] > 0.5 > -0.5 > s[1]
     assert judge.compare(["p"], ["great, wonderful"], ["awful, broken"]) == [1.0]
     assert judge.compare(["p"], ["It is a box."], ["It is a box."]) == [0.5]
-    pairs, stats = label_groups(judge, [group("It is wonderful.", "It is awful.")])
-    assert pairs[0].chosen.text == "It is wonderful." and stats.pairs == 1 and stats.ties == 0
+    stats = label_groups(judge, [group("It is wonderful.", "It is awful.")])
+    pairs = stats.pairs
+    assert pairs[0].chosen.text == "It is wonderful." and len(stats.pairs) == 1 and stats.ties == 0
 
 
 def test_rule_function_errors_name_the_field():
@@ -100,7 +101,8 @@ def test_pairwise_judge_makes_pairs_from_round_robin():
     tmpl = "{prompt} | A: {a} | B: {b}"
     judge = LLMJudge("unused", tmpl, generate=ScriptedModel(
         lambda t: "A" if len(t.split(" | ")[1]) > len(t.split(" | ")[2]) else "B"))
-    pairs, stats = label_groups(judge, [group("x", "xxxx", "xx"), group("y", "y")])
+    stats = label_groups(judge, [group("x", "xxxx", "xx"), group("y", "y")])
+    pairs = stats.pairs
     assert len(pairs) == 1 and pairs[0].chosen.text == "xxxx" and pairs[0].rejected.text == "x"
     assert stats.ties == 1 and stats.identical == 0
 

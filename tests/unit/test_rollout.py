@@ -1,9 +1,11 @@
 """The pair buffer and the schedule: staleness, restarts, state; which step syncs (no Ray)."""
 
+import json
 import threading
 import time
 
-from online_dpo.rollout import PairBuffer, split
+from online_dpo.rollout import PairBuffer
+from online_dpo.topology import split
 from online_dpo.schedule import Schedule
 from online_dpo.types import Completion, PreferencePair
 
@@ -43,7 +45,7 @@ def test_state_round_trips_the_contents_and_counters():
     b.take(1, min_version=1, timeout=0)
     b.stale = 7
     c = PairBuffer(capacity=8)
-    c.restore(b.state())
+    c.restore(json.loads(json.dumps(b.state())))   # checkpoints hold it as JSON
     assert list(c.pairs) == list(b.pairs) and c.stale == 7
 
 

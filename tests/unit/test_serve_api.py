@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from online_dpo import serve_api as api
-from online_dpo.serve import VersionGate
+from online_dpo.serve import api
+from online_dpo.serve.app import VersionGate
 
 
 class FakeRequest:
@@ -123,7 +123,7 @@ def test_a_stalled_request_cannot_hold_a_load_past_the_drain():
 
 
 def test_loopback_hosts():
-    from online_dpo.serve import loopback
+    from online_dpo.serve.app import loopback
 
     assert loopback("127.0.0.1") and loopback("localhost") and loopback("::1")
     assert not loopback("0.0.0.0") and not loopback("10.0.0.5") and not loopback("head.example")

@@ -7,7 +7,8 @@ import torch
 
 from online_dpo.loss import dpo_loss
 from online_dpo.sequences import SequenceScorer, pack, sequence_logprobs
-from online_dpo.trainer import DPOStep, LearnerSpec, lr_lambda
+from online_dpo.specs import LearnerSpec
+from online_dpo.step import DPOStep, lr_lambda
 from online_dpo.types import Completion, PreferencePair
 
 

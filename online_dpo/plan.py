@@ -1,0 +1,325 @@
+"""The run plan: the config turned, once, into every component's spec and every actor group's ask.
+
+    RunPlan.from_config(cfg)   cli.py and tune.py call it at the edge
+
+Every rule derived from the config lives in one function here: which weight
+transport a run uses (LoRA adapters always go through the object store), the
+LoRA rank vLLM must accept, the threads and environment of each actor, what
+each actor group asks the cluster for. `placement` checks the plan's asks,
+`Topology` starts them, the `Gang` places its workers by its ask, and serve
+deploys its own. Below the CLI and this module, nothing reads the config.
+
+Checks that need more than the schema (local paths exist, a rule judge's
+function imports, an option's package is installed) are made here too, and
+raise `ConfigError` naming the field.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .artifacts import NAME as FILE_SERVER
+from .config import Config, ConfigError, JudgeConfig, JudgeMember, ServeConfig, dump
+from .embedded import EMBEDDED, model_path
+from .engine import engine_env
+from .schedule import Schedule
+from .specs import (Ask, DataSpec, EngineSpec, EvalSpec, GangSpec, GroupSpec, JudgeSpec, LearnerSpec, Principle,
+                    RolloutSpec, Sampling, ServePlan, ServerSpec)
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """One run, decided: what to start, where, with which arguments, on which schedule."""
+    name: str
+    output_dir: str
+    log_level: str
+    check_resources: bool
+    config_yaml: str                   # the resolved config, as config.yaml holds it
+    config: dict                       # the same, as plain data (W&B)
+    models: tuple[str, ...]            # every model and data name the run uses (to build the embedded one)
+    data: DataSpec
+    samplers: GroupSpec
+    judges: GroupSpec
+    learner: LearnerSpec
+    gang: GangSpec
+    rollouts: RolloutSpec
+    schedule: Schedule
+    eval: EvalSpec
+    serve: ServePlan | None
+    weights_transport: str             # object_store | collective
+    max_kl: float | None = None
+    log_every_steps: int = 1
+    tensorboard: bool = False
+    wandb: bool = False
+    asks: tuple[Ask, ...] = field(default=())
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> RunPlan:
+        check_paths(cfg)
+        check_imports(cfg)
+        policy = model_path(cfg.model.policy)
+        transport = weights_transport(cfg)
+        samplers, judges, gang = sampler_group(cfg, policy), judge_group(cfg), gang_spec(cfg)
+        serve = serve_plan(cfg.serve, policy, cfg.serve.model_name or cfg.run.name, cfg.run.log_level,
+                           lora_rank(cfg), file_server=FILE_SERVER) if cfg.serve.enabled else None
+        return cls(
+            name=cfg.run.name, output_dir=cfg.run.output_dir, log_level=cfg.run.log_level,
+            check_resources=cfg.run.check_resources, config_yaml=dump(cfg), config=cfg.model_dump(mode="json"),
+            models=model_names(cfg), data=data_spec(cfg, policy), samplers=samplers, judges=judges,
+            learner=learner_spec(cfg, policy, transport), gang=gang, rollouts=rollout_spec(cfg),
+            schedule=Schedule(cfg.train.max_steps, cfg.sync.every_steps, cfg.checkpoint.every_steps,
+                              cfg.eval.every_steps),
+            eval=EvalSpec(cfg.eval.prompts, cfg.eval.every_steps, eval_sampling(cfg)), serve=serve,
+            weights_transport=transport, max_kl=cfg.train.max_kl, log_every_steps=cfg.metrics.log_every_steps,
+            tensorboard=cfg.metrics.tensorboard, wandb=cfg.metrics.wandb,
+            asks=(samplers.ask, judges.ask, gang.ask) + ((serve.ask,) if serve else ()))
+
+    @property
+    def needs_embedded(self) -> bool:
+        return EMBEDDED in self.models
+
+
+# ---------------------------------------------------------------- derived rules, each once
+
+def weights_transport(cfg: Config) -> str:
+    """LoRA adapters are a few MB and go through the object store; full weights as configured."""
+    return "object_store" if cfg.model.lora else cfg.sync.transport
+
+
+def lora_rank(cfg: Config) -> int | None:
+    """The adapter rank vLLM engines must accept (None: full fine-tuning)."""
+    return cfg.model.lora.rank if cfg.model.lora else None
+
+
+def threads(num_cpus: float, explicit: int | None) -> int:
+    """torch/OpenMP threads of an actor: as configured, else one per CPU it holds."""
+    return explicit or max(1, int(num_cpus))
+
+
+def resources(cpus: float, gpus: float, extra: dict[str, float]) -> dict[str, float]:
+    out = {"CPU": cpus} if cpus else {}
+    if gpus:
+        out["GPU"] = gpus
+    out.update(extra)
+    return out
+
+
+def model_names(cfg: Config) -> tuple[str, ...]:
+    j = cfg.judge
+    names = [cfg.model.policy, cfg.model.reference, cfg.data.source, cfg.data.eval_source, j.model]
+    return tuple(n for n in names + [m.model for m in j.members] if n)
+
+
+# ---------------------------------------------------------------- specs
+
+def sampler_group(cfg: Config, policy: str) -> GroupSpec:
+    s = cfg.sampler
+    on_gpu = s.num_gpus > 0
+    spec = EngineSpec(model=policy, dtype=s.dtype, tensor_parallel_size=s.tensor_parallel_size,
+                      max_model_len=s.max_model_len, gpu_memory_utilization=s.gpu_memory_utilization,
+                      seed=cfg.run.seed, trust_remote_code=cfg.model.trust_remote_code, extra=dict(s.engine),
+                      lora_rank=lora_rank(cfg), file_server=FILE_SERVER)
+    ask = Ask("sampler", s.num_actors, resources(s.num_cpus, s.num_gpus * s.tensor_parallel_size, s.resources),
+              dict(s.node_labels), fields="sampler.num_actors / num_cpus / num_gpus / resources / node_labels")
+    env = engine_env(threads(s.num_cpus, s.num_threads), s.kv_cache_gib, on_gpu, cfg.run.log_level)
+    return GroupSpec("sampler", ask, s.max_restarts, env, spec, on_gpu)
+
+
+def judge_group(cfg: Config) -> GroupSpec:
+    j = cfg.judge
+    ask = Ask("judge", j.num_actors, resources(j.num_cpus, j.num_gpus, j.resources), dict(j.node_labels),
+              fields="judge.num_actors / num_cpus / num_gpus / resources / node_labels")
+    env = engine_env(threads(j.num_cpus, None), cfg.sampler.kv_cache_gib, j.num_gpus > 0, cfg.run.log_level)
+    return GroupSpec("judge", ask, j.max_restarts, env, judge_spec(j), j.num_gpus > 0)
+
+
+def judge_spec(j: JudgeConfig | JudgeMember) -> JudgeSpec:
+    """A judge's plain arguments; an embedded generative judge runs in float32, as its policy does."""
+    engine = dict(j.engine)
+    if j.kind in ("llm", "constitutional") and j.model == EMBEDDED:
+        engine.setdefault("dtype", "float32")
+    common = dict(kind=j.kind, margin=j.margin, function=j.function,
+                  model=model_path(j.model) if j.model else None, batch_size=j.batch_size,
+                  max_length=j.max_length, template=j.template, max_new_tokens=j.max_new_tokens,
+                  constrained=j.constrained, engine=engine, file_server=FILE_SERVER)
+    if isinstance(j, JudgeMember):
+        return JudgeSpec(**common, name=j.name, weight=j.weight, normalize=j.normalize)
+    return JudgeSpec(**common, members=tuple(judge_spec(m) for m in j.members),
+                     principles=tuple(Principle(p.name, p.text, p.weight) for p in j.principles))
+
+
+def learner_spec(cfg: Config, policy: str, transport: str) -> LearnerSpec:
+    t = cfg.train
+    reference = model_path(cfg.model.reference) if cfg.model.reference else policy
+    return LearnerSpec(policy=policy, reference=reference, dtype=cfg.model.dtype, loss=t.loss, beta=t.beta,
+                       label_smoothing=t.label_smoothing, simpo_gamma=t.simpo_gamma,
+                       length_penalty=t.length_penalty, lr=t.lr, lr_schedule=t.lr_schedule,
+                       warmup_steps=t.warmup_steps, weight_decay=t.weight_decay, grad_clip=t.grad_clip,
+                       batch_size=t.batch_size, micro_batch_size=t.micro_batch_size,
+                       micro_batch_tokens=t.micro_batch_tokens, max_steps=t.max_steps, strategy=t.strategy,
+                       logprob_chunk=t.logprob_chunk, checkpoint_every_layers=t.checkpoint_every_layers,
+                       liger_kernels=t.liger_kernels, seed=cfg.run.seed if t.seed is None else t.seed,
+                       num_threads=threads(t.num_cpus_per_worker, t.num_threads),
+                       trust_remote_code=cfg.model.trust_remote_code,
+                       lora=cfg.model.lora.model_dump() if cfg.model.lora else None,
+                       weights_transport=transport, bucket_bytes=cfg.sync.bucket_mb << 20,
+                       store_copy=cfg.serve.enabled, file_server=FILE_SERVER)
+
+
+def gang_spec(cfg: Config) -> GangSpec:
+    t = cfg.train
+    ask = Ask("trainer", t.num_workers, resources(t.num_cpus_per_worker, 1 if t.use_gpu else 0,
+                                                  t.resources_per_worker),
+              dict(t.node_labels), strategy=t.placement_strategy,
+              fields="train.num_workers / num_cpus_per_worker / use_gpu / resources_per_worker / node_labels")
+    return GangSpec(ask=ask, use_gpu=t.use_gpu, max_failures=t.max_failures, keep_checkpoints=cfg.checkpoint.keep,
+                    storage=cfg.checkpoint.storage)
+
+
+def train_sampling(cfg: Config) -> Sampling:
+    s = cfg.sampler
+    return Sampling(n=s.n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_new_tokens,
+                    logprobs=s.logprobs)
+
+
+def eval_sampling(cfg: Config) -> Sampling:
+    s = cfg.sampler
+    return Sampling(n=1, temperature=cfg.eval.temperature, top_p=s.top_p, max_tokens=s.max_new_tokens)
+
+
+def rollout_spec(cfg: Config) -> RolloutSpec:
+    s, batch = cfg.sampler, cfg.train.batch_size
+    return RolloutSpec(mode=cfg.sync.mode, sampling=train_sampling(cfg), seed=cfg.run.seed,
+                       capacity=cfg.sync.buffer_pairs or 2 * batch,
+                       prompts_per_call=s.prompts_per_call or max(4, batch // max(1, s.num_actors)),
+                       max_lag=0 if cfg.sync.mode == "sync" else cfg.sync.max_policy_lag)
+
+
+def data_spec(cfg: Config, policy: str) -> DataSpec:
+    d = cfg.data
+    return DataSpec(source=d.source, split=d.split, eval_source=d.eval_source, eval_split=d.eval_split,
+                    prompt_field=d.prompt_field, format=d.format, system_prompt=d.system_prompt,
+                    max_prompt_tokens=d.max_prompt_tokens, shuffle=d.shuffle, seed=cfg.run.seed,
+                    eval_prompts=cfg.eval.prompts, tokenizer=policy, trust_remote_code=cfg.model.trust_remote_code)
+
+
+def serve_plan(s: ServeConfig, model: str, served_name: str, log_level: str = "quiet", lora_rank: int | None = None,
+               adapter_dir: str | None = None, file_server=None) -> ServePlan:
+    """A Serve deployment of `model` from a validated `serve` section (also `online-dpo serve`)."""
+    if s.api_key_env and not os.environ.get(s.api_key_env):
+        raise ConfigError(f"serve.api_key_env names {s.api_key_env}, but that environment variable is not set; "
+                          "export it or remove serve.api_key_env")
+    # One core fewer than the replica has: its Python (HTTP, vLLM's front end) needs one, and the
+    # engine's OpenMP threads spin (2 cores: 69 -> 95 req/s with 1 engine thread instead of 2).
+    env = engine_env(s.num_threads or max(1, int(s.num_cpus) - 1), s.kv_cache_gib, s.num_gpus > 0, log_level,
+                     in_process=True)
+    if s.api_key_env:
+        env[s.api_key_env] = os.environ[s.api_key_env]
+    spec = ServerSpec(model=model, served_name=served_name, dtype=s.dtype, max_model_len=s.max_model_len,
+                      default_max_tokens=s.default_max_tokens, api_key_env=s.api_key_env,
+                      poll_seconds=s.poll_seconds, max_drain_seconds=s.max_drain_seconds,
+                      max_body_bytes=s.max_body_bytes, max_n=s.max_n, engine=dict(s.engine), lora_rank=lora_rank,
+                      adapter_dir=adapter_dir, file_server=file_server)
+    start = s.min_replicas if s.min_replicas is not None else s.num_replicas   # replicas at deploy time
+    ask = Ask("serve", start, resources(s.num_cpus, s.num_gpus, s.resources), dict(s.node_labels),
+              fields="serve.num_replicas / num_cpus / num_gpus / resources / node_labels")
+    return ServePlan(spec=spec, ask=ask, options=deployment_options(s, env), host=s.host, port=s.port,
+                     route_prefix=s.route_prefix, keep_alive=s.keep_alive)
+
+
+def deployment_options(s: ServeConfig, env: dict[str, str]) -> dict:
+    """Ray Serve deployment options: a fixed replica count, or autoscaling between the bounds."""
+    actor: dict = {"num_cpus": s.num_cpus, "num_gpus": s.num_gpus, "runtime_env": {"env_vars": env}}
+    if s.resources:
+        actor["resources"] = dict(s.resources)
+    if s.node_labels:
+        actor["label_selector"] = dict(s.node_labels)
+    opts: dict = dict(max_ongoing_requests=s.max_ongoing_requests, ray_actor_options=actor)
+    if s.max_replicas and s.max_replicas > (s.min_replicas or s.num_replicas):
+        opts["autoscaling_config"] = {"min_replicas": s.min_replicas if s.min_replicas is not None else s.num_replicas,
+                                      "max_replicas": s.max_replicas,
+                                      "target_ongoing_requests": max(1, s.max_ongoing_requests // 2)}
+    else:
+        opts["num_replicas"] = s.num_replicas
+    return opts
+
+
+# ---------------------------------------------------------------- checks beyond the schema
+
+def check_paths(cfg: Config) -> None:
+    """Refuse local paths that do not exist (hub ids and embedded:reviews pass)."""
+    fields = {"model.policy": cfg.model.policy, "model.reference": cfg.model.reference,
+              "data.source": cfg.data.source, "data.eval_source": cfg.data.eval_source,
+              "judge.model": cfg.judge.model,
+              **{f"judge.members[{m.name}].model": m.model for m in cfg.judge.members}}
+    for name, value in fields.items():
+        if value and value.startswith(("/", "./", "../", "~")) and not Path(value).expanduser().exists():
+            raise ConfigError(f"{name}: {value} does not exist; give an existing local path, "
+                              f"a hub id, or {EMBEDDED}")
+
+
+def check_imports(cfg: Config) -> None:
+    """A rule judge's function must import (on the driver, as on the cluster), and the packages an
+    option needs must be installed."""
+    from .judges.rule import import_function
+
+    if cfg.train.liger_kernels and importlib.util.find_spec("liger_kernel") is None:
+        raise ConfigError("train.liger_kernels needs the liger-kernel package, which is not installed: "
+                          "pip install -e '.[gpu]', or set train.liger_kernels: false")
+    rules = [("judge.function", cfg.judge.function)] if cfg.judge.kind == "rule" else []
+    rules += [(f"judge.members[{m.name}].function", m.function) for m in cfg.judge.members if m.kind == "rule"]
+    for name, function in rules:
+        try:
+            import_function(function)
+        except ValueError as e:
+            raise ConfigError(str(e).replace("judge.function", name, 1)
+                              + "; give an importable 'pkg.module:function'") from None
+
+
+# ---------------------------------------------------------------- `online-dpo serve PATH`
+
+def standalone_serve(path: str, s: ServeConfig, log_level: str = "quiet") -> tuple[ServePlan, str]:
+    """What `online-dpo serve PATH` deploys: a run directory's policy/ (a LoRA run's base model with its
+    adapter), an HF model directory, or embedded:reviews. Returns the plan and a line saying what it
+    serves."""
+    from .config import load_config
+    from .embedded import resolve_model
+
+    where = Path(path)
+    model = where / "policy" if (where / "policy" / "config.json").exists() else where
+    adapter = where / "policy" if (where / "policy" / "adapter_config.json").exists() else None
+    rank = None
+    if adapter is not None:   # a LoRA run: its base model with the final adapter
+        try:
+            run_cfg = load_config(where / "config.yaml")
+        except ConfigError as e:
+            raise ConfigError(f"{path} holds a LoRA adapter but no readable config.yaml: {e}") from None
+        base, rank = resolve_model(run_cfg.model.policy), lora_rank(run_cfg)
+    elif path == EMBEDDED:
+        base = resolve_model(EMBEDDED)
+    elif (model / "config.json").exists():
+        base = str(model.resolve())
+    else:
+        raise ConfigError(f"{path} is neither a run directory (with policy/) nor a model directory "
+                          "(with config.json)")
+    name = s.model_name or (where.name if model != where or adapter is not None else model.name)
+    plan = serve_plan(s, base, name, log_level, rank, str(adapter.resolve()) if adapter is not None else None)
+    return plan, f"{base} with the adapter {adapter}" if adapter is not None else base
+
+
+def merge_target(run_dir: str) -> tuple[str, str, bool]:
+    """`online-dpo export RUN_DIR --merge`: (base model path, adapter directory, trust_remote_code) of a
+    finished LoRA run; ConfigError naming what is missing otherwise."""
+    from .config import load_config
+    from .embedded import resolve_model
+
+    run, policy = Path(run_dir), Path(run_dir) / "policy"
+    if not (run / "config.yaml").exists() or not policy.is_dir():
+        raise ConfigError(f"{run} is not a finished run directory (it needs config.yaml and policy/)")
+    cfg = load_config(run / "config.yaml")
+    if not (policy / "adapter_config.json").exists():
+        raise ConfigError(f"{policy} is a full model already (the run had no model.lora); use it as it is")
+    return resolve_model(cfg.model.policy), str(policy), cfg.model.trust_remote_code
