@@ -116,12 +116,12 @@ def main() -> None:
         port = s.getsockname()[1]
     cfg = ServeConfig(port=port, dtype="float32", num_cpus=os.cpu_count(), max_ongoing_requests=256)
     plan = serve_plan(cfg, model, "reviews")
-    spec, options = plan.spec, plan.options
-    proxy_url = serving.deploy(spec, options, "127.0.0.1", port, "/")
-    (replica_url,) = serving.replica_urls("/")
+    spec, options = plan.spec, plan.options   # plan.app_name: an app of its own
+    proxy_url = serving.deploy(spec, options, "127.0.0.1", port, "/", plan.app_name)
+    (replica_url,) = serving.replica_urls("/", plan.app_name)
     serve = {"replica": asyncio.run(bench_serve(replica_url, prompts, args)),
              "proxy": asyncio.run(bench_serve(proxy_url, prompts, args))}
-    serving.undeploy()
+    serving.undeploy(plan.app_name)
     ray.shutdown()
     if args.serve_only:
         print(json.dumps({"serve": serve}))

@@ -30,15 +30,15 @@ class FileServer:
 NAME = "file-server"
 
 
-def start_file_server():
-    """A FileServer on this (the driver's) node. Actors that may restart get its NAME rather than
+def start_file_server(name: str = NAME):
+    """A FileServer on this (the driver's) node. Actors that may restart get its name rather than
     its handle (a handle among constructor arguments is kept in the object store)."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     node = ray.get_runtime_context().get_node_id()
     return ray.remote(FileServer).options(
-        num_cpus=0, name=NAME,
+        num_cpus=0, name=name,
         scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=False)).remote()
 
 

@@ -27,7 +27,8 @@ class Broker:
     def __init__(self):
         self.orders: collections.deque = collections.deque()
         self.waiting: dict[int, asyncio.Future] = {}
-        self.hellos: list = []
+        self.hellos = 0          # hellos so far (the gang's incarnation)
+        self.latest = None       # the latest hello only: each holds a weight handle, and old ones are dead
         self.closed: str | None = None
         self.changed = asyncio.Condition()
         self.group = None   # collective.GroupSpec of the weight group's current generation
@@ -38,8 +39,8 @@ class Broker:
         async with self.changed:
             if self.closed is not None:
                 return Closed(self.closed)
-            if order.incarnation != len(self.hellos):   # planned before the gang restarted
-                return Restarted(self.hellos[-1])
+            if order.incarnation != self.hellos:   # planned before the gang restarted
+                return Restarted(self.latest)
             done = self.waiting[order.step] = loop.create_future()
             self.orders.append(order)
             self.changed.notify_all()
@@ -68,18 +69,18 @@ class Broker:
         async with self.changed:
             self._resolve_all(Restarted(start))
             self.orders.clear()
-            self.hellos.append(start)
+            self.hellos, self.latest = self.hellos + 1, start
             self.changed.notify_all()
 
     async def wait_hello(self, count: int, timeout: float | None = None):
-        """The `count`-th hello (1-based), once it has come; None on timeout or close."""
+        """The latest hello once there have been `count` (1-based); None on timeout or close."""
         async with self.changed:
             try:
                 await asyncio.wait_for(self.changed.wait_for(
-                    lambda: len(self.hellos) >= count or self.closed is not None), timeout)
+                    lambda: self.hellos >= count or self.closed is not None), timeout)
             except asyncio.TimeoutError:
                 return None
-            return self.hellos[count - 1] if len(self.hellos) >= count else None
+            return self.latest if self.hellos >= count else None
 
     async def set_weight_group(self, spec) -> None:
         self.group = spec
@@ -100,5 +101,5 @@ class Broker:
         self.waiting.clear()
 
     def status(self) -> dict:
-        return {"queued": len(self.orders), "running": len(self.waiting), "hellos": len(self.hellos),
+        return {"queued": len(self.orders), "running": len(self.waiting), "hellos": self.hellos,
                 "closed": self.closed, "time": time.time()}

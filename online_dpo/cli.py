@@ -23,13 +23,14 @@ import sys
 import time
 
 
-def _plan(path, overrides):
-    """The run plan of a config file and its overrides; exits 2 with the message when it is invalid."""
+def _plan(path, overrides, resume: bool = False):
+    """The run plan of a config file and its overrides (`resume`: of a run directory's config.yaml, which
+    they may only extend or tune); exits 2 with the message when it is invalid."""
     from .config import ConfigError, load_config
     from .plan import RunPlan
 
     try:
-        return RunPlan.from_config(load_config(path, overrides))
+        return RunPlan.resumed(path, overrides) if resume else RunPlan.from_config(load_config(path, overrides))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -102,6 +103,7 @@ def cmd_serve(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from .cluster import connect
+    from .errors import RunFailed
     from .serve import app
     from .signals import Interrupted, Stop
 
@@ -109,16 +111,19 @@ def cmd_serve(args) -> int:
     Stop().install()   # after ray.init(), whose SIGTERM handler aborts the process
     code = 0
     try:
-        url = app.deploy(plan.spec, plan.options, plan.host, plan.port, plan.route_prefix)
-        where = app.describe(url, app.replica_urls(plan.route_prefix))
+        url = app.deploy(plan.spec, plan.options, plan.host, plan.port, plan.route_prefix, plan.app_name)
+        where = app.describe(url, app.replica_urls(plan.route_prefix, plan.app_name))
         print(f"[online-dpo] serving {what} as '{plan.spec.served_name}' at {where} (Ctrl-C to stop)", flush=True)
         while True:
             time.sleep(3600)
     except Interrupted as e:
         print(f"[online-dpo] {e.reason}", file=sys.stderr)
         code = e.code
+    except RunFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = 2
     finally:
-        app.undeploy()
+        app.undeploy(plan.app_name)
         if started:
             _shutdown()
     return code
@@ -131,7 +136,8 @@ def cmd_monitor(args) -> int:
     from .monitor import run
 
     data = Path(args.data or Path.home() / ".cache" / "online-dpo" / "monitor-data")
-    return run(args.prometheus_port, args.grafana_port, data, say=lambda t: print(f"[online-dpo] {t}", flush=True))
+    return run(args.prometheus_port, args.grafana_port, data, say=lambda t: print(f"[online-dpo] {t}", flush=True),
+               anonymous=args.grafana_anonymous)
 
 
 def cmd_dry_run(plan) -> int:
@@ -173,7 +179,7 @@ def cmd_train(args) -> int:
                   f"{args.resume} has none" if not config.exists() else
                   "error: give either CONFIG or --resume RUN_DIR, not both", file=sys.stderr)
             return 2
-    plan = _plan(config, args.set + (["run.log_level=info"] if args.verbose else []))
+    plan = _plan(config, args.set + (["run.log_level=info"] if args.verbose else []), resume=bool(args.resume))
     if args.dry_run:
         return cmd_dry_run(plan)
     from .cluster import connect, dashboard_note, existing_address
@@ -210,11 +216,12 @@ def _train(plan, console, resume, stop) -> int:
     from .controller import train
     from .data import DataError
     from .errors import RunFailed
+    from .run_dir import RunDirBusy
     from .signals import Interrupted
 
     try:
         summary = train(plan, console, resume_dir=resume, stop=stop)
-    except DataError as e:
+    except (DataError, RunDirBusy) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except RunFailed as e:
@@ -309,7 +316,7 @@ def _shutdown() -> None:
     shutdown(started=True)
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="online-dpo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -344,6 +351,8 @@ def main(argv=None) -> int:
     p.add_argument("--prometheus-port", type=int, default=9090)
     p.add_argument("--grafana-port", type=int, default=3000)
     p.add_argument("--data", default=None, help="where they keep their data (default ~/.cache/online-dpo/monitor-data)")
+    p.add_argument("--grafana-anonymous", action="store_true",
+                   help="let anyone who reaches Grafana view it without logging in (off: admin password printed once)")
     p.set_defaults(fn=cmd_monitor)
     p = sub.add_parser("export", help="write a LoRA run's policy as one merged Hugging Face model")
     p.add_argument("run_dir")
@@ -359,7 +368,11 @@ def main(argv=None) -> int:
     p = sub.add_parser("make-default", help="build the embedded default model and prompts (cached)")
     p.add_argument("--force", action="store_true", help="rebuild even if cached")
     p.set_defaults(fn=cmd_make_default)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from .signals import Interrupted, Stop
 

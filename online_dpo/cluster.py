@@ -14,6 +14,16 @@ import os
 from pathlib import Path
 
 
+def loopback(host: str) -> bool:
+    """Whether `host` names this machine's loopback (so nothing beyond it can connect)."""
+    import ipaddress
+
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def existing_address() -> str | None:
     if os.environ.get("RAY_ADDRESS"):
         return os.environ["RAY_ADDRESS"]

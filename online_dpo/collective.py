@@ -106,14 +106,31 @@ def receive_version(group, device: torch.device) -> tuple[int, int, torch.Tensor
     return serial, version, buffer
 
 
+def bound_socket(host: str):
+    """A TCP socket bound to `host` on a free port (not listening yet)."""
+    import socket
+
+    family, kind, proto, _, address = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(address)
+    return sock
+
+
 class Rendezvous:
-    """Controller side: hosts the TCPStore and numbers the generations."""
+    """Controller side: hosts the TCPStore and numbers the generations.
+
+    The store listens on the node's own address only (127.0.0.1 on a local
+    cluster): torch's TCPStore binds every interface unless it is handed a
+    socket bound beforehand, so it gets one."""
 
     def __init__(self, host: str | None = None):
         from torch.distributed import TCPStore
 
         self.host = host or node_ip()
-        self.store = TCPStore(self.host, 0, is_master=True, wait_for_workers=False)
+        self.socket = bound_socket(self.host)   # kept open: the store listens on it
+        self.store = TCPStore(self.host, self.socket.getsockname()[1], is_master=True, wait_for_workers=False,
+                              master_listen_fd=self.socket.fileno())
         self.gen = 0
         self.lock = threading.Lock()
 

@@ -38,6 +38,8 @@ class RunConfig(Section):
     seed: int = 0
     log_level: Literal["quiet", "info", "debug"] = "quiet"
     check_resources: bool = Field(True, description="refuse a plan the cluster cannot hold (off for autoscaling)")
+    call_timeout: float = Field(600.0, gt=0, description="a sampler or judge call running longer: the actor is hung")
+    stall_timeout: float = Field(1800.0, gt=0, description="no training step for this long stops the run (exit 1)")
 
 
 class LoraSection(Section):
@@ -128,8 +130,6 @@ class JudgeMember(JudgeFields):
         _judge_needs(self.kind, self.function, self.model, f"judge.members[{self.name}].")
         if self.weight == 0:
             raise ValueError(f"judge.members[{self.name}].weight is 0: give it a weight or remove it")
-        if self.kind == "llm" and self.template is None:
-            self.template = DEFAULT_LLM_TEMPLATE
         return self
 
 
@@ -274,6 +274,8 @@ class ServeConfig(Placed):
     max_drain_seconds: float = Field(30.0, gt=0, description="a load aborts requests still running after this")
     max_body_bytes: int = Field(2 << 20, ge=1024, description="larger request bodies get 413")
     max_n: int = Field(16, ge=1, description="most choices (n) one request may ask for")
+    max_request_tokens: int = Field(65536, ge=1, description="most prompts x n x max_tokens one request may ask for")
+    allow_unauthenticated: bool = Field(False, description="serve beyond loopback without serve.api_key_env")
     engine: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
@@ -307,21 +309,11 @@ class Config(Section):
     def _cross(self):
         if self.sampler.num_gpus == 0 and self.sampler.tensor_parallel_size > 1:
             raise ValueError("sampler.tensor_parallel_size > 1 needs GPUs: set sampler.num_gpus")
-        if self.judge.kind == "llm" and self.judge.template is None:
-            self.judge.template = DEFAULT_LLM_TEMPLATE
         if self.model.lora is not None and self.model.reference not in (None, self.model.policy):
             raise ValueError("model.lora: the reference is the policy with its adapters disabled; leave "
                              "model.reference out (or equal to model.policy)")
         return self
 
-
-DEFAULT_LLM_TEMPLATE = (
-    "Which response answers the prompt better?\n\nPrompt: {prompt}\n\n"
-    "Response A: {a}\n\nResponse B: {b}\n\nAnswer with one letter, A or B.\nVerdict: "
-)
-
-
-# ---------------------------------------------------------------- loading
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read, override and validate a run YAML; raise ConfigError on any problem."""

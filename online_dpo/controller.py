@@ -30,7 +30,7 @@ from .gang import Gang
 from .metrics import ConsoleLog, ExternalLoggers, RayMetrics, Reporter, Tracker
 from .plan import RunPlan
 from .report import plot
-from .rollout import Starved, make_rollouts
+from .rollout import JudgeFailed, Starved, make_rollouts
 from .run_dir import RunDir
 from .run_stats import RunStats
 from .signals import Interrupted, Stop
@@ -43,29 +43,33 @@ class Controller:
                  stop: Stop | None = None):
         self.plan, self.run_dir, self.resume = plan, run_dir, resume
         self.report = Reporter(console, tracker)
-        self.stop = stop or Stop()
-        self.stats = RunStats()
+        self.stop, self.stats = stop or Stop(), RunStats()
         self.step = self.version = 0
         self.checkpointed = self.start_step = 0   # the latest checkpoint's step; where this process started
         self.topo = self.gang = self.rollouts = None
+        self.fatal: str | None = None   # why the run failed after stopping cleanly (a broken judge, ...)
         self.heldout: list = []
 
     def run(self) -> dict:
         plan = self.plan
         if not self.resume:
             self.run_dir.write_config(plan.config_yaml)
-        self.topo, self.gang = start_actors(plan, self.run_dir, self.actor_event)
+        source, self.heldout = load_prompts(plan.data)   # bad rows are found here, before any actor starts
+        self.report.info(f"prompts: {len(source.prompts)} train, {len(self.heldout)} held-out"
+                         + (f"; skipped {source.skipped_text}" if source.skipped else ""))
+        self.stats.skipped = source.skipped
+        self.topo, self.gang = start_actors(plan, self.run_dir, lambda event: self.report.actor_event(
+            event, self.step, self.stats.restart_counts(self.topo)))   # a sampler or judge died, or is back
         topo = self.topo
         try:
-            source, self.heldout = load_prompts(plan.data)
-            self.report.info(f"prompts: {len(source.prompts)} train, {len(self.heldout)} held-out")
             topo.wait_ready()
             self.report.info(f"actors up: {len(topo.samplers.handles)} sampler(s), {len(topo.judges.handles)} "
                           f"judge(s) ({time.time() - self.stats.start_time:.0f}s)")
             topo.form_weight_group()
             if plan.serve:
                 topo.start_serving(plan.serve)
-                self.report.info(f"serving the live policy at {topo.serve_where} (model '{plan.serve.spec.served_name}')")
+                self.report.info(f"serving the live policy at {topo.serve_where} "
+                                 f"(model '{plan.serve.spec.served_name}')")
             result = self.run_loop(make_rollouts(plan.rollouts, topo.samplers, topo.judges, source, self.report.record))
             if topo.serve_url and plan.serve.keep_alive:
                 self.report.info(f"training done; serving the final policy at {topo.serve_where} until Ctrl-C")
@@ -85,7 +89,9 @@ class Controller:
         start = self.gang.wait_start()
         self.report.info(f"learner up ({time.time() - self.stats.start_time:.0f}s)")
         if self.resume:
-            self.resume_from(start)
+            resume_from(start, self.run_dir, self.rollouts, self.stats, self.plan)
+            self.report.info(f"resumed at step {start.step} (policy version {start.version}) from {start.checkpoint}"
+                             + (f"; changed {', '.join(self.plan.resume_changes)}" if self.plan.resume_changes else ""))
         self.step, self.version, self.checkpointed = start.step, start.version, start.step
         self.start_step = start.step
         if start.weights is not None:
@@ -104,22 +110,15 @@ class Controller:
         result = self.finish(reason)
         if self.stop.requested:
             raise Interrupted(self.stop.code, self.stop.reason)
+        if self.fatal:
+            raise RunFailed(self.fatal)
         return result
-
-    def resume_from(self, start) -> None:
-        """Restore the controller's state saved with the checkpoint the gang restored."""
-        if start.controller is None:
-            raise RunFailed(f"{self.run_dir.path} has no checkpoint to resume from")
-        state = json.loads(start.controller)
-        self.rollouts.restore(state["rollouts"])
-        self.stats.restore(state["stats"])
-        self.run_dir.truncate_metrics(lambda r: _before(r, start.step, self.rollouts.round, start.version))
-        self.report.info(f"resumed at step {start.step} (policy version {start.version}) from {start.checkpoint}")
 
     def finish(self, reason: str | None) -> dict:
         """Final evaluation (not after a signal: stop fast), policy/, summary.json, curves.png."""
         self.gang.close("training is done")   # rank 0 leaves its loop; Ray Train winds down meanwhile
-        after = {} if self.stop.requested else self.evaluated(self.rollouts.weights, self.version, self.stats.baseline)
+        skip = self.stop.requested or self.fatal   # stop fast; a broken judge or stuck actor would not score
+        after = {} if skip else self.evaluated(self.rollouts.weights, self.version, self.stats.baseline)
         policy_dir = str(self.run_dir.copy_policy(self.gang.checkpoint(self.step))) if self.step else None
         extra = {"mode": self.plan.rollouts.mode, "partial": reason is not None, "stop_reason": reason,
                  "resumed_from_step": self.start_step if self.resume else None,
@@ -140,47 +139,55 @@ class Controller:
 
         prefetch = 0 if self.plan.rollouts.mode == "sync" else 1
         pending: collections.deque = collections.deque()   # (step plan, ref) in step order
-        reason, last = None, self.plan.schedule.max_steps
+        reason, last, stalled = None, self.plan.schedule.max_steps, False
         while self.step < last:
-            if self.stop.requested and reason is None:
-                reason = self.stop.reason
-            reason = reason or self.stats.kl_limit(self.plan.max_kl)
+            if reason is None:
+                reason, kind = self.stats.why_stop(self.stop.reason if self.stop.requested else None, self.plan.max_kl,
+                                                   self.plan.stall_timeout, lambda: waiting_on(pending, self.rollouts))
+                self.fatal, stalled = reason if kind else self.fatal, kind == "stall"
+            if stalled and pending:   # a stalled learner may never answer: stop without it
+                break
             next_step = self.step + len(pending) + 1
             can_submit = len(pending) <= prefetch and next_step <= last and reason is None
             if pending and (not can_submit or ray.wait([pending[0][1]], timeout=0)[0]):
+                if not ray.wait([pending[0][1]], timeout=1.0)[0]:
+                    continue   # the gang is busy: look at the watchdog again
                 step_plan, ref = pending.popleft()
                 if not self.collect(step_plan, ray.get(ref)):
                     pending.clear()   # the gang restarted: plan again from its step
                 continue
             if reason is not None:   # stopping early, and every submitted step is back
                 break
-            try:
-                submitted = self.submit(next_step, None if prefetch == 0 else 0.05)
-            except Starved as e:
-                if self.step == 0 and not pending:
-                    raise
-                reason = f"converged: {e}"
-                continue
+            submitted, reason = self.submit(next_step, None if prefetch == 0 else 0.05, first=not pending)
             if submitted is not None:
                 pending.append(submitted)
-        if reason is not None and self.step > 0:
+        if reason is not None and self.step > 0 and not (stalled and pending):
             self.save_now()
         return reason
 
-    def submit(self, step: int, timeout: float | None):
-        """Order `step` once its pairs are there: (its plan, the order's ref), or None (not yet)."""
+    def submit(self, step: int, timeout: float | None, first: bool):
+        """Order `step` once its pairs are there: ((its plan, the order's ref), None); (None, None) while
+        they are not; (None, why to stop) when they will not come (`first`: nothing is in flight)."""
         step_plan = self.plan.schedule.plan(step)
         batch_size = self.plan.learner.batch_size
         want = self.plan.schedule.steps_left_in_version(step) * batch_size
-        batch = self.rollouts.take(batch_size, step_plan.version_before - self.plan.rollouts.max_lag, want=want,
-                                   timeout=timeout)
+        try:
+            batch = self.rollouts.take(batch_size, step_plan.version_before - self.plan.rollouts.max_lag,
+                                       want=want, timeout=timeout)
+        except Starved as e:
+            if self.step == 0 and first:
+                raise
+            return None, f"converged: {e}"
+        except JudgeFailed as e:   # stop as for any early end (everything saved), then fail
+            self.fatal = str(e)
+            return None, self.fatal
         if batch is None:
-            return None
+            return None, None
         self.stats.lag(step, step_plan.version_before, batch)
         state = json.dumps(self.state()) if step_plan.checkpoint else None
         order = StepOrder(step=step, pairs=tuple(batch), sync=step_plan.sync, version=step_plan.version_after,
                           checkpoint=state, final=step_plan.final, incarnation=self.gang.hellos)
-        return step_plan, self.gang.submit(order)
+        return (step_plan, self.gang.submit(order)), None
 
     def save_now(self) -> None:
         """A checkpoint of the step the gang is at, outside the schedule (before stopping early)."""
@@ -219,10 +226,6 @@ class Controller:
         self.topo.form_weight_group()   # the old generation's rank 0 is gone
         self.report.learner_back(start.step, lost, dropped, seconds, self.stats.restart_counts(self.topo))
 
-    def actor_event(self, event: dict) -> None:
-        """A sampler or judge died (Ray restarts it; its work went to a live one) or came back."""
-        self.report.actor_event(event, self.step, self.stats.restart_counts(self.topo))
-
     def evaluated(self, weights, version: int, baseline: dict | None) -> dict:
         """Score `weights` (None: the starting ones) on the held-out prompts; log and return the result."""
         result = evaluate(self.topo.samplers, self.topo.judges, self.heldout, self.plan.eval.sampling, weights,
@@ -236,12 +239,31 @@ class Controller:
         return {"rollouts": self.rollouts.state(), "stats": self.stats.state()}
 
 
+def resume_from(start, run_dir: RunDir, rollouts, stats: RunStats, plan: RunPlan) -> None:
+    """Restore the controller's state saved with the checkpoint the gang restored; cut the metrics after it;
+    record in config.yaml what this resume changed, and at which step."""
+    if start.controller is None:
+        raise RunFailed(f"{run_dir.path} has no checkpoint to resume from")
+    state = json.loads(start.controller)
+    rollouts.restore(state["rollouts"])
+    stats.restore(state["stats"])
+    run_dir.truncate_metrics(lambda r: _before(r, start.step, rollouts.round, start.version))
+    if plan.resume_changes:
+        run_dir.record_resume(start.step, plan.resume_changes, plan.config_yaml)
+
+
+def waiting_on(pending, rollouts) -> str:
+    """What a stalled run waits on: the gang's step in flight, and the sampler and judge calls."""
+    held = [f"step {pending[0][0].step} on the learner"] if pending else []
+    return ", ".join(held + rollouts.outstanding())
+
+
 def start_actors(plan: RunPlan, run_dir: RunDir, on_actor_event) -> tuple[Topology, Gang]:
     """Check the plan fits, then create every actor and start the gang, without waiting for any."""
     if plan.check_resources:
         from .placement import require_fit
         require_fit(plan.asks)
-    topo = Topology.start(plan.samplers, plan.judges, plan.weights_transport, plan.name)
+    topo = Topology.start(plan.samplers, plan.judges, plan.weights_transport, plan.name, plan.names)
     topo.on_actor_event(on_actor_event)
     storage = plan.gang.storage or str(run_dir.path / "ray")
     gang = Gang(plan.gang, plan.learner, topo.broker, topo.store, storage, run_dir.path.name)

@@ -60,10 +60,28 @@ def user_text(row) -> str:
     return users[-1] if users else row[-1]["content"]
 
 
+def row_problem(row, fmt: str) -> str | None:
+    """Why a row cannot be a prompt (None: it can): its shape, emptiness or encoding."""
+    if isinstance(row, str):
+        text = row
+    elif isinstance(row, list) and row and all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                               and isinstance(m.get("content"), str) for m in row):
+        if fmt == "plain":
+            return "chat messages, but data.format is 'plain' (set data.format: chat)"
+        text = "".join(m["content"] for m in row)
+    else:
+        return "neither text nor a list of chat messages"
+    if not text.strip():
+        return "empty"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "not valid UTF-8"
+    return None
+
+
 def render(row, tokenizer, fmt: str, system_prompt: str | None) -> list[int]:
     if fmt == "plain":
-        if not isinstance(row, str):
-            raise DataError("data.format is 'plain' but the prompts are chat messages; set data.format: chat")
         return tokenizer(row)["input_ids"]
     messages = [{"role": "user", "content": row}] if isinstance(row, str) else list(row)
     if system_prompt and messages[0].get("role") != "system":
@@ -75,12 +93,34 @@ def render(row, tokenizer, fmt: str, system_prompt: str | None) -> list[int]:
     return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
 
 
-def prepare(rows: list, tokenizer, fmt: str, system_prompt: str | None, max_tokens: int) -> list[Prompt]:
-    out = [Prompt(text=user_text(r), ids=tuple(render(r, tokenizer, fmt, system_prompt))) for r in rows]
-    kept = [p for p in out if len(p.ids) <= max_tokens]
+def prepare(rows: list, tokenizer, fmt: str, system_prompt: str | None, max_tokens: int,
+            skipped: dict[str, list[int]] | None = None, limit: str = "data.max_prompt_tokens") -> list[Prompt]:
+    """The usable rows as prompts. A row that is empty, not text or chat messages, not valid UTF-8, or
+    longer than `max_tokens` once rendered is skipped and noted in `skipped` (why -> row numbers); no
+    usable row at all is a DataError saying why."""
+    skipped = {} if skipped is None else skipped
+    kept = []
+    for i, row in enumerate(rows):
+        why = row_problem(row, fmt)
+        ids = render(row, tokenizer, fmt, system_prompt) if why is None else []
+        if why is None and not ids:
+            why = "empty"
+        elif why is None and len(ids) > max_tokens:
+            why = f"longer than {max_tokens} tokens ({limit})"
+        if why is None:
+            kept.append(Prompt(text=user_text(row), ids=tuple(ids)))
+        else:
+            skipped.setdefault(why, []).append(i + 1)
     if not kept:
-        raise DataError(f"every prompt is longer than data.max_prompt_tokens ({max_tokens}); raise it")
+        reasons = "; ".join(f"{len(r)} {why}" for why, r in skipped.items()) or "there are no rows"
+        raise DataError(f"no usable prompt among {len(rows)} rows ({reasons}); fix the data or the field named")
     return kept
+
+
+def describe_skipped(skipped: dict[str, list[int]]) -> str:
+    """One line: how many rows were skipped and why, with the first few row numbers."""
+    return "; ".join(f"{len(rows)} {why} (rows {', '.join(map(str, rows[:5]))}{', ...' if len(rows) > 5 else ''})"
+                     for why, rows in skipped.items())
 
 
 class PromptSource:
@@ -90,6 +130,8 @@ class PromptSource:
         if not prompts:
             raise DataError("the prompt source is empty")
         self.prompts, self.seed, self.shuffle = prompts, seed, shuffle
+        self.skipped: dict[str, int] = {}   # rows left out when the data loaded: why -> how many
+        self.skipped_text = ""
         self.epoch, self.pos = 0, 0
         self.order = self._order(0)
 
@@ -119,7 +161,8 @@ class PromptSource:
 
 
 def load_splits(source: str, split: str, eval_source: str | None, eval_split: str, field: str, tokenizer,
-                fmt: str, system_prompt: str | None, max_tokens: int, eval_prompts: int
+                fmt: str, system_prompt: str | None, max_tokens: int, eval_prompts: int,
+                skipped: dict | None = None, limit: str = "data.max_prompt_tokens"
                 ) -> tuple[list[Prompt], list[Prompt]]:
     """Train prompts and held-out prompts, never overlapping.
 
@@ -129,7 +172,7 @@ def load_splits(source: str, split: str, eval_source: str | None, eval_split: st
     `eval_prompts` prompts instead.
     """
     def read(src, spl):
-        return prepare(load_rows(src, spl, field), tokenizer, fmt, system_prompt, max_tokens)
+        return prepare(load_rows(src, spl, field), tokenizer, fmt, system_prompt, max_tokens, skipped, limit)
 
     train = read(source, split)
     if eval_source:
@@ -147,11 +190,34 @@ def load_splits(source: str, split: str, eval_source: str | None, eval_split: st
     return train[eval_prompts:], train[:eval_prompts]
 
 
+def prompt_limit(spec) -> tuple[int, str]:
+    """The longest prompt the sampler can take with room for its max_new_tokens, and the fields behind it:
+    data.max_prompt_tokens, or the model's context (sampler.max_model_len, else its config) less those."""
+    context, where = spec.max_model_len, "sampler.max_model_len"
+    if context is None:
+        try:
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(spec.tokenizer, trust_remote_code=spec.trust_remote_code)
+            context, where = getattr(config, "max_position_embeddings", None), "the model's context"
+        except Exception:   # a tokenizer without a model config: the engine's own check remains
+            context = None
+    if context is not None and context - spec.max_new_tokens < spec.max_prompt_tokens:
+        return context - spec.max_new_tokens, f"{where} less sampler.max_new_tokens"
+    return spec.max_prompt_tokens, "data.max_prompt_tokens"
+
+
 def load_prompts(spec) -> tuple[PromptSource, list[Prompt]]:
-    """The run's prompt source and held-out prompts, rendered with the policy's tokenizer (a DataSpec)."""
+    """The run's prompt source and held-out prompts (a DataSpec), rendered with the policy's tokenizer;
+    unusable rows are skipped and counted (`PromptSource.skipped`)."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(spec.tokenizer, trust_remote_code=spec.trust_remote_code)
+    skipped: dict[str, list[int]] = {}
+    limit, fields = prompt_limit(spec)
     train, heldout = load_splits(spec.source, spec.split, spec.eval_source, spec.eval_split, spec.prompt_field, tok,
-                                 spec.format, spec.system_prompt, spec.max_prompt_tokens, spec.eval_prompts)
-    return PromptSource(train, seed=spec.seed, shuffle=spec.shuffle), heldout
+                                 spec.format, spec.system_prompt, limit, spec.eval_prompts, skipped, fields)
+    source = PromptSource(train, seed=spec.seed, shuffle=spec.shuffle)
+    source.skipped = {why: len(rows) for why, rows in skipped.items()}
+    source.skipped_text = describe_skipped(skipped)
+    return source, heldout

@@ -9,6 +9,8 @@ restarted.
 
 from __future__ import annotations
 
+import math
+
 from .specs import Sampling
 from .topology import ActorGroup, split
 
@@ -28,14 +30,25 @@ def evaluate(samplers: ActorGroup, judges: ActorGroup, heldout: list, sampling: 
     prompts = [g.prompt for g in groups]
     responses = [g.completions[0].text for g in groups]
     (scores,) = judges.run("score", [((prompts, responses), {})])
+    reward, bad = finite_mean(scores)
     result = {"kind": "eval", "policy_version": version, "prompts": prompts, "responses": responses,
-              "reward": (sum(scores) / len(scores)) if scores else None}
+              "reward": reward, "nonfinite": bad}
     (objectives,) = judges.run("objectives", [((prompts, responses), {})])
-    result.update({f"objective/{k}": v for k, v in objectives.items()})
+    result.update({f"objective/{k}": v for k, v in objectives.items() if v is not None and math.isfinite(v)})
     if baseline is not None:
         (wins,) = judges.run("compare", [((prompts, responses, baseline["responses"]), {})])
-        result["win_rate"] = sum(wins) / len(wins)
+        result["win_rate"], more = finite_mean(wins)
+        result["nonfinite"] += more
     return result
+
+
+def finite_mean(values) -> tuple[float | None, int]:
+    """The mean of the finite values (None if there are none), and how many were NaN or infinite:
+    a judge's stray NaN is left out and counted, never averaged into a figure."""
+    if values is None:
+        return None, 0
+    good = [v for v in values if v is not None and math.isfinite(v)]
+    return (sum(good) / len(good) if good else None), len(values) - len(good)
 
 
 def summary(before: dict, after: dict, last_train: dict, train_wall: float | None, pairs_before: int,

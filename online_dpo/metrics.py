@@ -209,7 +209,8 @@ class ConsoleLog:
         self._print(
             f"step {r['step']:>4}/{total}  pairs {r['pairs']:>6}  reward {_fmt(r.get('reward_mean'), '+.3f')}"
             f"{objectives}  "
-            f"loss {r['loss']:.4f}  acc {r['rewards/accuracy']:.2f}  kl {r['kl']:+.3f}  "
+            f"loss {_fmt(r['loss'], '.4f')}  acc {_fmt(r['rewards/accuracy'], '.2f')}  kl {_fmt(r['kl'], '+.3f')}  "
+            f"{'(skipped: not finite)  ' if r.get('skipped') else ''}"
             f"v{r['policy_version']}{lag}  {rate:.1f} pairs/s")
 
     def eval(self, result: dict) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import subprocess
 import time
@@ -71,7 +72,10 @@ def prometheus_command(binary: str, port: int, data: Path) -> list[str]:
             f"--storage.tsdb.path={data / 'prometheus'}", "--log.level=warn"]
 
 
-def grafana_command(binary: str, port: int, data: Path, prometheus_url: str) -> tuple[list[str], dict]:
+def grafana_command(binary: str, port: int, data: Path, prometheus_url: str, password: str,
+                    anonymous: bool = False) -> tuple[list[str], dict]:
+    """Grafana on loopback with a fresh admin password; anonymous viewers only when asked for (the Ray
+    dashboard's embedded charts then show without a Grafana login)."""
     home = next((p for p in ("/usr/share/grafana", "/opt/grafana") if Path(p).exists()), None)
     cmd = [binary] + (["server"] if Path(binary).name == "grafana" else []) + \
         ([f"--homepath={home}"] if home else [])
@@ -81,8 +85,8 @@ def grafana_command(binary: str, port: int, data: Path, prometheus_url: str) -> 
     env = {**os.environ,
            "GF_SERVER_HTTP_ADDR": "127.0.0.1", "GF_SERVER_HTTP_PORT": str(port),
            "GF_PATHS_DATA": str(data / "grafana"), "GF_PATHS_PROVISIONING": str(MONITORING / "grafana" / "provisioning"),
-           "GF_SECURITY_ALLOW_EMBEDDING": "true", "GF_AUTH_ANONYMOUS_ENABLED": "true",
-           "GF_AUTH_ANONYMOUS_ORG_ROLE": "Viewer",
+           "GF_SECURITY_ALLOW_EMBEDDING": "true", "GF_SECURITY_ADMIN_PASSWORD": password,
+           "GF_AUTH_ANONYMOUS_ENABLED": "true" if anonymous else "false", "GF_AUTH_ANONYMOUS_ORG_ROLE": "Viewer",
            "PROMETHEUS_URL": prometheus_url, "DASHBOARDS_DIR": str(dashboards)}
     return cmd, env
 
@@ -98,7 +102,7 @@ def wait_http(url: str, proc: subprocess.Popen, timeout: float = 60) -> bool:
     return False
 
 
-def run(prometheus_port: int, grafana_port: int, data: Path, say=print) -> int:
+def run(prometheus_port: int, grafana_port: int, data: Path, say=print, anonymous: bool = False) -> int:
     """Start what is installed, write the state file, wait until interrupted; 1 if nothing could start."""
     procs, state = [], {"pid": os.getpid(), "prometheus": None, "grafana": None}
     data.mkdir(parents=True, exist_ok=True)
@@ -119,13 +123,15 @@ def run(prometheus_port: int, grafana_port: int, data: Path, say=print) -> int:
         if binary is None:
             say(f"grafana is not installed; {HINTS['grafana']}")
         elif state["prometheus"]:
-            cmd, env = grafana_command(binary, grafana_port, data, state["prometheus"])
+            password = secrets.token_urlsafe(12)   # new at every start, shown once, kept nowhere
+            cmd, env = grafana_command(binary, grafana_port, data, state["prometheus"], password, anonymous)
             proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
             procs.append(proc)
             url = f"http://127.0.0.1:{grafana_port}"
             if wait_http(url + "/api/health", proc):
                 state["grafana"] = url
-                say(f"Grafana: {url}/d/online-dpo (anonymous viewer)")
+                say(f"Grafana: {url}/d/online-dpo (user admin, password {password}"
+                    + ("; anonymous viewers allowed)" if anonymous else ")"))
             else:
                 say(f"grafana did not start (exit {proc.poll()}); is port {grafana_port} free?")
         if not state["prometheus"]:

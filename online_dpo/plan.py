@@ -16,24 +16,27 @@ raise `ConfigError` naming the field.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .artifacts import NAME as FILE_SERVER
 from .config import Config, ConfigError, JudgeConfig, JudgeMember, ServeConfig, dump
 from .embedded import EMBEDDED, model_path
 from .engine import engine_env
+from .judges.llm import TEMPLATE as LLM_TEMPLATE
 from .schedule import Schedule
-from .specs import (Ask, DataSpec, EngineSpec, EvalSpec, GangSpec, GroupSpec, JudgeSpec, LearnerSpec, Principle,
-                    RolloutSpec, Sampling, ServePlan, ServerSpec)
+from .specs import (Ask, DataSpec, EngineSpec, EvalSpec, GangSpec, GroupSpec, JudgeSpec, LearnerSpec, Names,
+                    Principle, RolloutSpec, Sampling, ServePlan, ServerSpec)
 
 
 @dataclass(frozen=True)
 class RunPlan:
     """One run, decided: what to start, where, with which arguments, on which schedule."""
     name: str
+    names: Names                       # the Ray names of this run's actors and Serve app
     output_dir: str
     log_level: str
     check_resources: bool
@@ -51,10 +54,12 @@ class RunPlan:
     serve: ServePlan | None
     weights_transport: str             # object_store | collective
     max_kl: float | None = None
+    stall_timeout: float = 1800.0      # no step for this long stops the run
     log_every_steps: int = 1
     tensorboard: bool = False
     wandb: bool = False
     asks: tuple[Ask, ...] = field(default=())
+    resume_changes: tuple[str, ...] = ()   # what `--resume` changed: "field: old -> new"
 
     @classmethod
     def from_config(cls, cfg: Config) -> RunPlan:
@@ -62,20 +67,33 @@ class RunPlan:
         check_imports(cfg)
         policy = model_path(cfg.model.policy)
         transport = weights_transport(cfg)
-        samplers, judges, gang = sampler_group(cfg, policy), judge_group(cfg), gang_spec(cfg)
+        names = Names(f"{cfg.run.name}-{secrets.token_hex(3)}")
+        samplers, judges, gang = sampler_group(cfg, policy, names.files), judge_group(cfg, names.files), gang_spec(cfg)
         serve = serve_plan(cfg.serve, policy, cfg.serve.model_name or cfg.run.name, cfg.run.log_level,
-                           lora_rank(cfg), file_server=FILE_SERVER) if cfg.serve.enabled else None
+                           lora_rank(cfg), file_server=names.files, names=names) if cfg.serve.enabled else None
         return cls(
-            name=cfg.run.name, output_dir=cfg.run.output_dir, log_level=cfg.run.log_level,
+            name=cfg.run.name, names=names, output_dir=cfg.run.output_dir, log_level=cfg.run.log_level,
             check_resources=cfg.run.check_resources, config_yaml=dump(cfg), config=cfg.model_dump(mode="json"),
             models=model_names(cfg), data=data_spec(cfg, policy), samplers=samplers, judges=judges,
-            learner=learner_spec(cfg, policy, transport), gang=gang, rollouts=rollout_spec(cfg),
+            learner=learner_spec(cfg, policy, transport, names.files), gang=gang, rollouts=rollout_spec(cfg),
             schedule=Schedule(cfg.train.max_steps, cfg.sync.every_steps, cfg.checkpoint.every_steps,
                               cfg.eval.every_steps),
             eval=EvalSpec(cfg.eval.prompts, cfg.eval.every_steps, eval_sampling(cfg)), serve=serve,
-            weights_transport=transport, max_kl=cfg.train.max_kl, log_every_steps=cfg.metrics.log_every_steps,
+            weights_transport=transport, max_kl=cfg.train.max_kl, stall_timeout=cfg.run.stall_timeout,
+            log_every_steps=cfg.metrics.log_every_steps,
             tensorboard=cfg.metrics.tensorboard, wandb=cfg.metrics.wandb,
             asks=(samplers.ask, judges.ask, gang.ask) + ((serve.ask,) if serve else ()))
+
+    @classmethod
+    def resumed(cls, path, overrides) -> RunPlan:
+        """The plan of `--resume`: a run directory's config.yaml with overrides that only extend or tune
+        the run (ConfigError naming a field that would make it another run)."""
+        from dataclasses import replace
+
+        from .config import load_config
+
+        new = load_config(path, overrides)
+        return replace(cls.from_config(new), resume_changes=resume_changes(load_config(path), new))
 
     @property
     def needs_embedded(self) -> bool:
@@ -115,43 +133,43 @@ def model_names(cfg: Config) -> tuple[str, ...]:
 
 # ---------------------------------------------------------------- specs
 
-def sampler_group(cfg: Config, policy: str) -> GroupSpec:
+def sampler_group(cfg: Config, policy: str, files: str) -> GroupSpec:
     s = cfg.sampler
     on_gpu = s.num_gpus > 0
     spec = EngineSpec(model=policy, dtype=s.dtype, tensor_parallel_size=s.tensor_parallel_size,
                       max_model_len=s.max_model_len, gpu_memory_utilization=s.gpu_memory_utilization,
                       seed=cfg.run.seed, trust_remote_code=cfg.model.trust_remote_code, extra=dict(s.engine),
-                      lora_rank=lora_rank(cfg), file_server=FILE_SERVER)
+                      lora_rank=lora_rank(cfg), file_server=files)
     ask = Ask("sampler", s.num_actors, resources(s.num_cpus, s.num_gpus * s.tensor_parallel_size, s.resources),
               dict(s.node_labels), fields="sampler.num_actors / num_cpus / num_gpus / resources / node_labels")
     env = engine_env(threads(s.num_cpus, s.num_threads), s.kv_cache_gib, on_gpu, cfg.run.log_level)
-    return GroupSpec("sampler", ask, s.max_restarts, env, spec, on_gpu)
+    return GroupSpec("sampler", ask, s.max_restarts, env, spec, on_gpu, cfg.run.call_timeout)
 
 
-def judge_group(cfg: Config) -> GroupSpec:
+def judge_group(cfg: Config, files: str) -> GroupSpec:
     j = cfg.judge
     ask = Ask("judge", j.num_actors, resources(j.num_cpus, j.num_gpus, j.resources), dict(j.node_labels),
               fields="judge.num_actors / num_cpus / num_gpus / resources / node_labels")
     env = engine_env(threads(j.num_cpus, None), cfg.sampler.kv_cache_gib, j.num_gpus > 0, cfg.run.log_level)
-    return GroupSpec("judge", ask, j.max_restarts, env, judge_spec(j), j.num_gpus > 0)
+    return GroupSpec("judge", ask, j.max_restarts, env, judge_spec(j, files), j.num_gpus > 0, cfg.run.call_timeout)
 
 
-def judge_spec(j: JudgeConfig | JudgeMember) -> JudgeSpec:
+def judge_spec(j: JudgeConfig | JudgeMember, files: str | None = None) -> JudgeSpec:
     """A judge's plain arguments; an embedded generative judge runs in float32, as its policy does."""
     engine = dict(j.engine)
     if j.kind in ("llm", "constitutional") and j.model == EMBEDDED:
         engine.setdefault("dtype", "float32")
     common = dict(kind=j.kind, margin=j.margin, function=j.function,
-                  model=model_path(j.model) if j.model else None, batch_size=j.batch_size,
-                  max_length=j.max_length, template=j.template, max_new_tokens=j.max_new_tokens,
-                  constrained=j.constrained, engine=engine, file_server=FILE_SERVER)
+                  model=model_path(j.model) if j.model else None, batch_size=j.batch_size, max_length=j.max_length,
+                  template=j.template or (LLM_TEMPLATE if j.kind == "llm" else None), max_new_tokens=j.max_new_tokens,
+                  constrained=j.constrained, engine=engine, file_server=files)
     if isinstance(j, JudgeMember):
         return JudgeSpec(**common, name=j.name, weight=j.weight, normalize=j.normalize)
-    return JudgeSpec(**common, members=tuple(judge_spec(m) for m in j.members),
+    return JudgeSpec(**common, members=tuple(judge_spec(m, files) for m in j.members),
                      principles=tuple(Principle(p.name, p.text, p.weight) for p in j.principles))
 
 
-def learner_spec(cfg: Config, policy: str, transport: str) -> LearnerSpec:
+def learner_spec(cfg: Config, policy: str, transport: str, files: str) -> LearnerSpec:
     t = cfg.train
     reference = model_path(cfg.model.reference) if cfg.model.reference else policy
     return LearnerSpec(policy=policy, reference=reference, dtype=cfg.model.dtype, loss=t.loss, beta=t.beta,
@@ -166,7 +184,7 @@ def learner_spec(cfg: Config, policy: str, transport: str) -> LearnerSpec:
                        trust_remote_code=cfg.model.trust_remote_code,
                        lora=cfg.model.lora.model_dump() if cfg.model.lora else None,
                        weights_transport=transport, bucket_bytes=cfg.sync.bucket_mb << 20,
-                       store_copy=cfg.serve.enabled, file_server=FILE_SERVER)
+                       store_copy=cfg.serve.enabled, file_server=files)
 
 
 def gang_spec(cfg: Config) -> GangSpec:
@@ -199,35 +217,47 @@ def rollout_spec(cfg: Config) -> RolloutSpec:
 
 
 def data_spec(cfg: Config, policy: str) -> DataSpec:
-    d = cfg.data
+    d, s = cfg.data, cfg.sampler
+    if s.max_model_len is not None and d.max_prompt_tokens + s.max_new_tokens > s.max_model_len:
+        raise ConfigError(f"data.max_prompt_tokens ({d.max_prompt_tokens}) + sampler.max_new_tokens "
+                          f"({s.max_new_tokens}) is more than sampler.max_model_len ({s.max_model_len}): the longest "
+                          "prompts would have no room to answer; lower one of the first two or raise the third")
     return DataSpec(source=d.source, split=d.split, eval_source=d.eval_source, eval_split=d.eval_split,
                     prompt_field=d.prompt_field, format=d.format, system_prompt=d.system_prompt,
-                    max_prompt_tokens=d.max_prompt_tokens, shuffle=d.shuffle, seed=cfg.run.seed,
+                    max_prompt_tokens=d.max_prompt_tokens, max_new_tokens=s.max_new_tokens,
+                    max_model_len=s.max_model_len, shuffle=d.shuffle, seed=cfg.run.seed,
                     eval_prompts=cfg.eval.prompts, tokenizer=policy, trust_remote_code=cfg.model.trust_remote_code)
 
 
 def serve_plan(s: ServeConfig, model: str, served_name: str, log_level: str = "quiet", lora_rank: int | None = None,
-               adapter_dir: str | None = None, file_server=None) -> ServePlan:
+               adapter_dir: str | None = None, file_server=None, names: Names | None = None) -> ServePlan:
     """A Serve deployment of `model` from a validated `serve` section (also `online-dpo serve`)."""
+    from .cluster import loopback
+
     if s.api_key_env and not os.environ.get(s.api_key_env):
         raise ConfigError(f"serve.api_key_env names {s.api_key_env}, but that environment variable is not set; "
                           "export it or remove serve.api_key_env")
+    if not loopback(s.host) and not s.api_key_env and not s.allow_unauthenticated:
+        raise ConfigError(f"serve.host {s.host} is reachable beyond this machine and serve.api_key_env is not set: "
+                          "set serve.api_key_env (and export the key), or serve.allow_unauthenticated: true")
     # One core fewer than the replica has: its Python (HTTP, vLLM's front end) needs one, and the
     # engine's OpenMP threads spin (2 cores: 69 -> 95 req/s with 1 engine thread instead of 2).
     env = engine_env(s.num_threads or max(1, int(s.num_cpus) - 1), s.kv_cache_gib, s.num_gpus > 0, log_level,
                      in_process=True)
-    if s.api_key_env:
-        env[s.api_key_env] = os.environ[s.api_key_env]
+    key = hashlib.sha256(os.environ[s.api_key_env].encode()).hexdigest() if s.api_key_env else None
     spec = ServerSpec(model=model, served_name=served_name, dtype=s.dtype, max_model_len=s.max_model_len,
-                      default_max_tokens=s.default_max_tokens, api_key_env=s.api_key_env,
+                      default_max_tokens=s.default_max_tokens, api_key_env=s.api_key_env, api_key_sha256=key,
+                      max_request_tokens=s.max_request_tokens,
                       poll_seconds=s.poll_seconds, max_drain_seconds=s.max_drain_seconds,
                       max_body_bytes=s.max_body_bytes, max_n=s.max_n, engine=dict(s.engine), lora_rank=lora_rank,
-                      adapter_dir=adapter_dir, file_server=file_server)
+                      adapter_dir=adapter_dir, file_server=file_server,
+                      store_name=names.store if names else "policy-store")
     start = s.min_replicas if s.min_replicas is not None else s.num_replicas   # replicas at deploy time
     ask = Ask("serve", start, resources(s.num_cpus, s.num_gpus, s.resources), dict(s.node_labels),
               fields="serve.num_replicas / num_cpus / num_gpus / resources / node_labels")
     return ServePlan(spec=spec, ask=ask, options=deployment_options(s, env), host=s.host, port=s.port,
-                     route_prefix=s.route_prefix, keep_alive=s.keep_alive)
+                     route_prefix=s.route_prefix, keep_alive=s.keep_alive,
+                     app_name=names.app if names else f"online-dpo-{secrets.token_hex(3)}")
 
 
 def deployment_options(s: ServeConfig, env: dict[str, str]) -> dict:
@@ -277,6 +307,41 @@ def check_imports(cfg: Config) -> None:
         except ValueError as e:
             raise ConfigError(str(e).replace("judge.function", name, 1)
                               + "; give an importable 'pkg.module:function'") from None
+
+
+# ---------------------------------------------------------------- `online-dpo train --resume`
+
+# What `--resume` may change: what extends or tunes the run (its length, guards, deadlines, cadence,
+# logging, restarts, serving). Anything else (model, tokenizer, reference, data, sampling, judge, loss,
+# LoRA shape, batch, sync) would continue the checkpoint as another run.
+RESUMABLE = ("run.log_level", "run.check_resources", "run.call_timeout", "run.stall_timeout", "train.max_steps",
+             "train.max_kl", "train.max_failures", "sampler.max_restarts", "judge.max_restarts", "eval.every_steps",
+             "checkpoint.every_steps", "checkpoint.keep", "metrics.", "serve.")
+
+
+def flat(data: dict, prefix: str = "") -> dict:
+    """{'train.lr': 1e-4, ...} from nested sections."""
+    out = {}
+    for k, v in data.items():
+        if isinstance(v, dict) and v and k not in ("engine", "resources", "node_labels"):
+            out.update(flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def resume_changes(saved: Config, new: Config) -> tuple[str, ...]:
+    """What `--resume` changes, as "field: old -> new"; ConfigError naming the first change that would
+    make it another run."""
+    old, cur = flat(saved.model_dump(mode="json")), flat(new.model_dump(mode="json"))
+    changed = [k for k in sorted(set(old) | set(cur)) if old.get(k) != cur.get(k)]
+    for k in changed:
+        if not k.startswith(RESUMABLE):
+            raise ConfigError(f"--resume cannot change {k} ({old.get(k)!r} -> {cur.get(k)!r}): the checkpoint was "
+                              "made with the old value, so the run would go on as another one; start a new run "
+                              "instead. --resume may change: " + ", ".join(r.rstrip(".") + ("*" if r.endswith(".") else "")
+                                                                          for r in RESUMABLE))
+    return tuple(f"{k}: {old.get(k)!r} -> {cur.get(k)!r}" for k in changed)
 
 
 # ---------------------------------------------------------------- `online-dpo serve PATH`

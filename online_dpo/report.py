@@ -11,11 +11,12 @@ from pathlib import Path
 
 
 def read_records(run_dir: Path) -> list[dict]:
+    from .run_dir import read_jsonl
+
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         raise FileNotFoundError(f"{run_dir} has no metrics.jsonl: is it a run directory?")
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return read_jsonl(path)
 
 
 def plot(run_dir: Path, records: list[dict] | None = None) -> Path:
@@ -52,8 +53,10 @@ def plot(run_dir: Path, records: list[dict] | None = None) -> Path:
     axes[1][1].set_xlabel("step")
     fig.tight_layout()
     out = Path(run_dir) / "curves.png"
-    fig.savefig(out, dpi=80)
+    tmp = out.with_name(".curves.tmp.png")
+    fig.savefig(tmp, dpi=80)
     plt.close(fig)
+    tmp.replace(out)   # never a half-written curves.png
     return out
 
 

@@ -33,10 +33,30 @@ from .topology import ActorGroup, split
 from .types import Labels, PreferencePair, SampleBatch
 
 STARVED = 20  # give up after sampling this many times the prompts a batch needs without getting it
+BAD_SHARE = 0.5   # a judge whose malformed or non-finite verdicts pass this share of the recent ones ...
+BAD_WINDOW = 8    # ... rounds (and at least BAD_MIN groups) ends the run
+BAD_MIN = 32
 
 
 class Starved(RunFailed):
     """The judge no longer separates the policy's samples (ties or identical responses)."""
+
+
+class JudgeFailed(RunFailed):
+    """The judge's verdicts are mostly malformed or not finite: a broken judge, not a converged policy."""
+
+
+def judge_health(recent: list[dict]) -> str | None:
+    """Why the judge is broken, from the recent rollout records (None while it is fine)."""
+    groups, asked = sum(r["prompts"] for r in recent), sum(r["asked"] for r in recent)
+    nonfinite, malformed = sum(r["nonfinite"] for r in recent), sum(r["malformed"] for r in recent)
+    if groups >= BAD_MIN and nonfinite > BAD_SHARE * groups:
+        return (f"the judge scored {nonfinite} of the last {groups} prompts' samples NaN or infinite: fix "
+                "judge.function (or the judge model) so it returns finite scores")
+    if asked >= BAD_MIN and malformed > BAD_SHARE * asked:
+        return (f"{malformed} of the judge's last {asked} verdicts did not parse (it must answer 'A' or 'B'): "
+                "set judge.constrained: true, or fix judge.template / judge.model")
+    return None
 
 
 def starved_message(got: int, asked: int, last: dict) -> str:
@@ -117,6 +137,7 @@ class Rollouts:
         self.counts = collections.Counter()   # prompts, completions, pairs, ties, identical
         self.busy = collections.Counter()     # sampler index -> seconds generating or loading
         self.latest: dict = {}
+        self.recent: collections.deque = collections.deque(maxlen=BAD_WINDOW)   # for judge_health
 
     # ------------------------------------------------------------ requests
 
@@ -135,8 +156,8 @@ class Rollouts:
             "kind": "rollout", "round": self.round, "policy_version": min(b.version for b in batches),
             "prompts": groups, "completions": len(comps), "pairs": len(pairs),
             "ties": sum(lb.ties for lb in labels), "identical": sum(lb.identical for lb in labels),
-            "malformed": sum(lb.malformed for lb in labels),
-            "reward_mean": sum(scores) / max(1, len(scores)),
+            "nonfinite": sum(lb.nonfinite for lb in labels), "malformed": sum(lb.malformed for lb in labels),
+            "asked": sum(lb.asked for lb in labels), "reward_mean": sum(scores) / max(1, len(scores)),
             "chosen_score": sum(p.chosen_score for p in pairs) / max(1, len(pairs)),
             "rejected_score": sum(p.rejected_score for p in pairs) / max(1, len(pairs)),
             "response_tokens": sum(len(c.token_ids) for c in comps) / max(1, len(comps)),
@@ -146,10 +167,14 @@ class Rollouts:
             "versions": sorted({b.version for b in batches}),
             **objective_means(labels),
         }
-        for key in ("prompts", "completions", "pairs", "ties", "identical", "malformed"):
+        for key in ("prompts", "completions", "pairs", "ties", "identical", "nonfinite", "malformed"):
             self.counts[key] += record[key]
         self.latest = record
         self.log(record)
+        self.recent.append(record)
+        broken = judge_health(list(self.recent))
+        if broken:
+            raise JudgeFailed(broken)
         return record
 
     def label(self, batches: list[SampleBatch]) -> list[Labels]:
@@ -192,6 +217,10 @@ class Rollouts:
 
     def stop(self) -> None:
         pass
+
+    def outstanding(self) -> list[str]:
+        """Sampler and judge calls in flight, for a stalled run's message (none between lock steps)."""
+        return []
 
 
 class LockStep(Rollouts):
@@ -248,6 +277,8 @@ class Pipelined(Rollouts):
         self.epoch = 0                       # bumped by reset(): results dispatched before are dropped
         self.inflight_prompts = 0
         self.asked_since_take = 0
+        self.sampling_calls: dict = {}   # ref -> (Call, prompts, epoch)
+        self.judging_calls: dict = {}    # ref -> (Call, batch, epoch, started)
 
     def start(self) -> None:
         if self.thread.ident is None:
@@ -282,12 +313,18 @@ class Pipelined(Rollouts):
         except BaseException as e:  # surfaced by take()
             self.error = e
 
+    def outstanding(self) -> list[str]:
+        now, calls = time.time(), [e[0] for e in list(self.sampling_calls.values()) + list(self.judging_calls.values())]
+        return [f"{c.method} on {self.samplers.name(c.actor) if c.method == 'generate' else self.judges.name(c.actor)} "
+                f"for {now - c.sent:.0f}s" for c in calls]
+
     def _loop(self) -> None:
         import ray
 
-        sampling: dict = {}   # ref -> (Call, prompts, epoch)
-        judging: dict = {}    # ref -> (Call, batch, epoch, started)
+        sampling, judging = self.sampling_calls, self.judging_calls
         while not self.stopping.is_set():
+            self._resend_overdue(sampling, self.samplers)
+            self._resend_overdue(judging, self.judges)
             busy = {call.actor for call, *_ in sampling.values()}
             for i in self.samplers.live():
                 if i in busy or not self.room():
@@ -308,6 +345,15 @@ class Pipelined(Rollouts):
                     self._sampled(*sampling.pop(ref), sampling, judging)
                 else:
                     self._judged(*judging.pop(ref), judging)
+
+    @staticmethod
+    def _resend_overdue(calls: dict, group: ActorGroup) -> None:
+        """Calls past run.call_timeout: their actor is hung; the same call goes to a live one."""
+        for ref, (call, *rest) in list(calls.items()):
+            if group.overdue(call):
+                del calls[ref]
+                again = group.abandon(call)
+                calls[again.ref] = (again, *rest)
 
     def _sampled(self, call, prompts: list, epoch: int, sampling: dict, judging: dict) -> None:
         done, out = self.samplers.receive(call)

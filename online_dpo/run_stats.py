@@ -14,6 +14,7 @@ import time
 from .evaluation import summary
 
 KL_WINDOW = 5   # steps the KL guard averages over
+NONFINITE_STEPS = 3   # this many skipped (non-finite) steps in a row stop the run
 
 
 class RunStats:
@@ -27,8 +28,10 @@ class RunStats:
         self.learner_restart_seconds: list[float] = []
         self.lags: dict[int, dict] = {}      # step -> its pairs' lag behind the learner
         self.recent_kl: list[float] = []
+        self.skipped_in_a_row = 0            # steps skipped for a non-finite loss or gradient, in a row
         self.last_train: dict = {}
         self.baseline: dict = {}             # the held-out evaluation of the starting policy
+        self.skipped: dict[str, int] = {}    # prompt rows left out when the data loaded, by reason
 
     # ------------------------------------------------------------ while training
 
@@ -46,7 +49,10 @@ class RunStats:
     def step_done(self, metrics: dict, rollouts, samplers: int) -> dict:
         """The train record of a finished step (its metrics, lags, rollout figures, pipeline shares)."""
         self.last_result = time.time()
-        self.recent_kl.append(metrics["kl"])
+        self.skipped_in_a_row = self.skipped_in_a_row + 1 if metrics.get("skipped") else 0
+        self.totals["skipped_steps"] += bool(metrics.get("skipped"))
+        if metrics.get("kl") is not None:
+            self.recent_kl.append(metrics["kl"])
         self.totals["busy"] += metrics["step_seconds"]
         self.totals["wait"] += metrics["wait_seconds"]
         if metrics.get("sync_bytes"):
@@ -58,6 +64,21 @@ class RunStats:
                   "wall_seconds": time.time() - self.train_start, **self.pipeline(rollouts, samplers)}
         self.last_train = record
         return record
+
+    def why_stop(self, signal: str | None, max_kl: float | None, stall_timeout: float = float("inf"),
+                 waiting_on=lambda: "") -> tuple[str | None, str | None]:
+        """Why to stop before the schedule ends (None: go on), and what kind of failure that is (None: not
+        one; "stall": no step for `stall_timeout` seconds, `waiting_on()` says on what; "nonfinite")."""
+        if signal:
+            return signal, None
+        idle = time.time() - self.last_result
+        if idle > stall_timeout:
+            return (f"no training step finished in {idle:.0f}s (run.stall_timeout: {stall_timeout:g}s); the run "
+                    f"was waiting on {waiting_on() or 'pairs that did not come'}"), "stall"
+        if self.skipped_in_a_row >= NONFINITE_STEPS:
+            return (f"the learner's loss or gradient was NaN or infinite {self.skipped_in_a_row} steps in a row (the "
+                    "steps were skipped): lower train.lr, set train.grad_clip, or check the judge's pairs"), "nonfinite"
+        return self.kl_limit(max_kl), None
 
     def kl_limit(self, limit: float | None) -> str | None:
         """Why to stop, once the KL estimate passes `limit` (a policy drifting into a collapse the judge
@@ -71,6 +92,7 @@ class RunStats:
     def learner_restarted(self, lost: int) -> float:
         """Count a gang restart that lost `lost` steps; returns the seconds the learner was away."""
         seconds = time.time() - self.last_result
+        self.last_result = time.time()   # the gang is back: the stall watchdog counts from here
         self.learner_restarts += 1
         self.steps_lost += lost
         self.learner_restart_seconds.append(round(seconds, 1))
@@ -97,7 +119,8 @@ class RunStats:
         syncs = self.totals["syncs"]
         extra = {**extra, "learner_restarts": self.learner_restarts, "steps_lost": self.steps_lost,
                  "sync_bytes_per_version": round(self.totals["sync_bytes"] / syncs) if syncs else None,
-                 "learner_peak_rss_mib": self.last_train.get("peak_rss_mib"),
+                 "learner_peak_rss_mib": self.last_train.get("peak_rss_mib"), "prompts_skipped": self.skipped,
+                 "steps_skipped_nonfinite": self.totals["skipped_steps"],
                  **self.pipeline(rollouts, len(topo.samplers.handles))}
         restarts = {**topo.restarts(), "learner": {"restarts": self.learner_restarts,
                                                    "restart_seconds": self.learner_restart_seconds}}

@@ -50,6 +50,28 @@ class Ask:
 
 
 @dataclass(frozen=True)
+class Names:
+    """The Ray names of one run's actors and Serve app, unique per run (`run_id`), so that runs share a
+    cluster: concurrent tune trials, or two serve-enabled runs. Messages use the short names (sampler-0)."""
+    run_id: str
+
+    def actor(self, short: str) -> str:
+        return f"{self.run_id}.{short}"
+
+    @property
+    def files(self) -> str:
+        return self.actor("file-server")
+
+    @property
+    def store(self) -> str:
+        return self.actor("policy-store")
+
+    @property
+    def app(self) -> str:
+        return f"online-dpo-{self.run_id}"
+
+
+@dataclass(frozen=True)
 class EngineSpec:
     """Plain arguments for building a vLLM engine."""
     model: str
@@ -73,6 +95,7 @@ class GroupSpec:
     env: dict[str, str]        # the actors' environment (threads, vLLM's settings)
     spec: Any                  # EngineSpec (samplers) or JudgeSpec (judges)
     on_gpu: bool = False
+    call_timeout: float = 600.0   # a call running longer means a hung actor (run.call_timeout)
 
     @property
     def restarts_field(self) -> str:
@@ -188,6 +211,8 @@ class DataSpec:
     format: str = "plain"
     system_prompt: str | None = None
     max_prompt_tokens: int = 256
+    max_new_tokens: int = 64             # the sampler's: a prompt leaves it room in the context
+    max_model_len: int | None = None     # the sampler's context (None: the model's own)
     shuffle: bool = True
     seed: int = 0
     eval_prompts: int = 64
@@ -212,11 +237,14 @@ class ServerSpec:
     max_model_len: int | None = None
     default_max_tokens: int = 128
     api_key_env: str | None = None
+    api_key_sha256: str | None = None    # the replicas hold a hash of the key, never the key
+    store_name: str = "policy-store"     # the run's PolicyStore actor (Names.store)
     store_namespace: str | None = None   # where the PolicyStore lives; None = no live updates
     poll_seconds: float = 0.5
     max_drain_seconds: float = 30.0
     max_body_bytes: int = 2 << 20
     max_n: int = 16
+    max_request_tokens: int = 65536     # prompts x n x max_tokens per request
     gpu_memory_utilization: float = 0.85
     engine: dict[str, Any] = field(default_factory=dict)
     lora_rank: int | None = None      # model.lora runs: serve the base model with the policy's adapter
@@ -234,3 +262,4 @@ class ServePlan:
     port: int = 8000
     route_prefix: str = "/"
     keep_alive: bool = False
+    app_name: str = "online-dpo"       # the Serve application (Names.app for a run's own server)

@@ -31,7 +31,8 @@ def lr_lambda(schedule: str, warmup: int, total: int):
 
 
 class DPOStep:
-    """One optimizer step on a shard of pairs: forward, loss, backward, clip, step.
+    """One optimizer step on a shard of pairs: forward, loss, backward, clip, step (skipped, and
+    reported as `skipped`, when the gradient is not finite).
 
     `model` and `reference` are SequenceScorers (the model wrapped by the
     sharding strategy). A shard is split into micro-batches of
@@ -112,7 +113,11 @@ class DPOStep:
         result["length/rejected"] = sum(len(p.rejected.token_ids) for p in shard) / len(shard)
         result["micro_batches"] = len(batches)
         result["lr"] = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.scheduler.step()
+        # The global gradient norm (every rank sees the same) decides: a NaN or infinite loss or gradient
+        # skips the step, so the weights are never touched by it.
+        result["skipped"] = float(not math.isfinite(result["grad_norm"]))
+        if not result["skipped"]:
+            self.optimizer.step()
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return result

@@ -18,13 +18,14 @@ engines build while the trainer gang starts.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 import time
 from dataclasses import dataclass, field, replace
 
 from .errors import RunFailed, death_cause, last_line
-from .specs import OWN_PLACEMENT, GroupSpec, ServePlan
+from .specs import OWN_PLACEMENT, GroupSpec, Names, ServePlan
 
 READY_SECONDS = 900.0   # an actor that has not built its engine (or judge) by then has hung
 
@@ -50,12 +51,17 @@ class ActorGroup:
     """Interchangeable actors (samplers, or judges) with failover.
 
     A call that fails because its actor died is sent to another live actor;
-    the dead one is probed until Ray has restarted it. When an actor has used
-    up its restarts the run fails with a message naming it and the cause.
+    the dead one is probed until Ray has restarted it. A call that runs past
+    `timeout` (run.call_timeout) is treated the same way: its actor is hung, so
+    it is killed for Ray to restart, and the call goes to a live one. When an
+    actor has used up its restarts the run fails with a message naming it and
+    the cause.
     """
 
-    def __init__(self, kind: str, handles: list, max_restarts: int, field: str):
+    def __init__(self, kind: str, handles: list, max_restarts: int, field: str, timeout: float = 600.0):
         self.kind, self.handles, self.max_restarts, self.field = kind, handles, max_restarts, field
+        self.timeout = timeout
+        self.hung: dict[int, str] = {}       # index -> what it did not answer in time
         self.down: dict[int, float] = {}      # index -> when it was seen dead
         self.restarts = 0
         self.restart_seconds: list[float] = []
@@ -82,8 +88,9 @@ class ActorGroup:
                      "max_restarts": self.max_restarts})
 
     def obituary(self, i: int, err: BaseException) -> str:
+        cause = f"it {self.hung[i]}" if i in self.hung else death_cause(err)
         return (f"{self.name(i)} died and Ray will not restart it: its kind has used {self.restarts - 1} of "
-                f"{self.field}={self.max_restarts} restarts. Cause: {death_cause(err)}.")
+                f"{self.field}={self.max_restarts} restarts. Cause: {cause}.")
 
     def poll(self) -> None:
         """Bring restarted actors back into the group."""
@@ -100,6 +107,7 @@ class ActorGroup:
                 if i not in self.down:
                     continue
                 seconds = time.time() - self.down.pop(i)
+                self.hung.pop(i, None)
                 self.restart_seconds.append(seconds)
                 self.back_at[i] = time.time()
             self.notify({"actor": self.name(i), "event": "back", "seconds": round(seconds, 1),
@@ -127,10 +135,27 @@ class ActorGroup:
         import ray
 
         try:
-            return True, ray.get(call.ref)
+            return True, ray.get(call.ref, timeout=max(0.0, call.sent + self.timeout - time.time()))
+        except ray.exceptions.GetTimeoutError:
+            return False, self.abandon(call)
         except ray.exceptions.RayActorError as e:
             self.failed(call.actor, e, call.sent)
             return False, self.send(call.method, call.args, call.kwargs)
+
+    def overdue(self, call: Call) -> bool:
+        return time.time() - call.sent > self.timeout
+
+    def abandon(self, call: Call) -> Call:
+        """`call` ran past the deadline: its actor is hung. Kill it (Ray restarts it while it has restarts
+        left) and send the call to a live one."""
+        import ray
+
+        i = call.actor
+        self.hung[i] = f"did not answer {call.method} within {self.timeout:g}s (run.call_timeout)"
+        with contextlib.suppress(Exception):
+            ray.kill(self.handles[i], no_restart=False)
+        self.failed(i, TimeoutError(self.hung[i]), call.sent)
+        return self.send(call.method, call.args, call.kwargs)
 
     def run(self, method: str, calls: list[tuple[tuple, dict]]) -> list:
         """Run call k on actor k (mod live actors) and return the results in order;
@@ -156,37 +181,38 @@ class Topology:
                  rendezvous=None, workers_per_sampler: int = 1):
         self.samplers, self.judges, self.broker, self.store, self.files = samplers, judges, broker, store, files
         self.rendezvous, self.workers_per_sampler = rendezvous, workers_per_sampler
-        self.serve_url = self.serve_where = None
+        self.serve_url = self.serve_where = self.serve_app = None
 
     @classmethod
-    def start(cls, samplers: GroupSpec, judges: GroupSpec, transport: str, run_name: str) -> "Topology":
-        """Create every actor without waiting for any to be ready."""
+    def start(cls, samplers: GroupSpec, judges: GroupSpec, transport: str, run_name: str, names: Names) -> "Topology":
+        """Create every actor without waiting for any to be ready (named by `names`, unique per run)."""
         import ray
 
         from .artifacts import start_file_server
         from .broker import Broker
         from .judges.actor import JudgeActor
         from .sampler import Sampler
-        from .weight_sync import STORE_NAME, PolicyStore
+        from .weight_sync import PolicyStore
 
-        files = start_file_server()
+        files = start_file_server(names.files)
         sampler_actors = [ray.remote(Sampler).options(
-            name=f"sampler-{i}", max_restarts=samplers.max_restarts, runtime_env={"env_vars": samplers.env},
+            name=names.actor(f"sampler-{i}"), max_restarts=samplers.max_restarts, runtime_env={"env_vars": samplers.env},
             **samplers.ask.actor_options()).remote(samplers.spec, f"sampler-{i}", samplers.on_gpu, run_name)
             for i in range(samplers.ask.count)]
         judge_actors = [ray.remote(JudgeActor).options(
-            name=f"judge-{i}", max_restarts=judges.max_restarts, runtime_env={"env_vars": judges.env},
+            name=names.actor(f"judge-{i}"), max_restarts=judges.max_restarts, runtime_env={"env_vars": judges.env},
             **judges.ask.actor_options()).remote(judges.spec, name=f"judge-{i}")
             for i in range(judges.ask.count)]
-        broker = ray.remote(Broker).options(name="broker", num_cpus=0, **OWN_PLACEMENT).remote()
-        store = ray.remote(PolicyStore).options(name=STORE_NAME, num_cpus=0, **OWN_PLACEMENT).remote()
+        broker = ray.remote(Broker).options(name=names.actor("broker"), num_cpus=0, **OWN_PLACEMENT).remote()
+        store = ray.remote(PolicyStore).options(name=names.store, num_cpus=0, **OWN_PLACEMENT).remote()
         rendezvous = None
         if transport == "collective":
             from .collective import Rendezvous
             rendezvous = Rendezvous()
-        return cls(ActorGroup("sampler", sampler_actors, samplers.max_restarts, samplers.restarts_field),
-                   ActorGroup("judge", judge_actors, judges.max_restarts, judges.restarts_field), broker, store,
-                   files, rendezvous, samplers.spec.tensor_parallel_size)
+        return cls(ActorGroup("sampler", sampler_actors, samplers.max_restarts, samplers.restarts_field,
+                              samplers.call_timeout),
+                   ActorGroup("judge", judge_actors, judges.max_restarts, judges.restarts_field, judges.call_timeout),
+                   broker, store, files, rendezvous, samplers.spec.tensor_parallel_size)
 
     def on_actor_event(self, callback) -> None:
         """`callback(event)` hears of every sampler or judge that dies or comes back. A sampler's
@@ -231,8 +257,9 @@ class Topology:
 
         namespace = ray.get_runtime_context().namespace
         spec = replace(serve.spec, store_namespace=namespace)
-        self.serve_url = app.deploy(spec, serve.options, serve.host, serve.port, serve.route_prefix)
-        self.serve_where = app.describe(self.serve_url, app.replica_urls(serve.route_prefix))
+        self.serve_app = serve.app_name
+        self.serve_url = app.deploy(spec, serve.options, serve.host, serve.port, serve.route_prefix, serve.app_name)
+        self.serve_where = app.describe(self.serve_url, app.replica_urls(serve.route_prefix, serve.app_name))
 
     def restarts(self) -> dict:
         return {"sampler": self.samplers.stats(), "judge": self.judges.stats()}
@@ -240,9 +267,9 @@ class Topology:
     def shutdown(self, keep_store: bool = False) -> None:
         import ray
 
-        if self.serve_url:
+        if self.serve_app:
             from .serve.app import undeploy
-            undeploy()
+            undeploy(self.serve_app)
         others = [self.broker, self.files] + ([] if keep_store else [self.store])
         for actor in self.samplers.handles + self.judges.handles + others:
             if actor is None:

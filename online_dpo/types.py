@@ -61,6 +61,7 @@ class Labels:
     groups: int = 0
     ties: int = 0               # best and worst within the margin
     identical: int = 0          # best and worst had the same tokens
+    nonfinite: int = 0          # groups where the judge gave a NaN or infinite score (left out of pairing)
     malformed: int = 0          # verdicts the judge gave that did not parse (LLM judges)
     asked: int = 0              # verdicts asked for (LLM judges)
     scores: tuple[float, ...] = field(default=(), repr=False)

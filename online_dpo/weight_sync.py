@@ -30,7 +30,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-STORE_NAME = "policy-store"   # the PolicyStore's actor name (serve replicas look it up)
 LOAD_RPC = "load_packed"   # engine.WeightLoader's methods
 RECEIVED_RPC = "load_received"
 ADAPTER = "policy"         # the name of the one LoRA slot samplers and replicas hold

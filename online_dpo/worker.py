@@ -16,6 +16,7 @@ latest checkpoint Ray Train knows and says `hello` with where it stands.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import time
 from dataclasses import asdict, replace
@@ -226,6 +227,7 @@ class OrderLoop:
         w, t0 = self.worker, time.time()
         w.model.train()
         metrics = _mean_across(w.step(list(order.pairs[w.rank::w.world])), w.world, w.device)
+        metrics = {k: v if math.isfinite(v) else None for k, v in metrics.items()}   # NaN never reaches a record
         self.pairs, self.step = self.pairs + len(order.pairs), order.step
         metrics.update(step=order.step, pairs=self.pairs, policy_version=order.version,
                        compute_seconds=time.time() - t0, wait_seconds=waited, peak_rss_mib=_peak_rss_mib())

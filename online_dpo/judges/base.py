@@ -19,6 +19,7 @@ identical: identical responses are never trained on.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Protocol, runtime_checkable
@@ -47,7 +48,8 @@ class PointwiseJudge(Judge, Protocol):
 def compare_by_score(judge: PointwiseJudge, prompts, a, b, margin: float = 0.0) -> list[float]:
     """Hard verdicts from scores: 1 if a wins by more than the margin, 0 if b does, else 0.5."""
     sa, sb = judge.score(prompts, a), judge.score(prompts, b)
-    return [1.0 if x - y > margin else 0.0 if y - x > margin else 0.5 for x, y in zip(sa, sb)]
+    return [float("nan") if not (math.isfinite(x) and math.isfinite(y)) else
+            1.0 if x - y > margin else 0.0 if y - x > margin else 0.5 for x, y in zip(sa, sb)]
 
 
 def regroup(flat: Sequence[float], groups: Sequence) -> list[list[float]]:
@@ -66,8 +68,9 @@ def flat_texts(groups: Sequence[SampleGroup]) -> tuple[list[str], list[str]]:
 
 
 def extremes(scores: Sequence[float]) -> tuple[int, int]:
-    """Indices of the best and the worst score."""
-    return max(range(len(scores)), key=lambda i: scores[i]), min(range(len(scores)), key=lambda i: scores[i])
+    """Indices of the best and the worst finite score (a NaN or an infinity is never either)."""
+    finite = [i for i in range(len(scores)) if math.isfinite(scores[i])] or [0]
+    return max(finite, key=lambda i: scores[i]), min(finite, key=lambda i: scores[i])
 
 
 Gap = Callable[[int, int, int], float]   # (group, best, worst) -> the gap that decides a tie
@@ -76,20 +79,24 @@ Gap = Callable[[int, int, int], float]   # (group, best, worst) -> the gap that 
 def make_pairs(groups: Sequence[SampleGroup], scores: Sequence[Sequence[float]], margin: float,
                gap: Gap | None = None) -> tuple[list[PreferencePair], dict]:
     """Best vs worst of each group by score; returns pairs and drop counts. `gap` replaces the score
-    difference as what must exceed the margin (an ensemble's gap leaves out tied objectives)."""
-    pairs, ties, identical = [], 0, 0
+    difference as what must exceed the margin (an ensemble's gap leaves out tied objectives). A score
+    that is NaN or infinite takes no part: its group counts as `nonfinite`, and is a tie unless two
+    finite scores remain to pair."""
+    pairs, ties, identical, nonfinite = [], 0, 0, 0
     for g, (group, s) in enumerate(zip(groups, scores)):
+        finite = sum(math.isfinite(x) for x in s)
+        nonfinite += finite < len(s)
         best, worst = extremes(s)
         chosen, rejected = group.completions[best], group.completions[worst]
-        if best == worst or (s[best] - s[worst] if gap is None else gap(g, best, worst)) <= margin:
-            ties += 1   # all equal, or within the margin
+        if finite < 2 or best == worst or (s[best] - s[worst] if gap is None else gap(g, best, worst)) <= margin:
+            ties += 1   # all equal, within the margin, or too few finite scores
         elif chosen.token_ids == rejected.token_ids:
             identical += 1
         else:
             pairs.append(PreferencePair(prompt=group.prompt, prompt_ids=group.prompt_ids,
                                         chosen=chosen, rejected=rejected,
                                         chosen_score=float(s[best]), rejected_score=float(s[worst])))
-    return pairs, {"ties": ties, "identical": identical}
+    return pairs, {"ties": ties, "identical": identical, "nonfinite": nonfinite}
 
 
 def round_robin_scores(judge: Judge, groups: Sequence[SampleGroup]) -> list[list[float]]:
@@ -124,4 +131,5 @@ def label_groups(judge, groups: Sequence[SampleGroup], margin: float = 0.0) -> L
     scores = group_scores(judge, groups)
     pairs, dropped = make_pairs(groups, scores, margin)
     return Labels(pairs=tuple(pairs), groups=len(groups), ties=dropped["ties"], identical=dropped["identical"],
-                  scores=tuple(x for row in scores for x in row), seconds=time.time() - start)
+                  nonfinite=dropped["nonfinite"], scores=tuple(x for row in scores for x in row if math.isfinite(x)),
+                  seconds=time.time() - start)

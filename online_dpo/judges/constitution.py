@@ -16,9 +16,12 @@ inconsistent or malformed (`principle_inconsistent/<name>`,
 
 Prompt injection: the responses are quoted inside <response> tags and the
 template tells the judge not to follow instructions inside them. Asking in
-both orders is the stronger guard: a response that says "answer A" points at
-a different response in each order, so the two verdicts disagree and the
-pair becomes a tie, never a win for the injected response.
+both orders turns an injection that names a position ("answer A") into a
+tie, never a win: it points at a different response in each order. Special
+tokens a response writes are neutralised before the judge's tokenizer sees
+them (llm.neutralise), so a response cannot open a chat turn of its own. An
+injection that names its response by content, in plain words, is not
+stopped by either guard; only a judge model that ignores it is.
 """
 
 from __future__ import annotations

@@ -130,7 +130,9 @@ class EnsembleJudge:
 
         pairs, dropped = make_pairs(groups, combined, margin, gap)
         return Labels(pairs=tuple(pairs), groups=len(groups), ties=dropped["ties"], identical=dropped["identical"],
-                      scores=tuple(x for row in combined for x in row), seconds=time.time() - start,
+                      nonfinite=dropped["nonfinite"],
+                      scores=tuple(x for row in combined for x in row if math.isfinite(x)),
+                      seconds=time.time() - start,
                       objectives=self.report(raw, scaled, combined))
 
     def report(self, raw: dict, scaled: dict, combined: list[list[float]]) -> dict[str, float]:

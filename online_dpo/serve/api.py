@@ -102,10 +102,53 @@ def parse(raw: bytes, model: type) -> Any:
         raise APIError(400, str(e) or type(e).__name__, param=param) from None
 
 
-def check_limits(req, max_n: int = MAX_N) -> None:
+ROLES = ("system", "user", "assistant", "tool", "developer")   # OpenAI's chat roles
+MAX_STOP = 16          # stop strings per request
+MAX_LOGIT_BIAS = 300   # logit_bias entries per request (OpenAI's own bound)
+MAX_MESSAGES = 1024    # chat messages per request
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for, priced before it runs."""
+    max_n: int = MAX_N
+    max_request_tokens: int = 65536   # prompts x n x max_tokens
+    default_max_tokens: int = 16      # what a request without max_tokens is priced at
+
+
+def prompt_count(req) -> int:
+    """How many prompts a request carries: a chat is one; a completion's prompt may be a batch."""
+    prompt = getattr(req, "prompt", None)
+    if prompt is None or isinstance(prompt, str) or (isinstance(prompt, list) and prompt
+                                                    and isinstance(prompt[0], int)):
+        return 1
+    return len(prompt) if isinstance(prompt, list) else 1
+
+
+def check_limits(req, limits: Limits = Limits()) -> None:
+    """A 400 naming the cap a request passes: choices, its token budget, stop strings, logit_bias,
+    messages, or a chat role outside OpenAI's."""
     n = getattr(req, "n", None) or 1
-    if n > max_n:
-        raise APIError(400, f"n: at most {max_n} choices per request", param="n")
+    if n > limits.max_n:
+        raise APIError(400, f"n: at most {limits.max_n} choices per request (serve.max_n)", param="n")
+    for i, message in enumerate(getattr(req, "messages", None) or ()):
+        role = message.get("role") if isinstance(message, dict) else getattr(message, "role", None)
+        if role not in ROLES:
+            raise APIError(400, f"messages.{i}.role: {role!r} is not one of {', '.join(ROLES)}",
+                           param=f"messages.{i}.role")
+    sizes = {"messages": (len(getattr(req, "messages", None) or ()), MAX_MESSAGES),
+             "stop": (len(req.stop) if isinstance(getattr(req, "stop", None), list) else 0, MAX_STOP),
+             "logit_bias": (len(getattr(req, "logit_bias", None) or {}), MAX_LOGIT_BIAS)}
+    for field, (size, cap) in sizes.items():
+        if size > cap:
+            raise APIError(400, f"{field}: at most {cap} per request (got {size})", param=field)
+    tokens = getattr(req, "max_completion_tokens", None) or getattr(req, "max_tokens", None) \
+        or limits.default_max_tokens
+    asked = prompt_count(req) * n * tokens
+    if asked > limits.max_request_tokens:
+        raise APIError(400, f"this request asks for up to {asked} tokens (prompts x n x max_tokens), more than "
+                            f"serve.max_request_tokens ({limits.max_request_tokens}); split it or ask for fewer",
+                       param="max_tokens")
 
 
 # ---------------------------------------------------------------- responses

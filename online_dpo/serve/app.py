@@ -20,16 +20,16 @@ hold up a weight update. `deploy` binds Serve's proxy to `serve.host`
 
 import asyncio
 import contextlib
-import os
+import hashlib
+import hmac
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from ..cluster import loopback
+from ..errors import RunFailed
 from ..specs import ServerSpec
 from . import api
-
-APP_NAME = "online-dpo"
-
 
 class Ticket:
     """One request's pass through the gate: the policy version it runs on, and whether a load
@@ -109,10 +109,14 @@ class PolicyServer:
         bind_internal_grpc_to_node_ip()
         self.spec, self.gate = spec, VersionGate(spec.max_drain_seconds)
         self.replica = await Replica.start(spec, self.gate)
-        self.api_key = os.environ.get(spec.api_key_env) if spec.api_key_env else None
+        self.limits = api.Limits(spec.max_n, spec.max_request_tokens, spec.default_max_tokens)
 
     def authorize(self, request: Request) -> None:
-        if self.api_key and request.headers.get("authorization") != f"Bearer {self.api_key}":
+        """The key's hash, compared in constant time (the replica never holds the key itself)."""
+        if self.spec.api_key_sha256 is None:
+            return
+        sent = request.headers.get("authorization", "").removeprefix("Bearer ")
+        if not hmac.compare_digest(hashlib.sha256(sent.encode()).hexdigest(), self.spec.api_key_sha256):
             raise api.APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
                                type_="authentication_error", code="invalid_api_key")
 
@@ -120,11 +124,11 @@ class PolicyServer:
         """The request, authorized, size-capped, parsed strictly and within limits (APIError if not)."""
         self.authorize(request)
         req = api.parse(await api.read_body(request, self.spec.max_body_bytes), self.replica.openai.request_types[kind])
-        api.check_limits(req, self.spec.max_n)
         if req.model is None:
             req.model = self.spec.served_name
         if kind == "chat" and req.max_tokens is None and req.max_completion_tokens is None:
             req.max_tokens = self.spec.default_max_tokens   # vLLM's default: the rest of the context
+        api.check_limits(req, self.limits)
         return req
 
     async def handle(self, request: Request, kind: str):
@@ -190,6 +194,14 @@ class PolicyServer:
                 cards.append({**card, "policy_version": self.replica.version})
         return {**listing, "data": cards}
 
+    async def schema(self, request: Request):
+        """The OpenAPI schema, for clients that hold the key (FastAPI's open /docs are off)."""
+        try:
+            self.authorize(request)
+        except api.APIError as e:
+            return error(e)
+        return request.app.openapi()
+
     async def health(self):
         return {"status": "ok", "policy_version": self.replica.version, "model": self.spec.served_name}
 
@@ -199,7 +211,7 @@ class PolicyServer:
 
 
 ROUTES = (("/v1/completions", "completions", "POST"), ("/v1/chat/completions", "chat", "POST"),
-          ("/v1/models", "models", "GET"), ("/health", "health", "GET"))
+          ("/v1/models", "models", "GET"), ("/openapi.json", "schema", "GET"), ("/health", "health", "GET"))
 
 
 def error(e: api.APIError) -> JSONResponse:
@@ -211,26 +223,33 @@ def make_app():
     from fastapi import FastAPI
     from ray import serve
 
-    app = FastAPI(title="online-dpo policy server")
+    app = FastAPI(title="online-dpo policy server", docs_url=None, redoc_url=None, openapi_url=None)
     for path, method, verb in ROUTES:
         app.add_api_route(path, getattr(PolicyServer, method), methods=[verb])
     return serve.deployment(name="PolicyServer")(serve.ingress(app)(PolicyServer))
 
 
-def deploy(spec: ServerSpec, options: dict, host: str, port: int, route_prefix: str):
-    """Start Serve's proxy on host:port and run the app; returns its URL. Where Serve already runs on
-    this cluster its proxy keeps its own host and port (Ray ignores new ones), so the URL names those."""
+def deploy(spec: ServerSpec, options: dict, host: str, port: int, route_prefix: str, app_name: str):
+    """Start Serve's proxy on host:port and run the app `app_name`; returns its URL. Where Serve already
+    runs on this cluster its proxy keeps its own host and port (Ray ignores new ones), so the URL names
+    those. Two apps cannot share a route prefix: a second run serving on one cluster needs its own
+    serve.route_prefix."""
     from ray import serve
     from ray.serve.context import _get_global_client
 
     serve.start(http_options={"host": host, "port": port})
     app = make_app().options(**options).bind(spec)
-    serve.run(app, name=APP_NAME, route_prefix=route_prefix, blocking=False)
+    apps = _get_global_client().get_serve_details().get("applications", {})
+    taken = {a.get("route_prefix"): name for name, a in apps.items() if name != app_name}
+    if route_prefix in taken:
+        raise RunFailed(f"serve.route_prefix {route_prefix} is already served by {taken[route_prefix]} on this "
+                        "cluster; give this run another serve.route_prefix (e.g. /run2)")
+    serve.run(app, name=app_name, route_prefix=route_prefix, blocking=False)
     http = _get_global_client().http_config
     return f"http://{http.host}:{http.port}{route_prefix.rstrip('/')}"
 
 
-def replica_urls(route_prefix: str, wait_s: float = 3.0) -> list[str]:
+def replica_urls(route_prefix: str, app_name: str, wait_s: float = 3.0) -> list[str]:
     """Each replica's own HTTP address under Ray Serve's direct ingress (cluster.SERVE_ENV): a
     request there skips the proxy. Empty where the cluster runs Serve without direct ingress
     (Ray then lists only its proxies, which this leaves out). With serve.host on loopback, only
@@ -248,21 +267,12 @@ def replica_urls(route_prefix: str, wait_s: float = 3.0) -> list[str]:
 
     deadline = time.monotonic() + wait_s
     while True:   # a replica's port reaches the controller a control-loop tick after it starts
-        groups = ray.get(client._controller.get_target_groups.remote(APP_NAME))
+        groups = ray.get(client._controller.get_target_groups.remote(app_name), timeout=30)
         urls = sorted(f"http://{t.ip}:{t.port}{route_prefix.rstrip('/')}" for g in groups
                       if g.protocol == "HTTP" for t in g.targets if reachable(t))
         if urls or time.monotonic() > deadline:
             return urls
         time.sleep(0.2)
-
-
-def loopback(host: str) -> bool:
-    import ipaddress
-
-    try:
-        return host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def describe(url: str, replicas: list[str]) -> str:
@@ -273,8 +283,8 @@ def describe(url: str, replicas: list[str]) -> str:
             + ", ".join(f"{r}/v1" for r in replicas))
 
 
-def undeploy() -> None:
+def undeploy(app_name: str) -> None:
     from ray import serve
 
     with contextlib.suppress(Exception):
-        serve.delete(APP_NAME)
+        serve.delete(app_name)

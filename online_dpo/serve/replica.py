@@ -15,7 +15,7 @@ import asyncio
 import logging
 
 from ..specs import ServerSpec
-from ..weight_sync import STORE_NAME, EngineWeights
+from ..weight_sync import EngineWeights
 from . import api
 
 log = logging.getLogger("online_dpo.serve")
@@ -81,7 +81,7 @@ class Replica:
         if spec.store_namespace is not None:
             import ray
 
-            replica.store = ray.get_actor(STORE_NAME, namespace=spec.store_namespace)
+            replica.store = ray.get_actor(spec.store_name, namespace=spec.store_namespace)
             await replica.sync_once()   # a new replica starts from the latest version
             replica.poller = asyncio.create_task(replica.poll())
         return replica

@@ -129,6 +129,10 @@ def test_resume_after_sigkill_of_the_driver_ends_bit_for_bit_as_an_uninterrupted
     torn = run_dir / "ray" / run_dir.name / "step-000010" / "policy"
     torn.mkdir(parents=True)
     (torn / "model.safetensors").write_bytes(b"\0" * 100)
+    # Resuming into another run is refused, naming the field, before anything starts.
+    other = subprocess.run([sys.executable, "-m", "online_dpo.cli", "train", "--resume", str(run_dir), "--set",
+                            "train.beta=0.3"], capture_output=True, text=True, timeout=120)
+    assert other.returncode == 2 and "--resume cannot change train.beta" in other.stderr, other.stderr[-2000:]
     resumed = Run(out / "resume", "train", "--resume", str(run_dir))
     assert resumed.finish() == 0, resumed.text()[-3000:]
     assert "resumed at step 4 " in resumed.text() or "resumed at step 8 " in resumed.text()

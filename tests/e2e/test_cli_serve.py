@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -50,6 +51,14 @@ def wait_healthy(base, proc, limit=300):
     raise AssertionError("server never became healthy")
 
 
+def cmdline(proc: psutil.Process) -> str:
+    """A process's command line; empty for one that exited or turned zombie meanwhile."""
+    try:
+        return " ".join(proc.cmdline())
+    except psutil.Error:
+        return ""
+
+
 def spawn(*args):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     return subprocess.Popen([sys.executable, "-m", "online_dpo.cli", *args], cwd=ROOT, env=env,
@@ -66,36 +75,45 @@ def live_run(tmp_path_factory, embedded_model):
                  "--set", f"serve.port={port}", "--set", "serve.num_cpus=0.2", "--set", "serve.dtype=float32",
                  "--set", "serve.poll_seconds=0.2", "--set", f"train.max_steps={STEPS}", "--set", "sync.every_steps=1",
                  "--set", "eval.prompts=8")
-    base = f"http://127.0.0.1:{port}"
-    seen, errors = [], []
-    wait_healthy(base, proc)
-    while proc.poll() is None:  # one client, asking until it sees the final version
-        try:
-            body = post(base + "/v1/completions", {"prompt": "I bought this kettle last month and",
-                                                    "max_tokens": 8})
-            seen.append(body["policy_version"])
-            if body["policy_version"] == STEPS:
-                break
-        except Exception as e:
-            errors.append(repr(e))
-    deadline = time.time() + 300
-    while not list(out.glob("*/summary.json")):   # training is over; the process keeps serving
-        assert proc.poll() is None and time.time() < deadline
-        time.sleep(0.2)
-    cluster = psutil.Process(proc.pid).children(recursive=True)
-    (replica,) = [p for p in cluster if p.cmdline() and p.cmdline()[0].startswith("ray::ServeReplica")]
-    replica.kill()
-    replica.wait(10)
-    deadline, after_restart = time.time() + 180, None
-    while time.time() < deadline and after_restart is None:   # Serve starts a new replica
-        try:
-            after_restart = post(base + "/v1/completions", {"prompt": "I bought", "max_tokens": 4}, timeout=5)
-        except (urllib.error.URLError, OSError, json.JSONDecodeError):
-            time.sleep(0.5)
-    proc.send_signal(signal.SIGTERM)
-    rest, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 143, rest[-3000:]
-    assert not psutil.wait_procs(cluster, timeout=20)[1], "processes of the run's cluster are left"
+    try:
+        base = f"http://127.0.0.1:{port}"
+        seen, errors = [], []
+        wait_healthy(base, proc)
+        while proc.poll() is None:  # one client, asking until it sees the final version
+            try:
+                body = post(base + "/v1/completions", {"prompt": "I bought this kettle last month and",
+                                                        "max_tokens": 8})
+                seen.append(body["policy_version"])
+                if body["policy_version"] == STEPS:
+                    break
+            except Exception as e:
+                errors.append(repr(e))
+        deadline = time.time() + 300
+        while not list(out.glob("*/summary.json")):   # training is over; the process keeps serving
+            assert proc.poll() is None and time.time() < deadline
+            time.sleep(0.2)
+        cluster = psutil.Process(proc.pid).children(recursive=True)
+        (replica,) = [p for p in cluster if cmdline(p).startswith("ray::ServeReplica")]
+        replica.kill()
+        replica.wait(10)
+        deadline, after_restart = time.time() + 180, None
+        while time.time() < deadline and after_restart is None:   # Serve starts a new replica
+            try:
+                after_restart = post(base + "/v1/completions", {"prompt": "I bought", "max_tokens": 4}, timeout=5)
+            except (urllib.error.URLError, OSError, json.JSONDecodeError):
+                time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 143, rest[-3000:]
+        assert not psutil.wait_procs(cluster, timeout=20)[1], "processes of the run's cluster are left"
+    finally:   # a failed check above never leaves the run (and its cluster) behind for the rest of the suite
+        if proc.poll() is None:
+            tree = psutil.Process(proc.pid).children(recursive=True)
+            proc.kill()
+            proc.wait(60)
+            for child in tree:
+                with contextlib.suppress(psutil.Error):
+                    child.kill()
     (run_dir,) = [p for p in out.iterdir() if p.is_dir()]
     return run_dir, seen, errors, after_restart
 

@@ -44,3 +44,57 @@ def test_a_judge_that_stops_separating_ends_the_run_early_with_everything_saved(
     run_dir = Path(summary["run_dir"])
     assert (run_dir / "curves.png").exists() and (run_dir / "policy" / "model.safetensors").exists()
     assert json.loads((run_dir / "summary.json").read_text())["partial"]
+
+
+SHORT = ["train.max_steps=2", "train.num_workers=1", "train.micro_batch_size=16", "eval.prompts=8",
+         "sampler.num_actors=1"]
+
+
+def test_a_judge_with_stray_nan_scores_completes_with_finite_figures(ray_local, embedded_model, tmp_path):
+    cfg = load_config(None, [f"run.output_dir={tmp_path}", "judge.function=fakes:nan_for_some"] + SHORT)
+    summary = train(RunPlan.from_config(cfg), ConsoleLog())
+    assert summary["steps"] == 2 and not summary["partial"]
+    json.dumps(summary, allow_nan=False)   # summary.json holds no NaN
+    run_dir = Path(summary["run_dir"])
+    records = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert sum(r.get("nonfinite", 0) for r in records if r["kind"] == "rollout") > 0   # counted, not trained on
+    for r in records:
+        json.dumps(r, allow_nan=False)
+
+
+def test_a_judge_that_only_gives_nan_fails_the_run_clearly_with_everything_saved(ray_local, embedded_model,
+                                                                                   tmp_path):
+    cfg = load_config(None, [f"run.output_dir={tmp_path}", "judge.function=fakes:always_nan"] + SHORT)
+    with pytest.raises(RunFailed, match="NaN or infinite: fix judge.function"):
+        train(RunPlan.from_config(cfg), ConsoleLog())
+    (run_dir,) = Path(tmp_path).iterdir()
+    assert json.loads((run_dir / "summary.json").read_text())["partial"]
+
+
+def test_a_hung_judge_is_restarted_and_then_named_when_it_hangs_for_good(ray_local, embedded_model, tmp_path):
+    cfg = load_config(None, [f"run.output_dir={tmp_path}", "judge.function=fakes:hangs_after_some_calls",
+                             "run.call_timeout=8", "judge.max_restarts=1", "train.max_steps=40", "eval.prompts=0",
+                             "train.num_workers=1", "train.micro_batch_size=16"])
+    start = time.time()
+    with pytest.raises(RunFailed, match=r"judge-0 died and Ray will not restart it.*used 1 of judge.max_restarts=1"
+                                        r".*did not answer label within 8s \(run.call_timeout\)"):
+        train(RunPlan.from_config(cfg), ConsoleLog())
+    assert time.time() - start < 240
+    records = [json.loads(ln) for d in Path(tmp_path).iterdir() for ln in (d / "metrics.jsonl").open()]
+    assert [r["event"] for r in records if r["kind"] == "restart" and r.get("actor") == "judge-0"][:2] == \
+        ["died", "back"]   # the first hang cost a restart, not the run
+
+
+def test_a_stalled_run_stops_with_everything_saved_and_says_what_held_it_up(ray_local, embedded_model, tmp_path):
+    cfg = load_config(None, [f"run.output_dir={tmp_path}", "judge.function=fakes:hangs_after_some_calls",
+                             "run.call_timeout=600", "run.stall_timeout=15", "train.max_steps=40", "eval.prompts=8",
+                             "train.num_workers=1", "train.micro_batch_size=16"])
+    start = time.time()
+    with pytest.raises(RunFailed, match=r"no training step finished in \d+s \(run.stall_timeout: 15s\); the run was "
+                                        r"waiting on label on judge-0 for \d+s"):
+        train(RunPlan.from_config(cfg), ConsoleLog())
+    assert time.time() - start < 240
+    (run_dir,) = Path(tmp_path).iterdir()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["partial"] and summary["stop_reason"].startswith("no training step") and summary["steps"] > 0
+    assert (run_dir / "policy" / "model.safetensors").exists()   # the step it stopped at, saved

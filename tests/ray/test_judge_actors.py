@@ -72,7 +72,7 @@ def test_reward_model_judge_scores_with_its_chat_template(ray_local, tiny_reward
 
 
 def test_llm_judge_actor_runs_vllm_in_both_orders(ray_local, embedded_model):
-    from online_dpo.config import DEFAULT_LLM_TEMPLATE
+    from online_dpo.judges.llm import TEMPLATE as DEFAULT_LLM_TEMPLATE
 
     judge = start(ray_local, kind="llm", model=embedded_model, template=DEFAULT_LLM_TEMPLATE,
                   constrained=True, max_new_tokens=2, engine={"dtype": "float32"})

@@ -22,10 +22,12 @@ import torch
 from online_dpo.config import ServeConfig
 from online_dpo.plan import serve_plan
 from online_dpo.serve import app as serving
-from online_dpo.weight_sync import STORE_NAME, PolicyStore, pack
+from online_dpo.specs import Names
+from online_dpo.weight_sync import PolicyStore, pack
 
 KEY_ENV, KEY = "ONLINE_DPO_TEST_API_KEY", "test-secret"
 NAME = "reviews"
+NAMES = Names("test-serve")
 DRAIN = 2.0
 PROMPT = "I bought this kettle last month and"
 
@@ -39,22 +41,22 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def server(ray_local, embedded_model):
     os.environ[KEY_ENV] = KEY
-    store = ray_local.remote(PolicyStore).options(name=STORE_NAME).remote()
+    store = ray_local.remote(PolicyStore).options(name=NAMES.store).remote()
     port = free_port()
     cfg = ServeConfig(num_cpus=1, dtype="float32", port=port, api_key_env=KEY_ENV, max_ongoing_requests=64,
                       poll_seconds=0.2, max_drain_seconds=DRAIN, max_body_bytes=64 * 1024)
-    plan = serve_plan(cfg, embedded_model, NAME)
+    plan = serve_plan(cfg, embedded_model, NAME, names=NAMES)
     spec, options = replace(plan.spec, store_namespace="online-dpo-tests"), plan.options
-    url = serving.deploy(spec, options, "127.0.0.1", port, "/")
+    url = serving.deploy(spec, options, "127.0.0.1", port, "/", NAMES.app)
     yield url, store
-    serving.undeploy()
+    serving.undeploy(NAMES.app)
     ray_local.kill(store)
 
 
 @pytest.fixture(scope="module")
 def replica_url(server):
     """The replica's own address (Ray Serve's direct ingress, on in clusters online-dpo starts)."""
-    urls = serving.replica_urls("/")
+    urls = serving.replica_urls("/", NAMES.app)
     assert len(urls) == 1 and urls[0] != server[0], urls
     assert urls[0].startswith("http://127.0.0.1:")   # direct ingress keeps serve.host
     return urls[0]
@@ -186,6 +188,9 @@ BAD = [   # (name, path, body or raw bytes, status)
     ("stop a number", COMP, {"prompt": "x", "stop": 5}, 400),
     ("stream_options not an object", COMP, {"prompt": "x", "stream": True, "stream_options": 3}, 400),
     ("logit_bias not an object", COMP, {"prompt": "x", "logit_bias": [1, 2]}, 400),
+    ("a role OpenAI does not have", CHAT, {"messages": [{"role": "wizard", "content": "hi"}]}, 400),
+    ("prompts x n x max_tokens over the cap", COMP, {"prompt": ["x"] * 64, "n": 16, "max_tokens": 128}, 400),
+    ("too many stop strings", COMP, {"prompt": "x", "stop": ["s"] * 17}, 400),
 ]
 
 
@@ -209,6 +214,9 @@ def test_api_key_is_required(endpoint):
         status, payload = call(url, "/v1/completions", {"prompt": "x", "max_tokens": 2}, key=key)
         assert status == 401 and payload["error"]["code"] == "invalid_api_key"
     assert call(url, "/v1/models", key=None)[0] == 401
+    assert call(url, "/openapi.json", key=None)[0] == 401 and call(url, "/docs", key=None)[0] == 404
+    status, schema = call(url, "/openapi.json")
+    assert status == 200 and "/v1/chat/completions" in schema["paths"]
 
 
 def test_serving_listens_on_loopback_only(server, replica_url):

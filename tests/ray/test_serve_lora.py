@@ -12,10 +12,12 @@ import torch
 from online_dpo.config import ServeConfig
 from online_dpo.plan import serve_plan
 from online_dpo.serve import app as serving
-from online_dpo.weight_sync import STORE_NAME, PolicyStore, publish
+from online_dpo.specs import Names
+from online_dpo.weight_sync import PolicyStore, publish
 from test_serve import call, free_port
 
 PROMPT = "I bought this kettle last month and"
+NAMES = Names("test-serve-lora")
 LORA = {"rank": 8, "alpha": 16.0, "dropout": 0.0,
         "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
 
@@ -43,14 +45,14 @@ def adapter_model(embedded_model, seed: int):
 def lora_server(ray_local, embedded_model, tmp_path_factory):
     from transformers import AutoTokenizer
 
-    store = ray_local.remote(PolicyStore).options(name=STORE_NAME).remote()
+    store = ray_local.remote(PolicyStore).options(name=NAMES.store).remote()
     port = free_port()
     cfg = ServeConfig(num_cpus=1, dtype="float32", port=port, poll_seconds=0.2)
-    plan = serve_plan(cfg, embedded_model, "reviews-lora", lora_rank=8)
+    plan = serve_plan(cfg, embedded_model, "reviews-lora", lora_rank=8, names=NAMES)
     spec, options = replace(plan.spec, store_namespace="online-dpo-tests"), plan.options
-    url = serving.deploy(spec, options, "127.0.0.1", port, "/")
+    url = serving.deploy(spec, options, "127.0.0.1", port, "/", NAMES.app)
     yield url, store, AutoTokenizer.from_pretrained(embedded_model)
-    serving.undeploy()
+    serving.undeploy(NAMES.app)
     ray_local.kill(store)
 
 

@@ -104,3 +104,14 @@ def test_a_dead_receiver_breaks_the_group_and_a_new_generation_heals_it():
     assert sender.gen == 2 and sender.ready()
     sender.stop()
     _end(procs)
+
+
+def test_the_rendezvous_store_listens_on_its_host_only():
+    """torch's TCPStore binds every interface unless handed a bound socket: the weight group's does not."""
+    import psutil
+
+    rv = Rendezvous("127.0.0.1")
+    listening = [c.laddr for c in psutil.Process().net_connections(kind="tcp")
+                 if c.status == psutil.CONN_LISTEN and c.laddr.port == rv.store.port]
+    assert listening and all(addr.ip == "127.0.0.1" for addr in listening), listening
+    assert rv.next(2).port == rv.store.port

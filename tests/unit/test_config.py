@@ -1,5 +1,6 @@
 """The run config: every shipped YAML validates; malformed ones name the field."""
 
+import hashlib
 from pathlib import Path
 
 import pytest
@@ -165,3 +166,57 @@ def test_liger_kernels_need_the_package(tmp_path, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "liger_kernel" else real(name, *a))
     with pytest.raises(ConfigError, match=r"train.liger_kernels needs the liger-kernel package.*\.\[gpu\]"):
         check_imports(cfg)
+
+
+def test_serving_beyond_loopback_needs_a_key_and_the_key_never_travels(tmp_path, monkeypatch):
+    from online_dpo.plan import serve_plan
+
+    serve = load_config(write(tmp_path, MINIMAL), ["serve.host=0.0.0.0"]).serve
+    with pytest.raises(ConfigError, match="serve.host 0.0.0.0 is reachable.*serve.api_key_env"):
+        serve_plan(serve, "model", "name")
+    assert serve_plan(serve.model_copy(update={"allow_unauthenticated": True}), "model", "name").spec.api_key_sha256 \
+        is None
+    monkeypatch.setenv("THE_KEY", "s3cret")
+    plan = serve_plan(serve.model_copy(update={"api_key_env": "THE_KEY"}), "model", "name")
+    assert plan.spec.api_key_sha256 == hashlib.sha256(b"s3cret").hexdigest()
+    assert "s3cret" not in repr(plan)   # not in the spec, the deployment options or the replicas' environment
+
+
+def test_prompt_and_answer_must_fit_the_sampler_context(tmp_path):
+    cfg = load_config(write(tmp_path, MINIMAL), ["sampler.max_model_len=256", "data.max_prompt_tokens=256",
+                                                 "sampler.max_new_tokens=64"])
+    with pytest.raises(ConfigError, match="data.max_prompt_tokens \\(256\\) \\+ sampler.max_new_tokens \\(64\\) "
+                                          "is more than sampler.max_model_len \\(256\\)"):
+        RunPlan.from_config(cfg)
+
+
+@pytest.mark.parametrize("override,field", [("model.policy=Qwen/Qwen2.5-0.5B", "model.policy"),
+                                            ("sync.every_steps=3", "sync.every_steps"),
+                                            ("train.beta=0.5", "train.beta"),
+                                            ("data.source=other/set", "data.source")])
+def test_resume_refuses_what_would_make_it_another_run(tmp_path, override, field):
+    from online_dpo.plan import resume_changes
+
+    path = write(tmp_path, MINIMAL)
+    with pytest.raises(ConfigError, match=f"--resume cannot change {field} .*start a new run"):
+        resume_changes(load_config(path), load_config(path, [override]))
+
+
+def test_resume_may_extend_and_tune_the_run_and_config_yaml_records_it(tmp_path):
+    from online_dpo.plan import resume_changes
+    from online_dpo.run_dir import RunDir
+
+    path = write(tmp_path, MINIMAL)
+    changes = resume_changes(load_config(path), load_config(path, ["train.max_steps=500", "train.max_kl=20",
+                                                                    "run.log_level=info"]))
+    assert changes == ("run.log_level: 'quiet' -> 'info'", "train.max_kl: None -> 20.0",
+                       "train.max_steps: 100 -> 500")
+    run = RunDir(tmp_path / "run")
+    run.write_config("run: {}\n")
+    run.record_resume(40, changes, "train: {max_steps: 500}\n")
+    run.record_resume(90, ("train.max_steps: 500 -> 600",), "train: {max_steps: 600}\n")
+    run.close()
+    text = (run.path / "config.yaml").read_text()
+    assert text.splitlines()[:2] == ["# resumed at step 40, changing " + "; ".join(changes),
+                                     "# resumed at step 90, changing train.max_steps: 500 -> 600"]
+    assert text.endswith("train: {max_steps: 600}\n")

@@ -39,3 +39,13 @@ def test_prometheus_follows_rays_service_discovery_file():
     assert job["file_sd_configs"][0]["files"] == ["/tmp/ray/prom_metrics_service_discovery.json"]
     provisioned = (DASHBOARD.parent / "grafana" / "provisioning" / "datasources" / "online-dpo.yaml").read_text()
     assert "type: prometheus" in provisioned and "isDefault: true" in provisioned
+
+
+def test_grafana_starts_on_loopback_with_a_password_and_no_anonymous_viewers(tmp_path):
+    from online_dpo.monitor import grafana_command
+
+    _, env = grafana_command("grafana-server", 3000, tmp_path, "http://127.0.0.1:9090", "pw-1")
+    assert env["GF_SERVER_HTTP_ADDR"] == "127.0.0.1" and env["GF_SECURITY_ADMIN_PASSWORD"] == "pw-1"
+    assert env["GF_AUTH_ANONYMOUS_ENABLED"] == "false"
+    _, env = grafana_command("grafana-server", 3000, tmp_path, "http://127.0.0.1:9090", "pw-2", anonymous=True)
+    assert env["GF_AUTH_ANONYMOUS_ENABLED"] == "true"

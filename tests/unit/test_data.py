@@ -68,3 +68,32 @@ def test_cursor_is_seeded_reshuffles_each_epoch_and_resumes():
     c = PromptSource(prompts, seed=3)
     c.restore(state)
     assert [p.text for p in c.next_batch(4)] == rest
+
+
+def test_bad_rows_are_skipped_and_counted_at_load(tmp_path):
+    """Rows that are null, a dict, a number, empty, blank or too long never reach a sampler."""
+    rows = ["a good prompt", None, {"x": 1}, 5, "", "   ", "x" * 100, "another good one",
+            [{"role": "user", "content": "chat"}]]
+    skipped = {}
+    kept = prepare(rows, ByteTokenizer(), "plain", None, 64, skipped)
+    assert [p.text for p in kept] == ["a good prompt", "another good one"]
+    assert skipped == {"neither text nor a list of chat messages": [2, 3, 4], "empty": [5, 6],
+                       "longer than 64 tokens (data.max_prompt_tokens)": [7],
+                       "chat messages, but data.format is 'plain' (set data.format: chat)": [9]}
+
+
+def test_a_dataset_without_a_usable_row_is_refused_saying_why(tmp_path):
+    with pytest.raises(DataError, match="no usable prompt among 3 rows \\(2 empty; 1 neither text"):
+        prepare(["", " ", 7], ByteTokenizer(), "plain", None, 64)
+    with pytest.raises(DataError, match="there are no rows"):
+        prepare([], ByteTokenizer(), "plain", None, 64)
+
+
+def test_the_prompt_limit_leaves_room_for_the_answer(tmp_path):
+    from online_dpo.data import prompt_limit
+    from online_dpo.specs import DataSpec
+
+    spec = DataSpec(source="x", max_prompt_tokens=256, max_new_tokens=64, max_model_len=200, tokenizer=str(tmp_path))
+    assert prompt_limit(spec) == (136, "sampler.max_model_len less sampler.max_new_tokens")
+    spec = DataSpec(source="x", max_prompt_tokens=100, max_new_tokens=64, max_model_len=200, tokenizer=str(tmp_path))
+    assert prompt_limit(spec) == (100, "data.max_prompt_tokens")

@@ -59,10 +59,41 @@ def test_too_many_choices_are_refused():
     class Req:
         n = 17
     with pytest.raises(api.APIError) as e:
-        api.check_limits(Req(), max_n=16)
+        api.check_limits(Req(), api.Limits(max_n=16))
     assert e.value.status == 400 and e.value.param == "n"
     Req.n = 16
-    api.check_limits(Req(), max_n=16)
+    api.check_limits(Req(), api.Limits(max_n=16))
+
+
+class Completion:
+    def __init__(self, prompt, n=1, max_tokens=16, stop=None, logit_bias=None):
+        self.prompt, self.n, self.max_tokens, self.stop, self.logit_bias = prompt, n, max_tokens, stop, logit_bias
+
+
+class Chat:
+    def __init__(self, messages, max_tokens=None):
+        self.messages, self.n, self.max_tokens, self.max_completion_tokens = messages, 1, max_tokens, None
+
+
+@pytest.mark.parametrize("req,param,words", [
+    (Completion(["a"] * 100, n=16, max_tokens=64), "max_tokens", "serve.max_request_tokens (65536)"),
+    (Completion([[1, 2]] * 5000, max_tokens=16), "max_tokens", "80000 tokens"),
+    (Completion("a", stop=["x"] * 17), "stop", "at most 16"),
+    (Completion("a", logit_bias={str(i): 1 for i in range(301)}), "logit_bias", "at most 300"),
+    (Chat([{"role": "user", "content": "x"}] * 1025), "messages", "at most 1024"),
+    (Chat([{"role": "wizard", "content": "x"}]), "messages.0.role", "'wizard' is not one of"),
+])
+def test_requests_are_priced_before_they_run(req, param, words):
+    """One request cannot carry 10^5 prompts x n 16: past each cap, a 400 that names it."""
+    with pytest.raises(api.APIError) as e:
+        api.check_limits(req, api.Limits())
+    assert e.value.status == 400 and e.value.param == param and words in e.value.message
+
+
+def test_requests_within_the_caps_pass():
+    api.check_limits(Completion(["a"] * 64, n=16, max_tokens=64), api.Limits())       # exactly 65536 tokens
+    api.check_limits(Completion([1, 2, 3], n=2, max_tokens=100), api.Limits())         # one tokenised prompt
+    api.check_limits(Chat([{"role": r, "content": "x"} for r in api.ROLES]), api.Limits())
 
 
 def test_error_bodies_have_openais_shape():
@@ -123,7 +154,7 @@ def test_a_stalled_request_cannot_hold_a_load_past_the_drain():
 
 
 def test_loopback_hosts():
-    from online_dpo.serve.app import loopback
+    from online_dpo.cluster import loopback
 
     assert loopback("127.0.0.1") and loopback("localhost") and loopback("::1")
     assert not loopback("0.0.0.0") and not loopback("10.0.0.5") and not loopback("head.example")

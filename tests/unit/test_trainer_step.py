@@ -91,3 +91,20 @@ def test_loss_matches_direct_computation():
     # DPOStep's reported loss is the library loss of the same log-probs.
     z = torch.zeros(2)
     assert dpo_loss(z, z, z, z, beta=0.1).losses.mean().item() == pytest.approx(0.693147, abs=1e-6)
+
+
+def test_a_non_finite_gradient_skips_the_step_and_leaves_the_weights():
+    model = tiny()
+    ref = copy.deepcopy(model).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    spec = LearnerSpec(policy="x", reference="x", batch_size=4, micro_batch_size=4, beta=0.1)
+    step = DPOStep(SequenceScorer(model), SequenceScorer(ref), opt, sched, spec, pad_id=0, device=torch.device("cpu"))
+    with torch.no_grad():
+        model.model.norm.weight[0] = float("nan")   # one poisoned weight: the loss and every gradient are NaN
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    stats = step(pairs())
+    assert stats["skipped"] == 1.0 and stats["grad_norm"] != stats["grad_norm"]
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if not torch.isnan(before[k]).any())
+    assert sched.last_epoch == 0 and not opt.state   # neither the optimizer nor the schedule moved
