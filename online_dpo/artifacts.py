@@ -28,6 +28,7 @@ class FileServer:
 
 
 NAME = "file-server"
+FETCH_SECONDS = 1800   # a model directory arrives within this (tens of GB over a slow link)
 
 
 def start_file_server(name: str = NAME):
@@ -56,7 +57,7 @@ def fetch_model(path: str, server, root: Path | None = None) -> str:
         return str(dest)
     tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(fileobj=io.BytesIO(ray.get(server.tar.remote(path))), mode="r") as tar:
+    with tarfile.open(fileobj=io.BytesIO(ray.get(server.tar.remote(path), timeout=FETCH_SECONDS)), mode="r") as tar:
         tar.extractall(tmp, filter="data")
     (tmp / ".complete").write_text(path)
     if dest.exists():  # another process on this node finished first

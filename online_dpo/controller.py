@@ -92,22 +92,23 @@ class Controller:
             resume_from(start, self.run_dir, self.rollouts, self.stats, self.plan)
             self.report.info(f"resumed at step {start.step} (policy version {start.version}) from {start.checkpoint}"
                              + (f"; changed {', '.join(self.plan.resume_changes)}" if self.plan.resume_changes else ""))
-        self.step, self.version, self.checkpointed = start.step, start.version, start.step
-        self.start_step = start.step
+        self.step, self.version, self.checkpointed, self.start_step = start.step, start.version, start.step, start.step
         if start.weights is not None:
             rollouts.set_weights(start.weights)
         rollouts.start()
         self.report.record({"kind": "restart", "event": "counts", "step": self.step,
                             **self.stats.restart_counts(self.topo)})
         self.stats.training()
-        self.stop.graceful = True
+        self.stop.graceful = True   # a first signal stops between steps, and lets the final copy finish
         try:
-            reason = self.learn()
+            try:
+                reason = self.learn()
+            finally:
+                rollouts.stop()
+            self.stats.trained()
+            result = self.finish(reason)
         finally:
             self.stop.graceful = False
-            rollouts.stop()
-        self.stats.trained()
-        result = self.finish(reason)
         if self.stop.requested:
             raise Interrupted(self.stop.code, self.stop.reason)
         if self.fatal:
@@ -153,7 +154,7 @@ class Controller:
                 if not ray.wait([pending[0][1]], timeout=1.0)[0]:
                     continue   # the gang is busy: look at the watchdog again
                 step_plan, ref = pending.popleft()
-                if not self.collect(step_plan, ray.get(ref)):
+                if not self.collect(step_plan, ray.get(ref, timeout=60)):   # ready: ray.wait said so
                     pending.clear()   # the gang restarted: plan again from its step
                 continue
             if reason is not None:   # stopping early, and every submitted step is back

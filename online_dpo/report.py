@@ -33,18 +33,18 @@ def plot(run_dir: Path, records: list[dict] | None = None) -> Path:
     ax = axes[0][0]
     ax.plot(steps, [r.get("reward_mean") for r in train], label="rollout mean score")
     if evals:
-        ax.plot([e["policy_version"] for e in evals], [e.get("reward") for e in evals], "o-",
-                label="held-out mean score")
+        ax.plot([e.get("step", 0) for e in evals], [e.get("reward") for e in evals], "o-",
+                label="held-out mean score")   # evaluations are drawn at the step they were made
     ax.set_title("reward (judge score)")
     ax.set_xlabel("step")
     ax.legend()
     ax = axes[0][1]
     with_wr = [e for e in evals if e.get("win_rate") is not None]
-    ax.plot([e["policy_version"] for e in with_wr], [e["win_rate"] for e in with_wr], "o-")
+    ax.plot([e.get("step", 0) for e in with_wr], [e["win_rate"] for e in with_wr], "o-")
     ax.axhline(0.5, color="grey", lw=0.5)
     ax.set_ylim(0, 1)
     ax.set_title("held-out win rate vs initial policy")
-    ax.set_xlabel("policy version")
+    ax.set_xlabel("step")
     axes[1][0].plot(steps, [r["loss"] for r in train])
     axes[1][0].set_title("DPO loss")
     axes[1][0].set_xlabel("step")

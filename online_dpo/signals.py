@@ -3,7 +3,9 @@
 Once a run is learning, the first signal asks for a graceful stop: the
 controller lets the running step finish, has the learner write a checkpoint
 (what `--resume` needs), writes a partial summary.json and curves.png, and the
-command exits with 130 (SIGINT) or 143 (SIGTERM). Before that point, or on a
+command exits with 130 (SIGINT) or 143 (SIGTERM). A first signal while a
+finished run writes its final evaluation, policy/ and summary lets them
+finish the same way. Before learning starts, or on a
 second signal, the signal interrupts at once (`Interrupted`), and the command
 still shuts down the Ray cluster it started. Installed after `ray.init()`,
 which puts in a SIGTERM handler of its own that aborts the process.

@@ -34,6 +34,7 @@ LOAD_RPC = "load_packed"   # engine.WeightLoader's methods
 RECEIVED_RPC = "load_received"
 ADAPTER = "policy"         # the name of the one LoRA slot samplers and replicas hold
 RECEIVE_SECONDS = 30.0     # how long a sampler waits for a broadcast version before sampling with what it has
+STORE_SECONDS = 600.0      # the policy store takes (or hands out) a version within this
 
 
 @dataclass(frozen=True)
@@ -133,12 +134,12 @@ def publish(model, version: int, store, dtype=None, tied: bool | None = None, se
     # reuse: Ray copies the buffer into the object store when `publish.remote` is called
     buffer, layout = pack(state, dtype, bool(tied), sender.device if sender is not None else None, reuse=True)
     if sender is not None and sender.ready():
-        handle = ray.get(store.announce.remote(version, layout, buffer.numel()))
+        handle = ray.get(store.announce.remote(version, layout, buffer.numel()), timeout=STORE_SECONDS)
         if sender.send(handle.serial, version, buffer):
             if store_copy:
-                ray.get(store.publish.remote(version, buffer.cpu().numpy(), layout))
+                ray.get(store.publish.remote(version, buffer.cpu().numpy(), layout), timeout=STORE_SECONDS)
             return handle, time.time() - start
-    handle = ray.get(store.publish.remote(version, buffer.cpu().numpy(), layout, adapter))
+    handle = ray.get(store.publish.remote(version, buffer.cpu().numpy(), layout, adapter), timeout=STORE_SECONDS)
     return handle, time.time() - start
 
 
@@ -146,7 +147,7 @@ def fetch(handle: WeightsHandle) -> tuple:
     """The version's (bytes as a read-only numpy array, layout)."""
     import ray
 
-    return ray.get(handle.payload[0])
+    return ray.get(handle.payload[0], timeout=STORE_SECONDS)
 
 
 class EngineWeights:

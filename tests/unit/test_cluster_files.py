@@ -67,7 +67,7 @@ def test_train_commands_point_at_valid_configs():
 
 def test_launcher_installs_this_package():
     cfg = yaml.safe_load((ROOT / "cluster" / "gpu-cluster.yaml").read_text())
-    assert list(cfg["file_mounts"].values()) == ["."] and (ROOT / "pyproject.toml").exists()
+    assert cfg["file_mounts"]["/home/ubuntu/online-dpo"] == "." and (ROOT / "pyproject.toml").exists()
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert any("[gpu]" in c for c in cfg["setup_commands"]) and "gpu" in extras
     for node_type in cfg["available_node_types"]:
@@ -95,6 +95,24 @@ def test_cluster_files_start_ray_with_the_serve_settings_of_local_clusters():
         assert containers
         for c in containers:
             assert {e["name"]: e["value"] for e in c.get("env", [])} == SERVE_ENV, (name, c["name"])
+
+
+def test_cluster_files_turn_on_ray_token_auth_and_pin_the_package():
+    """The dashboard is opened beyond loopback on a cluster: job submission through it must need Ray's
+    token. Pods install a pinned release, never a moving branch."""
+    launcher = yaml.safe_load((ROOT / "cluster" / "gpu-cluster.yaml").read_text())
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        (start,) = [c for c in launcher[key] if "ray start" in c]
+        assert "RAY_AUTH_MODE=token" in start.split(";")[0].split(), start
+    assert launcher["file_mounts"]["/home/ubuntu/.ray/auth_token"] == "~/.ray/auth_token"
+    cluster = yaml.safe_load((ROOT / "cluster" / "kuberay" / "raycluster.yaml").read_text())
+    job = yaml.safe_load((ROOT / "cluster" / "kuberay" / "rayjob.yaml").read_text())
+    assert cluster["spec"]["authOptions"] == {"mode": "token"} == job["spec"]["rayClusterSpec"]["authOptions"]
+    for name in ("raycluster.yaml", "rayjob.yaml"):
+        text = (ROOT / "cluster" / "kuberay" / name).read_text()
+        installs = [a for a in text.split('"') if "pip install" in a]
+        assert installs and all("@v" in a for a in installs), installs
+        assert "heads/main" not in text
 
 
 def _pod_specs(node):

@@ -126,3 +126,25 @@ def test_the_loss_imports_neither_ray_nor_vllm():
     code = "import sys, online_dpo.loss, online_dpo.plan; print(sorted(m for m in ('ray', 'vllm', 'torch') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "ray" not in out and "vllm" not in out, out
+
+
+# Waits whose deadline lives elsewhere: a torch collective's Work.wait() times out by its process group's
+# own timeout (collective.open_group sets it).
+WAITS_WITH_DEADLINES_ELSEWHERE = {("online_dpo.collective", "group.broadcast([tensor], opts).wait()")}
+
+
+def test_every_wait_has_a_deadline():
+    """No `ray.get`, `.wait()`, `.join()` or queue `.get()` without a timeout in the package."""
+    found = []
+    for name, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
+                continue
+            timed = bool(node.args) or any(k.arg == "timeout" for k in node.keywords)
+            call, attr = ast.unparse(node), node.func.attr
+            blocking = (ast.unparse(node.func) == "ray.get" and not any(k.arg == "timeout" for k in node.keywords)) \
+                or (attr in ("wait", "join") and not timed) or (attr == "get" and not node.args and not node.keywords
+                                                                 and ast.unparse(node.func.value).endswith("queue"))
+            if blocking and (name, call) not in WAITS_WITH_DEADLINES_ELSEWHERE:
+                found.append(f"{name}: {call}")
+    assert not found, found
