@@ -74,6 +74,7 @@ def listeners_beyond_loopback(procs: list[psutil.Process]) -> list:
             continue
         for c in conns:
             ip = ipaddress.ip_address(c.laddr.ip)
+            ip = getattr(ip, "ipv4_mapped", None) or ip   # ::ffff:127.0.0.1 is loopback too
             if c.status == psutil.CONN_LISTEN and not ip.is_loopback and not (
                     "RayTrainWorker" in cmd and ip.is_unspecified):
                 wide.append((cmd[:80], c.laddr))
