@@ -64,7 +64,7 @@ class Controller:
         try:
             topo.wait_ready()
             self.report.info(f"actors up: {len(topo.samplers.handles)} sampler(s), {len(topo.judges.handles)} "
-                          f"judge(s) ({time.time() - self.stats.start_time:.0f}s)")
+                             f"judge(s) ({time.time() - self.stats.start_time:.0f}s)")
             topo.form_weight_group()
             if plan.serve:
                 topo.start_serving(plan.serve)

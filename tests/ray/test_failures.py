@@ -50,10 +50,20 @@ SHORT = ["train.max_steps=2", "train.num_workers=1", "train.micro_batch_size=16"
          "sampler.num_actors=1"]
 
 
-def test_a_judge_with_stray_nan_scores_completes_with_finite_figures(ray_local, embedded_model, tmp_path):
-    cfg = load_config(None, [f"run.output_dir={tmp_path}", "judge.function=fakes:nan_for_some"] + SHORT)
+def test_bad_rows_and_stray_nan_scores_are_left_out_and_the_run_completes(ray_local, embedded_model, tmp_path):
+    """A prompt file with bad rows trains on its good rows; a judge with stray NaN scores is counted, and
+    every figure the run writes is finite."""
+    from online_dpo.embedded import embedded_prompts
+
+    rows = [{"prompt": p} for p in embedded_prompts("train")[:80]]
+    rows[3:3] = [{"prompt": None}, {"prompt": ""}, {"prompt": "   "}, {"prompt": "word " * 400}]   # one column type
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load_config(None, [f"run.output_dir={tmp_path}", "judge.function=fakes:nan_for_some",
+                             f"data.source={data}"] + SHORT)
     summary = train(RunPlan.from_config(cfg), ConsoleLog())
     assert summary["steps"] == 2 and not summary["partial"]
+    assert sum(summary["prompts_skipped"].values()) == 4, summary["prompts_skipped"]
     json.dumps(summary, allow_nan=False)   # summary.json holds no NaN
     run_dir = Path(summary["run_dir"])
     records = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
