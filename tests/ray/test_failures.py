@@ -81,10 +81,14 @@ def test_a_judge_that_only_gives_nan_fails_the_run_clearly_with_everything_saved
     assert json.loads((run_dir / "summary.json").read_text())["partial"]
 
 
+def hanging_judge_run(tmp_path, *settings):
+    """A 40-step run whose judge answers three calls per process, then hangs (fakes.hangs_after_some_calls)."""
+    return load_config(None, [f"run.output_dir={tmp_path}", "judge.function=fakes:hangs_after_some_calls",
+                              "train.max_steps=40", "train.num_workers=1", "train.micro_batch_size=16", *settings])
+
+
 def test_a_hung_judge_is_restarted_and_then_named_when_it_hangs_for_good(ray_local, embedded_model, tmp_path):
-    cfg = load_config(None, [f"run.output_dir={tmp_path}", "judge.function=fakes:hangs_after_some_calls",
-                             "run.call_timeout=8", "judge.max_restarts=1", "train.max_steps=40", "eval.prompts=0",
-                             "train.num_workers=1", "train.micro_batch_size=16"])
+    cfg = hanging_judge_run(tmp_path, "run.call_timeout=8", "judge.max_restarts=1", "eval.prompts=0")
     start = time.time()
     with pytest.raises(RunFailed, match=r"judge-0 died and Ray will not restart it.*used 1 of judge.max_restarts=1"
                                         r".*did not answer label within 8s \(run.call_timeout\)"):
@@ -96,9 +100,7 @@ def test_a_hung_judge_is_restarted_and_then_named_when_it_hangs_for_good(ray_loc
 
 
 def test_a_stalled_run_stops_with_everything_saved_and_says_what_held_it_up(ray_local, embedded_model, tmp_path):
-    cfg = load_config(None, [f"run.output_dir={tmp_path}", "judge.function=fakes:hangs_after_some_calls",
-                             "run.call_timeout=600", "run.stall_timeout=15", "train.max_steps=40", "eval.prompts=8",
-                             "train.num_workers=1", "train.micro_batch_size=16"])
+    cfg = hanging_judge_run(tmp_path, "run.call_timeout=600", "run.stall_timeout=15", "eval.prompts=8")
     start = time.time()
     with pytest.raises(RunFailed, match=r"no training step finished in \d+s \(run.stall_timeout: 15s\); the run was "
                                         r"waiting on label on judge-0 for \d+s"):
