@@ -10,7 +10,7 @@ earlier gang (its `incarnation` counts the hellos the controller had seen).
 `next(expected)` hands rank 0 the order for the step it expects (Ray may
 start two submits out of order; the broker puts them back in step order).
 It also posts the current generation of the collective weight group
-(`set_weight_group`/`weight_group`), which trainer rank 0 polls (collective.py).
+(`set_weight_group`/`weight_group`), which trainer rank 0 polls (syncer.py).
 `close` resolves everything as `Closed(reason)` and makes `next` return None.
 Rank 0 answers a step with `StepDone` (types.py): every result is typed.
 Runs as an async Ray actor, so all of these wait without blocking each other.
@@ -31,7 +31,7 @@ class Broker:
         self.latest = None       # the latest hello only: each holds a weight handle, and old ones are dead
         self.closed: str | None = None
         self.changed = asyncio.Condition()
-        self.group = None   # collective.GroupSpec of the weight group's current generation
+        self.group = None   # syncer.WeightGroup: the current generation of the weight group
 
     async def submit(self, order) -> dict:
         """Queue a step order; returns its StepDone, or Restarted / Closed."""

@@ -24,6 +24,18 @@ def loopback(host: str) -> bool:
         return False
 
 
+def node_ip() -> str:
+    """This node's address as Ray knows it (127.0.0.1 on a loopback cluster)."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.util.get_node_ip_address()
+    except Exception:
+        pass
+    return "127.0.0.1"
+
+
 def existing_address() -> str | None:
     if os.environ.get("RAY_ADDRESS"):
         return os.environ["RAY_ADDRESS"]

@@ -231,8 +231,11 @@ class SyncConfig(Section):
     max_policy_lag: int = Field(1, ge=0, description="async: train on pairs at most this many versions old")
     buffer_pairs: int | None = Field(None, gt=0, description="async: pairs sampled ahead of the learner (default: two batches)")
     transport: Literal["object_store", "collective"] = Field(
-        "object_store", description="Ray's object store, or a broadcast from trainer rank 0 to the engines")
-    bucket_mb: int = Field(64, ge=1, description="collective: MiB per broadcast")
+        "object_store", description="Ray's object store, or pushed by trainer rank 0 through vLLM's transfer engines")
+    bucket_mb: int = Field(64, ge=1, description="MiB per packed chunk (one broadcast each)")
+    in_flight: bool = Field(True, description="an update lands between two engine steps, not two sampler batches")
+    verify: Literal["off", "first", "every"] = Field(
+        "first", description="compare vLLM's weight checksums with the trainer's after the first sync, or every")
 
     @model_validator(mode="after")
     def _lag(self):

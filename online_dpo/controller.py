@@ -93,8 +93,7 @@ class Controller:
             self.report.info(f"resumed at step {start.step} (policy version {start.version}) from {start.checkpoint}"
                              + (f"; changed {', '.join(self.plan.resume_changes)}" if self.plan.resume_changes else ""))
         self.step, self.version, self.checkpointed, self.start_step = start.step, start.version, start.step, start.step
-        if start.weights is not None:
-            rollouts.set_weights(start.weights)
+        rollouts.set_weights(start.weights)
         rollouts.start()
         self.report.record({"kind": "restart", "event": "counts", "step": self.step,
                             **self.stats.restart_counts(self.topo)})
@@ -206,10 +205,10 @@ class Controller:
             self.restarted(result.start)
             return False
         self.step, self.version = step_plan.step, step_plan.version_after
-        if step_plan.checkpoint:
-            self.checkpointed = step_plan.step
-        if result.weights is not None:
-            self.rollouts.set_weights(result.weights)
+        self.checkpointed = step_plan.step if step_plan.checkpoint else self.checkpointed
+        self.rollouts.set_weights(result.weights)
+        if line := self.topo.check_sync(result.weights, result.digests):   # sync.verify
+            self.report.info(f"sync checked: {line}")
         record = self.stats.step_done(result.metrics, self.rollouts, len(self.topo.samplers.handles))
         self.report.step(record, self.plan.schedule.max_steps,
                          show=step_plan.step % self.plan.log_every_steps == 0 or step_plan.final)

@@ -7,26 +7,14 @@ without crossing a process boundary) and runs eagerly: measured on 2 cores
 with the embedded default, compiling costs ~18 s at start for no faster
 sampling (the decode loop is bound by Python, not by matmuls).
 
-`WeightLoader` is mixed into vLLM's worker class (`worker_extension_cls`);
-callers reach it through `collective_rpc("load_packed", ...)`. Weights arrive
-as one flat byte buffer and its layout (weight_sync.pack), which survive vLLM's
-rpc serialisation intact (tensors would arrive as nested lists), and are
-loaded in place with `reload_weights`, without restarting the engine. With
-`sync.transport: collective` each worker instead joins the weight group
-(`join_weight_group`), stages broadcast versions in a listener thread, and
-`load_received` loads the staged one (collective.py).
-
-Tied embeddings: on the CPU backend, the tied `lm_head` keeps a pre-packed copy
-of the old embedding after `reload_weights`, so vLLM would silently sample from
-the new body with the old output layer. Re-running the head's
-`process_weights_after_loading` re-packs it; the parity test catches a miss.
+Engines that follow the policy are built with vLLM's weight-transfer config
+(`transfer`: its backend), and take new weights only through that API
+(transfer.py); the LLM judge's engine does not follow the policy and has none.
 """
 
 from __future__ import annotations
 
 from .specs import EngineSpec
-
-EXTENSION = "online_dpo.engine.WeightLoader"
 
 
 def engine_env(num_threads: int, kv_cache_gib: int, on_gpu: bool, log_level: str,
@@ -50,11 +38,17 @@ def engine_env(num_threads: int, kv_cache_gib: int, on_gpu: bool, log_level: str
 
 
 def engine_kwargs(model: str, dtype: str, max_model_len: int | None, gpu_memory_utilization: float,
-                  extra: dict, on_gpu: bool, file_server=None, **more) -> dict:
-    """vLLM engine arguments shared by samplers, LLM judges and serve replicas."""
+                  extra: dict, on_gpu: bool, file_server=None, transfer: str | None = None, **more) -> dict:
+    """vLLM engine arguments shared by samplers, LLM judges and serve replicas; `transfer`: the
+    weight-transfer backend of an engine that follows the policy (transfer.py)."""
     from .artifacts import local_model
 
-    kwargs = dict(model=local_model(model, file_server), dtype=dtype, worker_extension_cls=EXTENSION, **more)
+    kwargs = dict(model=local_model(model, file_server), dtype=dtype, **more)
+    if transfer:
+        from .transfer import register
+
+        register()   # this process builds the engine in process on CPU; others load the vLLM plugin
+        kwargs["weight_transfer_config"] = {"backend": transfer}
     if max_model_len:
         kwargs["max_model_len"] = max_model_len
     if on_gpu:
@@ -78,61 +72,6 @@ def build_llm(spec: EngineSpec, on_gpu: bool):
     from vllm import LLM
 
     return LLM(**engine_kwargs(spec.model, spec.dtype, spec.max_model_len, spec.gpu_memory_utilization,
-                               spec.extra, on_gpu, spec.file_server, seed=spec.seed,
+                               spec.extra, on_gpu, spec.file_server, spec.transfer, seed=spec.seed,
                                tensor_parallel_size=spec.tensor_parallel_size,
                                trust_remote_code=spec.trust_remote_code, **lora_kwargs(spec.lora_rank)))
-
-
-class WeightLoader:
-    """Mixed into vLLM's worker class; `self` is the worker."""
-
-    def load_packed(self, blob: bytes, layout) -> int:
-        """Load weights packed by weight_sync.pack (bytes + layout) in place."""
-        from .weight_sync import unpack
-
-        return self._load(unpack(bytearray(blob), layout))   # writable: the loader may copy from these views
-
-    def join_weight_group(self, host: str, port: int, gen: int, world: int, first_rank: int) -> int:
-        """Listen to a generation of the collective weight group (collective.py); returns this worker's rank."""
-        from .collective import GroupSpec, Receiver
-
-        if getattr(self, "weight_receiver", None) is None:
-            import torch
-
-            self.weight_receiver = Receiver(getattr(self, "device", None) or torch.device("cpu"))
-        rank = first_rank + _tp_rank()
-        self.weight_receiver.join(GroupSpec(host, port, gen, world), rank)
-        return rank
-
-    def load_received(self, serial: int, layout, timeout: float):
-        """Load the version the collective group delivered (serial or newer) in place;
-        (serial, version) loaded, or None if it did not arrive within `timeout` seconds."""
-        from .weight_sync import unpack
-
-        receiver = getattr(self, "weight_receiver", None)
-        got = receiver.wait(serial, timeout) if receiver is not None else None
-        if got is None:
-            return None
-        self._load(unpack(got[2], layout))
-        return got[0], got[1]
-
-    def _load(self, weights: dict) -> int:
-        model = self.model_runner.get_model()
-        tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
-        if tied:
-            weights.pop("lm_head.weight", None)
-        self.model_runner.reload_weights(weights_iterator=iter(weights.items()))
-        head = getattr(model, "lm_head", None)
-        method = getattr(head, "quant_method", None)
-        if tied and method is not None and hasattr(method, "process_weights_after_loading"):
-            method.process_weights_after_loading(head)
-        return len(weights)
-
-
-def _tp_rank() -> int:
-    try:
-        from vllm.distributed import get_tensor_model_parallel_rank
-
-        return get_tensor_model_parallel_rank()
-    except Exception:
-        return 0

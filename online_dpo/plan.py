@@ -68,7 +68,8 @@ class RunPlan:
         policy = model_path(cfg.model.policy)
         transport = weights_transport(cfg)
         names = Names(f"{cfg.run.name}-{secrets.token_hex(3)}")
-        samplers, judges, gang = sampler_group(cfg, policy, names.files), judge_group(cfg, names.files), gang_spec(cfg)
+        samplers, judges = sampler_group(cfg, policy, names.files, transport), judge_group(cfg, names.files)
+        gang = gang_spec(cfg)
         serve = serve_plan(cfg.serve, policy, cfg.serve.model_name or cfg.run.name, cfg.run.log_level,
                            lora_rank(cfg), file_server=names.files, names=names) if cfg.serve.enabled else None
         return cls(
@@ -133,13 +134,19 @@ def model_names(cfg: Config) -> tuple[str, ...]:
 
 # ---------------------------------------------------------------- specs
 
-def sampler_group(cfg: Config, policy: str, files: str) -> GroupSpec:
+def transfer_backend(on_gpu: bool, transport: str) -> str:
+    """vLLM's weight-transfer backend for the samplers: NCCL for a push on GPUs, else ours (gloo)."""
+    return "nccl" if on_gpu and transport == "collective" else "gloo"
+
+
+def sampler_group(cfg: Config, policy: str, files: str, transport: str) -> GroupSpec:
     s = cfg.sampler
     on_gpu = s.num_gpus > 0
     spec = EngineSpec(model=policy, dtype=s.dtype, tensor_parallel_size=s.tensor_parallel_size,
                       max_model_len=s.max_model_len, gpu_memory_utilization=s.gpu_memory_utilization,
                       seed=cfg.run.seed, trust_remote_code=cfg.model.trust_remote_code, extra=dict(s.engine),
-                      lora_rank=lora_rank(cfg), file_server=files)
+                      lora_rank=lora_rank(cfg), file_server=files, transfer=transfer_backend(on_gpu, transport),
+                      in_flight_updates=cfg.sync.in_flight)
     ask = Ask("sampler", s.num_actors, resources(s.num_cpus, s.num_gpus * s.tensor_parallel_size, s.resources),
               dict(s.node_labels), fields="sampler.num_actors / num_cpus / num_gpus / resources / node_labels")
     env = engine_env(threads(s.num_cpus, s.num_threads), s.kv_cache_gib, on_gpu, cfg.run.log_level)
@@ -184,7 +191,8 @@ def learner_spec(cfg: Config, policy: str, transport: str, files: str) -> Learne
                        trust_remote_code=cfg.model.trust_remote_code,
                        lora=cfg.model.lora.model_dump() if cfg.model.lora else None,
                        weights_transport=transport, bucket_bytes=cfg.sync.bucket_mb << 20,
-                       store_copy=cfg.serve.enabled, file_server=files)
+                       store_copy=cfg.serve.enabled, file_server=files, verify=cfg.sync.verify,
+                       transfer=transfer_backend(cfg.sampler.num_gpus > 0, transport), engine_dtype=cfg.sampler.dtype)
 
 
 def gang_spec(cfg: Config) -> GangSpec:

@@ -185,7 +185,9 @@ class Rollouts:
     # ------------------------------------------------------------ the interface
 
     def set_weights(self, handle) -> None:
-        self.weights, self.version = handle, handle.version
+        """Sample from a newly published version from now on (None: nothing was published)."""
+        if handle is not None:
+            self.weights, self.version = handle, handle.version
 
     def reset(self, handle, version: int) -> int:
         """A restored learner is back at `version`: forget newer pairs, sample from its weights."""

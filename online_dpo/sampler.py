@@ -1,17 +1,29 @@
 """Sampler actor: a vLLM engine that samples n completions per prompt.
 
-Each completion carries its token ids, text, finish reason, the policy
-version that made it, and (when asked) per-token log-probs. A request may
-carry the latest published weights (`weights`): the sampler loads them first
-if it holds another version, so a load always lands between two batches and
-never mixes versions inside one (the actor runs one call at a time). A
-sampler that Ray restarted after a crash comes back with the starting
-weights and moves to the current version with its next request.
+Each completion carries its token ids, text, finish reason, per-token
+log-probs (when asked) and the policy versions that made it: vLLM's
+`get_weight_version()` when its request started, and when it finished.
+
+Weights arrive through vLLM's weight-transfer API only (transfer.py):
+- pushed by trainer rank 0 (`sync.transport: collective`): the trainer's
+  engine calls `init_transfer` and `receive` here (syncer.py);
+- pulled from the PolicyStore (`object_store`, or a LoRA adapter): a request
+  carries the latest handle and the sampler loads it first.
+
+The actor is threaded, so an update can land while a batch runs: every engine
+step holds the engine lock, and `receive` takes it between two steps (vLLM's
+"keep" pause: running requests stay, and go on with the new weights). With
+`sync.in_flight: false` an update waits for the batch to finish instead. A
+request that names a pushed version the sampler does not hold yet waits for
+it (weight_sync.RECEIVE_SECONDS). A sampler that Ray restarted after a crash
+comes back with the starting weights; the trainer sends it the current
+version when the weight group re-forms.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 from .engine import build_llm
@@ -19,14 +31,30 @@ from .specs import EngineSpec
 from .types import Completion, SampleBatch, SampleGroup
 from .weight_sync import EngineWeights, WeightsHandle
 
+MAX_CONCURRENCY = 4   # generate, receive, and the probes beside them
+
 
 class Sampler:
     def __init__(self, spec: EngineSpec, name: str = "sampler", on_gpu: bool = False, run: str = "run"):
-        self.name = name
+        self.name, self.in_flight = name, spec.in_flight_updates
         self.llm = build_llm(spec, on_gpu)
-        self.weights = EngineWeights()
+        self.weights = EngineWeights(spec.transfer)
+        self.batch = threading.Lock()    # one generate (or score) at a time
+        self.engine = threading.Lock()   # one engine step, or one weight update, at a time
+        self.finished: dict[str, int] = {}   # request id -> the version when it finished
+        step = self.llm.llm_engine.step
+        self.llm.llm_engine.step = lambda: self._step(step)
         self.gauge, self.tags = _version_gauge(), {"run": run, "sampler": name}
         self._report_version()
+
+    def _step(self, step):
+        with self.engine:
+            outputs = step()
+            version = self.weights.version
+        for out in outputs:
+            if out.finished:
+                self.finished[out.request_id] = version
+        return outputs
 
     def _report_version(self) -> None:
         if self.gauge is not None:
@@ -48,18 +76,19 @@ class Sampler:
         from vllm import SamplingParams, TokensPrompt
 
         load_seconds = self.load_weights(weights) if self.weights.wants(weights) else 0.0
-        start = time.time()
-        params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
-                                 logprobs=0 if logprobs else None, seed=None if seed is None else seed + i)
-                  for i in range(len(prompt_ids))]
-        inputs = [TokensPrompt(prompt_token_ids=list(ids)) for ids in prompt_ids]
-        outs = self.llm.generate(inputs, params, use_tqdm=False, lora_request=self.weights.lora)
-        version = self.weights.version
+        with self.batch:
+            start, version = time.time(), self.weights.version
+            params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
+                                     logprobs=0 if logprobs else None, seed=None if seed is None else seed + i)
+                      for i in range(len(prompt_ids))]
+            inputs = [TokensPrompt(prompt_token_ids=list(ids)) for ids in prompt_ids]
+            outs = self.llm.generate(inputs, params, use_tqdm=False, lora_request=self.weights.lora)
         groups = []
         for raw, ids, out in zip(prompts, prompt_ids, outs):
+            end = self.finished.pop(out.request_id, version)
             comps = tuple(
                 Completion(token_ids=tuple(c.token_ids), text=c.text,
-                           finish_reason=c.finish_reason or "length", policy_version=version,
+                           finish_reason=c.finish_reason or "length", policy_version=version, end_version=end,
                            logprobs=tuple(next(iter(d.values())).logprob for d in (c.logprobs or [])))
                 for c in out.outputs)
             groups.append(SampleGroup(prompt=raw, prompt_ids=tuple(ids), completions=comps))
@@ -71,19 +100,44 @@ class Sampler:
         from vllm import SamplingParams, TokensPrompt
 
         seq = list(prompt_ids) + list(response_ids)
-        out = self.llm.generate([TokensPrompt(prompt_token_ids=seq)], SamplingParams(max_tokens=1, prompt_logprobs=0),
-                                use_tqdm=False, lora_request=self.weights.lora)[0]
+        with self.batch:
+            out = self.llm.generate([TokensPrompt(prompt_token_ids=seq)], SamplingParams(max_tokens=1, prompt_logprobs=0),
+                                    use_tqdm=False, lora_request=self.weights.lora)[0]
         lps = out.prompt_logprobs[len(prompt_ids):]
         return [d[tok].logprob for d, tok in zip(lps, response_ids)]
 
-    def join_weight_group(self, spec, first_rank: int) -> list[int]:
-        """Listen to a generation of the collective weight group (collective.py): one rank per engine worker."""
-        return self.llm.collective_rpc("join_weight_group",
-                                       args=(spec.host, spec.port, spec.gen, spec.world, first_rank))
+    def _update_lock(self) -> threading.Lock:
+        """In flight: between two engine steps; otherwise between two batches."""
+        return self.engine if self.in_flight else self.batch
+
+    def init_transfer(self, init_info: dict) -> None:
+        """vLLM's `init_weight_transfer_engine` for a new generation of the weight group (syncer.py)."""
+        from .cluster import node_ip
+
+        if self.weights.backend == "gloo":
+            init_info = dict(init_info, bind_address=node_ip())
+        with self.engine:
+            self.llm.init_weight_transfer_engine({"init_info": init_info})
+
+    def receive(self, update_info: dict, serial: int, version: int) -> float:
+        """One pushed version: vLLM's start, update and finish, between two engine steps; returns seconds."""
+        with self._update_lock():
+            seconds = self.weights.receive(self.llm, update_info, serial, version)
+        self._report_version()
+        return seconds
+
+    def checksums(self) -> tuple[int, dict]:
+        """(serial held, vLLM's `compute_weight_checksums` of the weights held), for a checked sync."""
+        with self.engine:
+            return self.weights.serial, self.llm.llm_engine.collective_rpc("compute_weight_checksums")[0]
 
     def load_weights(self, handle: WeightsHandle) -> float:
-        """Load a published version now; returns seconds."""
-        seconds = self.weights.load(self.llm, handle)
+        """Move to a published version now (pulled from the store, or waited for); returns seconds."""
+        if handle.transport == "collective":
+            seconds = self.weights.wait(handle.serial)
+        else:
+            with self._update_lock():
+                seconds = self.weights.load(self.llm, handle)
         self._report_version()
         return seconds
 

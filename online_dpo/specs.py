@@ -84,6 +84,8 @@ class EngineSpec:
     extra: dict[str, Any] = field(default_factory=dict)
     lora_rank: int | None = None   # serve LoRA adapters of up to this rank (one slot: the policy's adapter)
     file_server: Any = None   # fetches `model` when this node cannot see it (artifacts.py)
+    transfer: str | None = None   # vLLM weight-transfer backend (nccl | gloo) of an engine that follows the policy
+    in_flight_updates: bool = True   # a sampler takes an update between two engine steps (else between batches)
 
 
 @dataclass(frozen=True)
@@ -159,9 +161,12 @@ class LearnerSpec:
     num_threads: int | None = None
     trust_remote_code: bool = False
     lora: dict | None = None      # {rank, alpha, dropout, target_modules}: train PEFT LoRA adapters
-    weights_transport: str = "object_store"   # object_store | collective (collective.py)
-    bucket_bytes: int = 64 << 20  # collective: bytes per broadcast
+    weights_transport: str = "object_store"   # object_store | collective (syncer.py)
+    transfer: str = "gloo"        # collective: vLLM's weight-transfer backend (nccl on GPU, gloo on CPU)
+    bucket_bytes: int = 64 << 20  # bytes per packed chunk
     store_copy: bool = False      # collective: also put each version in the store (serve replicas read it)
+    verify: str = "first"         # sync.verify: off | first | every (send checksums for the controller to compare)
+    engine_dtype: str = "float32"   # the samplers' dtype (what their checksums are of)
     file_server: Any = None   # fetches local model paths this node cannot see (artifacts.py)
 
 

@@ -4,9 +4,9 @@
   judge-i       judges that turn completions into preference pairs
   broker        the mailbox between the controller and trainer rank 0
   policy-store  owns the published weights (samplers and serve replicas pull them)
-  weight group  with sync.transport collective: trainer rank 0 and the sampler
-                engines in one process group (collective.py); a new generation
-                forms whenever its members change
+  weight group  with sync.transport collective: trainer rank 0 pushes each
+                version to the live samplers through vLLM's weight-transfer
+                engines (syncer.py); a new generation forms whenever they change
   file-server   hands local model directories to nodes that cannot see them
   trainer       a Ray Train gang (gang.py), started beside these
 
@@ -178,9 +178,10 @@ class Topology:
     """The actors of one run; `start` creates them, `wait_ready` waits for them, `shutdown` ends them."""
 
     def __init__(self, samplers: ActorGroup, judges: ActorGroup, broker, store, files=None,
-                 rendezvous=None, workers_per_sampler: int = 1):
+                 pushed: bool = False, workers_per_sampler: int = 1):
         self.samplers, self.judges, self.broker, self.store, self.files = samplers, judges, broker, store, files
-        self.rendezvous, self.workers_per_sampler = rendezvous, workers_per_sampler
+        self.pushed, self.workers_per_sampler, self.gen = pushed, workers_per_sampler, 0
+        self.unchecked = None   # sync.verify: (serial, the trainer's checksums) until a sampler holds it
         self.serve_url = self.serve_where = self.serve_app = None
 
     @classmethod
@@ -191,13 +192,13 @@ class Topology:
         from .artifacts import start_file_server
         from .broker import Broker
         from .judges.actor import JudgeActor
-        from .sampler import Sampler
+        from .sampler import MAX_CONCURRENCY, Sampler
         from .weight_sync import PolicyStore
 
         files = start_file_server(names.files)
         sampler_actors = [ray.remote(Sampler).options(
             name=names.actor(f"sampler-{i}"), max_restarts=samplers.max_restarts, runtime_env={"env_vars": samplers.env},
-            **samplers.ask.actor_options()).remote(samplers.spec, f"sampler-{i}", samplers.on_gpu, run_name)
+            max_concurrency=MAX_CONCURRENCY, **samplers.ask.actor_options()).remote(samplers.spec, f"sampler-{i}", samplers.on_gpu, run_name)
             for i in range(samplers.ask.count)]
         judge_actors = [ray.remote(JudgeActor).options(
             name=names.actor(f"judge-{i}"), max_restarts=judges.max_restarts, runtime_env={"env_vars": judges.env},
@@ -205,14 +206,10 @@ class Topology:
             for i in range(judges.ask.count)]
         broker = ray.remote(Broker).options(name=names.actor("broker"), num_cpus=0, **OWN_PLACEMENT).remote()
         store = ray.remote(PolicyStore).options(name=names.store, num_cpus=0, **OWN_PLACEMENT).remote()
-        rendezvous = None
-        if transport == "collective":
-            from .collective import Rendezvous
-            rendezvous = Rendezvous()
         return cls(ActorGroup("sampler", sampler_actors, samplers.max_restarts, samplers.restarts_field,
                               samplers.call_timeout),
                    ActorGroup("judge", judge_actors, judges.max_restarts, judges.restarts_field, judges.call_timeout),
-                   broker, store, files, rendezvous, samplers.spec.tensor_parallel_size)
+                   broker, store, files, transport == "collective", samplers.spec.tensor_parallel_size)
 
     def on_actor_event(self, callback) -> None:
         """`callback(event)` hears of every sampler or judge that dies or comes back. A sampler's
@@ -224,15 +221,47 @@ class Topology:
         self.samplers.notify, self.judges.notify = sampler_event, callback
 
     def form_weight_group(self) -> None:
-        """A new generation of the collective weight group: trainer rank 0 and the live samplers'
-        engine workers (no-op with the object-store transport)."""
-        if self.rendezvous is None:
+        """A new generation of the weight group: the live samplers, which trainer rank 0 pushes
+        versions to (no-op with the object-store transport)."""
+        if not self.pushed:
             return
-        live = [i for i in range(len(self.samplers.handles)) if i not in self.samplers.down]
-        spec = self.rendezvous.next(len(live) * self.workers_per_sampler)
-        for k, i in enumerate(live):
-            self.samplers.handles[i].join_weight_group.remote(spec, 1 + k * self.workers_per_sampler)
-        self.broker.set_weight_group.remote(spec)
+        from .syncer import WeightGroup
+
+        self.gen += 1
+        live = tuple(self.samplers.handles[i] for i in range(len(self.samplers.handles)) if i not in self.samplers.down)
+        self.broker.set_weight_group.remote(WeightGroup(self.gen, live, self.workers_per_sampler))
+
+    def check_sync(self, weights, digests: dict | None) -> str:
+        """sync.verify: check a version once a sampler holds it (pulled versions load at the next
+        request); a line saying what was compared, or "" while it waits."""
+        if digests is not None and weights is not None:
+            self.unchecked = (weights.serial, digests)
+        if self.unchecked is None:
+            return ""
+        line = self.verify(*self.unchecked)
+        if line:
+            self.unchecked = None
+        return line
+
+    def verify(self, serial: int, digests: dict) -> str:
+        """A checked sync: every live sampler's checksums (vLLM's) against the trainer's for the version
+        published as `serial`; a line saying what was compared. A mismatch fails the run."""
+        import ray
+
+        from .transfer import check
+
+        counts = []
+        for i in self.samplers.live():
+            held, reported = ray.get(self.samplers.handles[i].checksums.remote(), timeout=self.samplers.timeout)
+            if held != serial:   # it moved on (or has not arrived): the next checked sync covers it
+                continue
+            compared, wrong = check(digests, reported)
+            if wrong:
+                raise RunFailed(f"{self.samplers.name(i)} does not hold the weights the trainer sent (version "
+                                f"serial {serial}): {len(wrong)} of {compared} tensors differ, first {wrong[0]}. "
+                                "The weight transfer lost or corrupted them (sync.verify)")
+            counts.append(f"{self.samplers.name(i)} {compared}/{len(reported)}")
+        return ", ".join(counts)
 
     def wait_ready(self, timeout: float = READY_SECONDS) -> None:
         """Wait for every sampler and judge to build; a failure or a hang names the actor and its cause."""

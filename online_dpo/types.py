@@ -14,8 +14,9 @@ class Completion:
     token_ids: tuple[int, ...]
     text: str
     finish_reason: str          # "stop" (EOS or stop string) or "length"
-    policy_version: int
+    policy_version: int         # vLLM's weight version when its request started (the lag bound counts it)
     logprobs: tuple[float, ...] = ()   # sampler's log-prob of each sampled token
+    end_version: int | None = None     # ... and when it finished (an update landed in flight if they differ)
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,8 @@ class PreferencePair:
     def from_data(cls, d: dict) -> PreferencePair:
         def completion(c: dict) -> Completion:
             return Completion(token_ids=tuple(c["token_ids"]), text=c["text"], finish_reason=c["finish_reason"],
-                              policy_version=int(c["policy_version"]), logprobs=tuple(c.get("logprobs", ())))
+                              policy_version=int(c["policy_version"]), logprobs=tuple(c.get("logprobs", ())),
+                              end_version=None if c.get("end_version") is None else int(c["end_version"]))
 
         return cls(prompt=d["prompt"], prompt_ids=tuple(d["prompt_ids"]), chosen=completion(d["chosen"]),
                    rejected=completion(d["rejected"]), chosen_score=float(d["chosen_score"]),
@@ -116,6 +118,7 @@ class StepDone:
     """Rank 0 took the step: its metrics, and the published weights when it synced."""
     metrics: dict
     weights: object = None      # a WeightsHandle, or None
+    digests: dict | None = None   # sync.verify: the trainer's checksums of the version it published
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,8 @@ keeps no schedule of its own: rank 0 takes the next `StepOrder` from the
 broker and broadcasts it; each worker takes the DPO step (step.py) on its
 shard of the order's pairs, and the strategy averages the gradients. When the
 order says so, rank 0 publishes the weights as the next policy version
-(weight_sync.publish) and the gang writes a checkpoint through Ray Train
+(weight_sync.publish: through vLLM's transfer engines, syncer.py, or the
+object store), with their checksums when `sync.verify` asks, and the gang writes a checkpoint through Ray Train
 (checkpoint.py), with the controller state the order carries, so one
 checkpoint restores the whole run. On a (re)start the gang restores the
 latest checkpoint Ray Train knows and says `hello` with where it stands.
@@ -65,7 +66,8 @@ class Worker:
         self.step = DPOStep(self.model, reference, self.optimizer, self.scheduler, spec,
                             0 if pad_id is None else pad_id, device, self.strategy, self._largest)
         self.tied = bool(getattr(self.lm.config, "tie_word_embeddings", False))
-        self.sender = None   # rank 0 with sync.transport collective: a collective.Sender
+        self.syncer = None   # rank 0 with sync.transport collective: a syncer.Syncer
+        self.verified = False   # sync.verify first: checksums went with one sync of this gang
 
     def load(self, path: str):
         from .sequences import use_liger_kernels
@@ -106,16 +108,21 @@ class Worker:
         return gathered
 
     def publish(self, version: int, store):
+        """(handle, seconds, checksums or None): the version published; rank 0 only."""
+        from .transfer import expected_digests, tensors_of
         from .weight_sync import publish
 
         weights = self.weights()
         if self.rank != 0:
-            return None, 0.0
+            return None, 0.0, None
+        tensors = tensors_of(weights, DTYPES[self.spec.dtype], self.tied and not self.spec.lora)
         if self.spec.lora:
-            return publish(weights, version, store, DTYPES[self.spec.dtype], tied=False,
-                           adapter=adapter_config(self.lm))
-        return publish(weights, version, store, DTYPES[self.spec.dtype], tied=self.tied, sender=self.sender,
-                       store_copy=self.spec.store_copy)
+            return (*publish(tensors, version, store, adapter=adapter_config(self.lm)), None)
+        handle, seconds = publish(tensors, version, store, self.syncer, self.spec.store_copy)
+        digests = None
+        if self.spec.verify == "every" or (self.spec.verify == "first" and not self.verified):
+            digests, self.verified = expected_digests(tensors, DTYPES[self.spec.engine_dtype]), True
+        return handle, seconds, digests
 
     def checkpoint(self, step: int, state: dict, controller: str | None) -> tuple[float, int]:
         gathered, optim = self._gathered(), self.strategy.optim_state(self.model, self.optimizer)
@@ -180,7 +187,7 @@ def train_loop(config: dict) -> None:
             worker.restore(folder)
     loop = OrderLoop(worker, config["broker"], config["store"], state)
     if rank == 0 and spec.weights_transport == "collective":
-        loop.start_sender()
+        loop.start_syncer()
     weights = worker.publish(state["policy_version"], loop.store)[0] if found else None
     if rank == 0:
         start = LearnerStart(step=state["step"], version=state["policy_version"], weights=weights,
@@ -197,13 +204,14 @@ class OrderLoop:
         self.worker, self.broker, self.store = worker, broker, store
         self.step, self.pairs = state["step"], state["pairs"]
 
-    def start_sender(self) -> None:
+    def start_syncer(self) -> None:
         import ray
 
-        from .collective import Sender
+        from .syncer import Syncer
 
-        self.worker.sender = Sender(lambda: ray.get(self.broker.weight_group.remote(), timeout=10),
-                                    self.worker.device, self.worker.spec.bucket_bytes)
+        spec = self.worker.spec
+        self.worker.syncer = Syncer(lambda: ray.get(self.broker.weight_group.remote(), timeout=10),
+                                    spec.transfer, self.worker.device, spec.bucket_bytes)
 
     def run(self) -> None:
         w = self.worker
@@ -211,8 +219,8 @@ class OrderLoop:
             waited = time.time()
             order = _broadcast(self.next_order(self.step + 1) if w.rank == 0 else None, w.world)
             if order is None:  # the controller closed the run
-                if w.sender is not None:
-                    w.sender.stop()
+                if w.syncer is not None:
+                    w.syncer.stop()
                 return
             result = self.save_now(order) if not order.pairs else self.take(order, time.time() - waited)
             if w.rank == 0:
@@ -231,9 +239,9 @@ class OrderLoop:
         self.pairs, self.step = self.pairs + len(order.pairs), order.step
         metrics.update(step=order.step, pairs=self.pairs, policy_version=order.version,
                        compute_seconds=time.time() - t0, wait_seconds=waited, peak_rss_mib=_peak_rss_mib())
-        weights = None
+        weights = digests = None
         if order.sync:
-            weights, seconds = w.publish(order.version, self.store)
+            weights, seconds, digests = w.publish(order.version, self.store)
             if w.rank == 0:
                 metrics.update(sync_seconds=seconds, sync_bytes=weights.nbytes,
                                sync_collective=int(weights.transport == "collective"))
@@ -241,7 +249,7 @@ class OrderLoop:
             seconds, nbytes = w.checkpoint(order.step, self.state(order.version), order.checkpoint)
             metrics.update(checkpoint_seconds=seconds, checkpoint_bytes=nbytes)
         metrics["step_seconds"] = time.time() - t0
-        return StepDone(metrics, weights)
+        return StepDone(metrics, weights, digests)
 
     def state(self, version: int) -> dict:
         return {"step": self.step, "policy_version": version, "pairs": self.pairs, "spec": asdict(self.worker.spec)}

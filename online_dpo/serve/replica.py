@@ -2,8 +2,10 @@
 
 Each replica holds a vLLM `AsyncLLM` and vLLM's own OpenAI serving layer
 around it (api.py). With a store namespace, it polls the run's
-`PolicyStore` and loads any newer version in place, inside the version
-gate's `load()`, so no request ever runs across two versions; a load that
+`PolicyStore` and loads any newer version in place through vLLM's
+weight-transfer API (weight_sync.EngineWeights), inside the version gate's
+`load()`, so no request ever runs across two versions, and reports vLLM's
+`get_weight_version()` as its `policy_version`; a load that
 has waited `max_drain_seconds` aborts the requests still in the engine.
 A LoRA run's replica serves the base model with the policy's adapter, and
 follows adapter versions in place.
@@ -51,7 +53,7 @@ def build_engine(spec: ServerSpec, on_gpu: bool):
 
     return AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs(
         spec.model, spec.dtype, spec.max_model_len, spec.gpu_memory_utilization, spec.engine, on_gpu,
-        spec.file_server, **lora_kwargs(spec.lora_rank))))
+        spec.file_server, "gloo", **lora_kwargs(spec.lora_rank))))
 
 
 async def abort_all(engine) -> None:
@@ -98,7 +100,7 @@ class Replica:
 
         request = LoRARequest(ADAPTER, 1, folder)
         await self.engine.add_lora(request)
-        self.weights.use_adapter(None, request)
+        self.weights.use_adapter(request)
         self.follow_adapter()
 
     def follow_adapter(self) -> None:

@@ -11,7 +11,7 @@ import torch
 from online_dpo.broker import Broker
 from online_dpo.specs import LearnerSpec
 from online_dpo.types import Completion, PreferencePair, Restarted, StepOrder
-from online_dpo.weight_sync import PolicyStore, fetch, unpack
+from online_dpo.weight_sync import PolicyStore, fetch
 from online_dpo.worker import train_loop
 
 
@@ -69,7 +69,7 @@ def test_two_gloo_workers_follow_orders_publish_in_order_and_restore(ray_local, 
     # The last version published is exactly the saved final policy.
     with box["result"].checkpoint.as_directory() as d:
         final = AutoModelForCausalLM.from_pretrained(f"{d}/policy", dtype=torch.float32)
-    published = unpack(*fetch(results[3].weights))
+    published = fetch(results[3].weights)
     expected = {k: v for k, v in final.state_dict().items() if k != "lm_head.weight"}   # tied head
     assert set(published) == set(expected)
     assert all(torch.equal(published[k], expected[k]) for k in expected)
@@ -79,7 +79,7 @@ def test_two_gloo_workers_follow_orders_publish_in_order_and_restore(ray_local, 
     t2, _ = fit_in_thread(ray_local, spec, broker2, store, str(tmp_path), "learner-test")
     start = ray_local.get(broker2.wait_hello.remote(1, 300))
     assert (start.step, start.version, start.controller) == (4, 2, None)
-    restored = unpack(*fetch(start.weights))   # republished for the samplers
+    restored = fetch(start.weights)   # republished for the samplers
     assert all(torch.equal(restored[k], published[k]) for k in published)
     ray_local.get(broker2.close.remote("done"))
     t2.join(300)
@@ -94,7 +94,7 @@ def run_orders(ray_local, spec, tok, tmp_path, name, steps=3):
     for step in range(1, steps + 1):
         order = StepOrder(step=step, pairs=pairs(tok, 8, step - 1), sync=True, version=step, final=step == steps)
         result = ray_local.get(broker.submit.remote(order), timeout=300)
-        published.append({k: v.clone() for k, v in unpack(*fetch(result.weights)).items()})
+        published.append({k: v.clone() for k, v in fetch(result.weights).items()})
     ray_local.get(broker.close.remote("done"))
     t.join(300)
     return published, box
@@ -107,7 +107,7 @@ def restore_and_step(ray_local, spec, tok, tmp_path, name, last):
     t, _ = fit_in_thread(ray_local, spec, broker, store, str(tmp_path), name)
     start = ray_local.get(broker.wait_hello.remote(1, 300))
     assert start.step == last
-    restored = unpack(*fetch(start.weights))
+    restored = fetch(start.weights)
     order = StepOrder(step=last + 1, pairs=pairs(tok, 8, last), sync=True, version=last + 1)
     result = ray_local.get(broker.submit.remote(order), timeout=300)
     ray_local.get(broker.close.remote("done"))

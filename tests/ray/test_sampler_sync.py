@@ -7,14 +7,16 @@ new weights move log-probs by far more than that (checked below).
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
 from online_dpo.engine import EngineSpec, engine_env
-from online_dpo.sampler import Sampler
+from online_dpo.sampler import MAX_CONCURRENCY, Sampler
 from online_dpo.sequences import SequenceScorer, pack, token_logprobs
-from online_dpo.weight_sync import PolicyStore
-from online_dpo.weight_sync import pack as pack_weights
+from online_dpo.transfer import check, expected_digests, tensors_of
+from online_dpo.weight_sync import PolicyStore, publish
 
 TOL = 2e-3
 PROMPT = "I bought this kettle last month and"
@@ -53,8 +55,8 @@ def lora_dpo_steps(peft, tok, prompt_ids, steps: int) -> None:
 
 def start_sampler(ray, model: str, name: str, threads: int = 1, lora_rank: int | None = None):
     actor = ray.remote(Sampler).options(
-        num_cpus=1, runtime_env={"env_vars": engine_env(threads, 1, False, "quiet")}
-    ).remote(EngineSpec(model=model, dtype="float32", lora_rank=lora_rank), name)
+        num_cpus=1, max_concurrency=MAX_CONCURRENCY, runtime_env={"env_vars": engine_env(threads, 1, False, "quiet")}
+    ).remote(EngineSpec(model=model, dtype="float32", lora_rank=lora_rank, transfer="gloo"), name)
     ray.get(actor.ready.remote())
     return actor
 
@@ -133,9 +135,8 @@ def test_weight_sync_changes_sampler_to_trainer_weights(ray_local, sampler, hf, 
     trained = perturbed(embedded_model, seed=0)
     expected = hf_token_logprobs(trained, prompt, response)
 
-    buffer, layout = pack_weights(trained.state_dict(), tied=True)
-    handle = ray_local.get(store.publish.remote(1, buffer.numpy(), layout))
-    assert handle.version == 1 and handle.nbytes > 0
+    handle, _ = publish(tensors_of(trained.state_dict(), None, tied=True), 1, store)
+    assert handle.version == 1 and handle.nbytes > 0 and handle.transport == "object_store"
     # The new version travels with the next request and is loaded before it samples.
     batch = ray_local.get(sampler.generate.remote([prompt], [PROMPT], n=2, temperature=1.0, max_tokens=8,
                                                   seed=1, weights=handle))
@@ -158,13 +159,26 @@ def second_sampler(ray_local, embedded_model):
     ray_local.kill(actor)
 
 
-def test_collective_transport_gives_two_samplers_the_trainer_weights(ray_local, sampler, second_sampler, hf,
-                                                                    embedded_model, store):
-    """sync.transport collective: rank 0 (here, the test process) broadcasts over a gloo group to
-    both samplers' engine workers; each loads the version its next request names."""
-    from online_dpo.collective import Rendezvous, Sender
-    from online_dpo.weight_sync import publish
+@pytest.fixture(scope="module")
+def syncer(ray_local, sampler, second_sampler):
+    """Trainer rank 0's side of sync.transport collective, in the test process, for both samplers."""
+    from online_dpo.syncer import Syncer, WeightGroup
 
+    group = WeightGroup(1, (sampler, second_sampler))
+    syncer = Syncer(lambda: group, "gloo", torch.device("cpu"), buffer_bytes=1 << 20, poll_seconds=0.2)
+    deadline = time.time() + 60
+    while syncer.engine is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert syncer.engine is not None, "the weight group did not form"
+    yield syncer
+    syncer.stop()
+
+
+def test_collective_transport_gives_two_samplers_the_trainer_weights(ray_local, sampler, second_sampler, hf,
+                                                                    embedded_model, store, syncer):
+    """sync.transport collective: rank 0 (here, the test process) pushes a version through vLLM's
+    weight-transfer API (our gloo engines, 1 MiB chunks) to both samplers; vLLM's weight version is
+    the one their samples carry."""
     _, tok = hf
     prompt = tok(PROMPT)["input_ids"]
     response = tok(" it broke after a week and the lid leaks.")["input_ids"] + [tok.eos_token_id]
@@ -173,25 +187,52 @@ def test_collective_transport_gives_two_samplers_the_trainer_weights(ray_local, 
     befores = [torch.tensor(ray_local.get(s.score_tokens.remote(prompt, response)))
                for s in (sampler, second_sampler)]
 
-    rdv = Rendezvous("127.0.0.1")
-    spec = rdv.next(2)
-    assert ray_local.get([s.join_weight_group.remote(spec, 1 + k)
-                          for k, s in enumerate((sampler, second_sampler))]) == [[1], [2]]
-    sender = Sender(lambda: spec, torch.device("cpu"), bucket_bytes=1 << 20)
-    try:
-        assert sender.join(spec)
-        handle, _ = publish(trained, 7, store, sender=sender)
-        assert handle.transport == "collective" and handle.version == 7
-        assert ray_local.get(store.latest.remote()).version == 1   # no bytes of version 7 went through it
-        for s, before in zip((sampler, second_sampler), befores):
-            batch = ray_local.get(s.generate.remote([prompt], [PROMPT], n=1, temperature=1.0, max_tokens=4,
-                                                    seed=1, weights=handle))
-            assert batch.version == 7 and batch.load_seconds > 0
-            after = torch.tensor(ray_local.get(s.score_tokens.remote(prompt, response)))
-            assert (after - expected).abs().max().item() < TOL, "sampler does not hold the broadcast weights"
-            assert (after - before).abs().max().item() > 50 * TOL, "the broadcast did not change the sampler"
-    finally:
-        sender.stop()
+    tensors = tensors_of(trained.state_dict(), None, tied=True)
+    handle, _ = publish(tensors, 7, store, syncer)
+    assert handle.transport == "collective" and handle.version == 7 and handle.payload is None
+    stored = ray_local.get(store.latest.remote())
+    assert stored is None or stored.version != 7   # no bytes of version 7 went through it
+    for s, before in zip((sampler, second_sampler), befores):
+        assert ray_local.get(s.policy_version.remote()) == 7   # pushed: held before any request names it
+        batch = ray_local.get(s.generate.remote([prompt], [PROMPT], n=1, temperature=1.0, max_tokens=4,
+                                                seed=1, weights=handle))
+        assert batch.version == 7 and batch.groups[0].completions[0].end_version == 7
+        after = torch.tensor(ray_local.get(s.score_tokens.remote(prompt, response)))
+        assert (after - expected).abs().max().item() < TOL, "sampler does not hold the pushed weights"
+        assert (after - before).abs().max().item() > 50 * TOL, "the push did not change the sampler"
+        held, sums = ray_local.get(s.checksums.remote())
+        compared, wrong = check(expected_digests(tensors, torch.float32), sums)
+        assert held == handle.serial and compared >= 10 and not wrong   # sync.verify passes
+
+
+def test_checked_sync_catches_a_corrupted_tensor(ray_local, sampler, embedded_model, store, syncer):
+    """sync.verify: a tensor corrupted on its way (the trainer checksums what it meant to send) is named."""
+    tensors = tensors_of(perturbed(embedded_model, seed=2).state_dict(), None, tied=True)
+    sent = dict(tensors)
+    sent["model.norm.weight"] = sent["model.norm.weight"] + 1.0
+    handle, _ = publish(sent, 8, store, syncer)
+    held, sums = ray_local.get(sampler.checksums.remote())
+    compared, wrong = check(expected_digests(tensors, torch.float32), sums)
+    assert held == handle.serial and compared >= 10 and wrong == ["model.norm.weight"]
+
+
+def test_an_update_lands_in_flight_between_engine_steps(ray_local, sampler, hf, embedded_model, store, syncer):
+    """A version pushed while a batch runs lands between two engine steps (it does not wait for the
+    batch); the responses that spanned it record both versions."""
+    _, tok = hf
+    ids = tok(PROMPT)["input_ids"]
+    publish(tensors_of(perturbed(embedded_model, seed=3, scale=0.0).state_dict(), None, tied=True), 9, store,
+            syncer)   # the starting weights again: they write long reviews
+    running = sampler.generate.remote([ids] * 192, [PROMPT] * 192, n=2, temperature=1.0, max_tokens=200, seed=3)
+    time.sleep(0.3)
+    start = time.time()
+    publish(tensors_of(perturbed(embedded_model, seed=3, scale=0.001).state_dict(), None, tied=True), 10, store,
+            syncer)
+    pushed = time.time() - start
+    batch = ray_local.get(running)
+    ends = {c.end_version for g in batch.groups for c in g.completions}
+    assert batch.version == 9 and 10 in ends, (batch.version, ends, batch.seconds)
+    assert pushed < batch.seconds - 0.3, f"the push waited for the batch ({pushed:.1f}s of {batch.seconds:.1f}s)"
 
 
 def test_lora_sync_moves_only_the_adapter_and_the_sampler_matches_peft(ray_local, hf, embedded_model, store):
@@ -200,7 +241,6 @@ def test_lora_sync_moves_only_the_adapter_and_the_sampler_matches_peft(ray_local
     from peft import get_peft_model_state_dict
 
     from online_dpo.model import adapter_config, load_causal_lm, lora_model
-    from online_dpo.weight_sync import publish
 
     _, tok = hf
     actor = start_sampler(ray_local, embedded_model, "sampler-lora", lora_rank=8)

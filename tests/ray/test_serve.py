@@ -23,7 +23,8 @@ from online_dpo.config import ServeConfig
 from online_dpo.plan import serve_plan
 from online_dpo.serve import app as serving
 from online_dpo.specs import Names
-from online_dpo.weight_sync import PolicyStore, pack
+from online_dpo.transfer import stored, tensors_of
+from online_dpo.weight_sync import PolicyStore
 
 KEY_ENV, KEY = "ONLINE_DPO_TEST_API_KEY", "test-secret"
 NAME = "reviews"
@@ -263,8 +264,7 @@ def test_parallel_clients_through_a_live_weight_sync(server, replica_url, embedd
     with torch.no_grad():
         for p in trained.parameters():
             p.add_(0.01 * torch.randn_like(p))
-    buffer, layout = pack(trained.state_dict(), tied=True)
-    store.publish.remote(1, buffer.numpy(), layout)
+    store.publish.remote(1, *stored(tensors_of(trained.state_dict(), None, tied=True)))
     for t in threads:
         t.join(300)
     assert not errors, errors[:5]
@@ -305,9 +305,9 @@ def test_a_stalled_request_does_not_hold_up_a_weight_load(server, embedded_model
     with torch.no_grad():
         for p in trained.parameters():
             p.add_(0.01 * torch.randn_like(p))
-    buffer, layout = pack(trained.state_dict(), tied=True)
+    info, chunks = stored(tensors_of(trained.state_dict(), None, tied=True))
     start = time.time()
-    store.publish.remote(before + 1, buffer.numpy(), layout)
+    store.publish.remote(before + 1, info, chunks)
     while call(url, "/health", key=None)[1]["policy_version"] != before + 1 and time.time() - start < 120:
         time.sleep(0.1)
     took = time.time() - start

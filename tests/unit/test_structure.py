@@ -129,8 +129,8 @@ def test_the_loss_imports_neither_ray_nor_vllm():
 
 
 # Waits whose deadline lives elsewhere: a torch collective's Work.wait() times out by its process group's
-# own timeout (collective.open_group sets it).
-WAITS_WITH_DEADLINES_ELSEWHERE = {("online_dpo.collective", "group.broadcast([tensor], opts).wait()")}
+# own timeout (transfer.open_group sets it).
+WAITS_WITH_DEADLINES_ELSEWHERE = {("online_dpo.transfer", "group.broadcast([tensor], opts).wait()")}
 
 
 def test_every_wait_has_a_deadline():
