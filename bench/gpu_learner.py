@@ -24,9 +24,11 @@ pairs (`logp_max_abs_diff`; the learner's options must agree within 1e-4).
 MFU counts the policy's forward and backward passes and the reference's
 forward pass over real tokens (4x the forward FLOPs: 2 x parameters per
 token plus attention; recomputation is not counted) against a bf16 8192^3
-GEMM timed in the same run. The transfer figure is `weight_sync.pack` of the
-bf16 weights as a publish runs it: one device-to-host copy into a pinned
-buffer that is kept between publishes (`first_seconds` includes pinning it).
+GEMM timed in the same run. The transfer figure is the packing side of a
+sync on the GPU: the bf16 weights cut into 1 GiB chunks as vLLM's NCCL
+producer packs them (`pack_tensors`: byte views concatenated on the device),
+what the broadcast then sends. The GPU machines have no vLLM, so without it
+the same concatenation is done here (`packer` says which).
 
 The JSON is rewritten after every run, and no new run starts after
 `--budget-s`, so a run cut short still leaves its figures.
@@ -50,7 +52,6 @@ from online_dpo.sequences import pack as pack_rows
 from online_dpo.specs import LearnerSpec
 from online_dpo.step import DPOStep, lr_lambda
 from online_dpo.types import Completion, PreferencePair
-from online_dpo.weight_sync import pack
 
 SHAPES = {
     "qwen2.5-0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
@@ -198,8 +199,27 @@ def run(shape: str, setting: str, device, steps: int) -> dict:
             "logp_max_abs_diff": diff}
 
 
+def pack_chunks(weights: dict, buffer_bytes: int = 1 << 30) -> tuple[list, str]:
+    """The weights in packed chunks: vLLM's `pack_tensors` when vLLM is installed, else the same
+    concatenation of byte views."""
+    try:
+        from vllm.distributed.weight_transfer.packed_tensor import pack_tensors
+    except ImportError:
+        chunks, current, size = [], [], 0
+        for t in weights.values():
+            current.append(t.contiguous().view(-1).view(torch.uint8))
+            size += current[-1].numel()
+            if size > buffer_bytes:
+                chunks, current, size = chunks + [torch.cat(current)], [], 0
+        return chunks + ([torch.cat(current)] if current else []), "torch.cat (no vLLM here)"
+    items, chunks = iter(weights.items()), []
+    while (chunk := pack_tensors(items, lambda item: item[1], buffer_bytes)) is not None:
+        chunks.append(chunk.packed_tensor)
+    return chunks, "vllm pack_tensors"
+
+
 def transfer(shape: str, device) -> dict:
-    """`pack` as `publish` runs it (reuse=True), three times: the first pins the buffer."""
+    """The packing side of a sync (cast to bf16, then packed chunks on the device), three times."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     with torch.device(device):
@@ -208,10 +228,12 @@ def transfer(shape: str, device) -> dict:
     for _ in range(3):
         sync(device)
         start = time.time()
-        buffer, _ = pack(lm.state_dict(), torch.bfloat16, tied=True, reuse=True)
+        weights = {n: t.detach().to(torch.bfloat16) for n, t in lm.state_dict().items() if n != "lm_head.weight"}
+        chunks, packer = pack_chunks(weights)
+        sync(device)
         times.append(time.time() - start)
     return {"shape": shape, "seconds": round(min(times[1:]), 4), "first_seconds": round(times[0], 4),
-            "bytes": int(buffer.numel())}
+            "bytes": int(sum(c.numel() for c in chunks)), "packer": packer}
 
 
 def main() -> None:

@@ -165,6 +165,7 @@ class Rollouts:
             "sample_seconds": max(b.seconds for b in batches),
             "load_seconds": max(b.load_seconds for b in batches), "judge_seconds": judge_seconds,
             "versions": sorted({b.version for b in batches}),
+            "spanned": sum(c.end_version not in (None, c.policy_version) for c in comps),   # updated in flight
             **objective_means(labels),
         }
         for key in ("prompts", "completions", "pairs", "ties", "identical", "nonfinite", "malformed"):

@@ -250,6 +250,8 @@ class Topology:
 
         from .transfer import check
 
+        if self.workers_per_sampler > 1:
+            return "not compared: tensor-parallel engines hold shards, not the trainer's tensors"
         counts = []
         for i in self.samplers.live():
             held, reported = ray.get(self.samplers.handles[i].checksums.remote(), timeout=self.samplers.timeout)
