@@ -23,6 +23,7 @@ vLLM's own `get_weight_version()`, set by `finish_weight_update`.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from dataclasses import dataclass
@@ -103,10 +104,11 @@ class EngineWeights:
         from vllm.distributed.weight_transfer.base import WeightTransferUpdateRequest
 
         start = time.time()
-        llm.start_weight_update()
-        llm.update_weights(WeightTransferUpdateRequest(update_info=update_info))
-        llm.finish_weight_update(weight_version=str(version))
-        self.held(llm, serial)
+        with paused(llm):
+            llm.start_weight_update()
+            llm.update_weights(WeightTransferUpdateRequest(update_info=update_info))
+            llm.finish_weight_update(weight_version=str(version))
+            self.held(llm, serial)
         return time.time() - start
 
     def held(self, llm, serial: int) -> None:
@@ -145,11 +147,11 @@ class EngineWeights:
             self.use_adapter(request)
             self.held(llm, handle.serial)
         else:
-            self.receive(llm, dict(meta, chunks=chunks), handle.serial, handle.version)
+            self.receive(llm, inline(meta, chunks), handle.serial, handle.version)
         return time.time() - start
 
     async def load_async(self, engine, handle: WeightsHandle) -> float:
-        """Load a stored version into a vLLM `AsyncLLM` (the caller has paused it); returns seconds."""
+        """Load a stored version into a vLLM `AsyncLLM` (the version gate has drained it); returns seconds."""
         from vllm.distributed.weight_transfer.base import WeightTransferUpdateRequest
 
         start = time.time()
@@ -158,11 +160,15 @@ class EngineWeights:
             request = self.stage_adapter(handle, meta, chunks)
             await engine.add_lora(request)
             self.use_adapter(request)
-        else:
-            await engine.start_weight_update()
-            await engine.update_weights(WeightTransferUpdateRequest(update_info=dict(meta, chunks=chunks)))
-        await (engine.update_weight_version(str(handle.version)) if handle.adapter is not None
-               else engine.finish_weight_update(weight_version=str(handle.version)))
+            await engine.update_weight_version(str(handle.version))
+        else:   # the engine core steps on its own: vLLM's pause keeps it from running a half-loaded model
+            await engine.pause_generation(mode="keep", clear_cache=False)
+            try:
+                await engine.start_weight_update()
+                await engine.update_weights(WeightTransferUpdateRequest(update_info=inline(meta, chunks)))
+                await engine.finish_weight_update(weight_version=str(handle.version))
+            finally:
+                await engine.resume_generation()
         await engine.reset_prefix_cache()
         self.version, self.serial = _version(await engine.get_weight_version()), handle.serial
         return time.time() - start
@@ -191,6 +197,28 @@ class EngineWeights:
         from vllm.lora.request import LoRARequest
 
         self.lora = LoRARequest(request.lora_name, request.lora_int_id, request.lora_path)
+
+
+def inline(meta: dict, chunks: list) -> dict:
+    """A stored version as a `gloo` inline update; chunks as bytes, which cross vLLM's rpc to an engine
+    process intact (numpy arrays would not)."""
+    return dict(meta, chunks=[bytes(memoryview(c)) for c in chunks])
+
+
+@contextlib.contextmanager
+def paused(llm):
+    """vLLM's "keep" pause around a weight update of a `vllm.LLM`: running requests stay, and go on with
+    the new weights. An engine core in its own process steps on its own, so it is paused through its
+    client; one in this process steps only when the sampler calls it (under its engine lock)."""
+    client = llm.llm_engine.engine_core
+    if not hasattr(client, "call_utility"):
+        yield
+        return
+    client.call_utility("pause_scheduler", "keep", False)
+    try:
+        yield
+    finally:
+        client.call_utility("resume_scheduler")
 
 
 def _version(text: str) -> int:
