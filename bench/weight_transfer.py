@@ -86,6 +86,7 @@ def transfer(versions: int) -> dict:
 
     def hand_built(v):    # the old path: our gloo group, flat buffer, worker extension + reload_weights
         buffer, layout = legacy.pack(model.state_dict(), tied=True, reuse=True)
+        ray.get(store.announce.remote(v, buffer.numel()))   # the serial, as the old publish asked for it
         assert sender.send(v, v, buffer)
         return max(ray.get([s.load.remote(v, layout) for s in old]))
 

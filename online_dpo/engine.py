@@ -1,4 +1,4 @@
-"""vLLM engines: how they are built, and how new weights get into a running one.
+"""vLLM engines: how they are built (their environment and engine arguments).
 
 Samplers, the LLM judge and serve replicas all build their engines here, so
 the environment and engine arguments are decided in one place. On CPU the

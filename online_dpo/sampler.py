@@ -103,6 +103,7 @@ class Sampler:
         with self.batch:
             out = self.llm.generate([TokensPrompt(prompt_token_ids=seq)], SamplingParams(max_tokens=1, prompt_logprobs=0),
                                     use_tqdm=False, lora_request=self.weights.lora)[0]
+        self.finished.pop(out.request_id, None)
         lps = out.prompt_logprobs[len(prompt_ids):]
         return [d[tok].logprob for d, tok in zip(lps, response_ids)]
 

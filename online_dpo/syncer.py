@@ -143,6 +143,7 @@ class Syncer:
     def send(self, serial: int, version: int, tensors: dict) -> bool:
         """Send a version to every member; False when there is no group or the send failed."""
         with self.lock:
+            # tensors_of made them: no parameter shares their storage (on GPU, a host copy)
             self.latest = (serial, version, {n: t.to("cpu") for n, t in tensors.items()})
             return self.engine is not None and self._send(serial, version, tensors)
 

@@ -90,12 +90,12 @@ class Meta:
         return out + [current] if current else out
 
 
-def pack(weights: dict, buffer_bytes: int = BUFFER_BYTES) -> list[torch.Tensor]:
-    """The weights as packed uint8 chunks (vLLM's `pack_tensors`), in `Meta.of(weights)` order."""
-    items, chunks = iter(weights.items()), []
+def pack(weights: dict, buffer_bytes: int = BUFFER_BYTES):
+    """The weights as packed uint8 chunks (vLLM's `pack_tensors`), in `Meta.of(weights)` order, one at a
+    time (a sender posts each chunk's broadcast while it packs the next)."""
+    items = iter(weights.items())
     while (chunk := pack_tensors(items, lambda item: item[1], buffer_bytes)) is not None:
-        chunks.append(chunk.packed_tensor)
-    return chunks
+        yield chunk.packed_tensor
 
 
 def unpack(meta: Meta, index: list[int], data: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
@@ -152,13 +152,14 @@ def open_group(store, rank: int, world: int, bind_address: str, seconds: float):
     return ProcessGroupGloo(PrefixStore("weights/", store), rank, world, opts)
 
 
-def broadcast(group, tensor: torch.Tensor) -> None:
-    """Rank 0's tensor to every member; waits up to the group's timeout (GROUP_SECONDS)."""
+def broadcast(group, tensor: torch.Tensor):
+    """Rank 0's tensor to every member, posted (gloo runs a group's operations in order); the caller
+    waits on the returned work, which fails after the group's timeout (GROUP_SECONDS)."""
     from torch.distributed import BroadcastOptions
 
     opts = BroadcastOptions()
     opts.rootRank, opts.rootTensor = 0, 0
-    group.broadcast([tensor], opts).wait()
+    return group.broadcast([tensor], opts)
 
 
 # ---------------------------------------------------------------- engine side
@@ -218,16 +219,20 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo
             method.process_weights_after_loading(head)
 
     def receive_weights(self, info: GlooUpdateInfo) -> None:
+        """Every chunk's receive is posted at once, so chunk k loads while later ones arrive."""
         meta = Meta(info.names, info.dtype_names, info.shapes)
-        for k, index in enumerate(meta.chunks(info.buffer_bytes)):
-            if info.chunks is not None:
-                data = as_uint8(info.chunks[k])
-            else:
-                if self.group is None:
-                    raise RuntimeError("gloo weight transfer: no group (call init_weight_transfer_engine first)")
-                data = torch.empty(sum(math.prod(meta.shapes[i]) * getattr(torch, meta.dtype_names[i]).itemsize
-                                       for i in index), dtype=torch.uint8)
-                broadcast(self.group, data)
+        plan = meta.chunks(info.buffer_bytes)
+        if info.chunks is not None:
+            arriving = [(as_uint8(c), None) for c in info.chunks]
+        elif self.group is None:
+            raise RuntimeError("gloo weight transfer: no group (call init_weight_transfer_engine first)")
+        else:
+            buffers = [torch.empty(sum(math.prod(meta.shapes[i]) * getattr(torch, meta.dtype_names[i]).itemsize
+                                       for i in index), dtype=torch.uint8) for index in plan]
+            arriving = [(b, broadcast(self.group, b)) for b in buffers]
+        for index, (data, work) in zip(plan, arriving):
+            if work is not None:
+                work.wait()
             self.model.load_weights([(n, t.to(self.device)) for n, t in unpack(meta, index, data)])
 
     def shutdown(self) -> None:
@@ -304,8 +309,9 @@ class GlooTrainerEngine(TrainerWeightTransferEngine[GlooTrainerInitInfo]):
         pool = ThreadPoolExecutor(max_workers=1)
         try:
             received = pool.submit(self.client.update_weights, info)
-            for chunk in pack(weights, self.buffer_bytes):
-                broadcast(self.group, chunk)
+            sent = [(chunk, broadcast(self.group, chunk)) for chunk in pack(weights, self.buffer_bytes)]
+            for _, work in sent:
+                work.wait()
             received.result()
         finally:
             pool.shutdown(wait=False)   # a failed broadcast leaves the engines' call to its own deadline
@@ -356,7 +362,8 @@ def check(expected: dict[str, str], reported: dict[str, str]) -> tuple[int, list
 
 def tensors_of(state: dict, dtype: torch.dtype | None, tied: bool) -> dict:
     """What a sync sends: every tensor (the tied head once, as the embedding), cast to the wire dtype,
-    detached and contiguous."""
-    return {n: (t.detach().to(dtype) if dtype is not None and t.is_floating_point() else t.detach()).contiguous()
+    as new contiguous tensors (a copy even without a cast), so the sender may keep them while the
+    parameters move on."""
+    return {n: t.detach().to(dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype,
+                             memory_format=torch.contiguous_format, copy=True)
             for n, t in state.items() if not (tied and n == "lm_head.weight")}
-

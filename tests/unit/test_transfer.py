@@ -33,7 +33,7 @@ def test_both_sides_cut_chunks_by_vllms_rule_and_stored_versions_round_trip():
     weights = tensors_of(state(), None, tied=True)
     meta = Meta.of(weights)
     for buffer in (64, 1000, 1 << 20):
-        chunks = pack(weights, buffer)
+        chunks = list(pack(weights, buffer))
         plan = meta.chunks(buffer)
         assert len(chunks) == len(plan) and sum(len(c) for c in plan) == len(weights)
         for index, chunk in zip(plan, chunks):   # the receiver's cut matches vLLM's pack_tensors
