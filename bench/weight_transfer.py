@@ -47,7 +47,8 @@ def transfer(versions: int) -> dict:
     from online_dpo.embedded import EMBEDDED, resolve_model
     from online_dpo.engine import EngineSpec, engine_env
     from online_dpo.sampler import MAX_CONCURRENCY, Sampler
-    from online_dpo.syncer import Syncer, WeightGroup
+    from online_dpo.syncer import Syncer
+    from online_dpo.types import WeightGroup
     from online_dpo.transfer import tensors_of
     from online_dpo.weight_sync import PolicyStore, publish
 

@@ -13,8 +13,9 @@ Two strategies behind one interface (`take`, `set_weights`, `reset`,
   `sync.max_policy_lag` versions behind the learner; older ones are dropped
   and counted.
 
-Both send the latest published weights with each sampler request, so a
-sampler moves to a new version between two of its batches. Every request is
+Both send the latest published weights with each sampler request: a sampler
+pulls a stored version before it samples, or waits for a pushed one it does
+not hold yet (pushed versions land in flight too). Every request is
 seeded from a round counter, so a request that fails over to another
 sampler gives the same completions.
 """

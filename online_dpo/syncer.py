@@ -21,24 +21,21 @@ the controller's lag bound drops their pairs.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import threading
 import time
-from dataclasses import dataclass
 
 import torch
+from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
+
+from .cluster import node_ip
+from .transfer import DictSource, GlooTrainerInitInfo, bound_socket, register
+from .types import WeightGroup
 
 log = logging.getLogger("online_dpo.syncer")
 
 CALL_SECONDS = 120.0   # a sampler that does not answer an init or a receive within this fails the send
-
-
-@dataclass(frozen=True)
-class WeightGroup:
-    """One generation of the weight group, as the controller posts it."""
-    gen: int
-    members: tuple          # the live samplers' actor handles
-    workers: int = 1        # engine workers per sampler (tensor parallel size)
 
 
 class SamplersClient:
@@ -71,8 +68,6 @@ class SamplersClient:
 
 
 def free_port(host: str) -> int:
-    from .transfer import bound_socket
-
     sock = bound_socket(host)
     try:
         return sock.getsockname()[1]
@@ -83,12 +78,10 @@ def free_port(host: str) -> int:
 def init_info(backend: str, host: str, world: int, buffer_bytes: int):
     """vLLM's trainer-side init info for `backend` (rank 0 sends)."""
     if backend == "nccl":
-        from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo
+        from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo   # imported by Syncer()
 
         return NCCLTrainerInitInfo(rank=0, master_address=host, master_port=free_port(host), world_size=world,
                                    packed_buffer_size_bytes=buffer_bytes)
-    from .transfer import GlooTrainerInitInfo
-
     return GlooTrainerInitInfo(rank=0, master_address=host, world_size=world, buffer_bytes=buffer_bytes)
 
 
@@ -98,6 +91,9 @@ class Syncer:
     def __init__(self, current, backend: str, device: torch.device, buffer_bytes: int, poll_seconds: float = 0.5):
         self.current, self.backend, self.device, self.buffer_bytes = current, backend, device, buffer_bytes
         self.store_fallback = backend == "gloo"   # samplers on `gloo` can load a version from the store
+        register()
+        if backend == "nccl":   # every import here, not in the thread: two threads importing one module deadlock
+            importlib.import_module("vllm.distributed.weight_transfer.nccl_engine")
         self.engine, self.gen, self.latest = None, 0, None   # latest: (serial, version, tensors on the host)
         self.lock = threading.Lock()
         self.stopped = threading.Event()
@@ -115,12 +111,6 @@ class Syncer:
 
     def regroup(self, group: WeightGroup) -> bool:
         """Build the trainer-side engine for a generation and send it the latest version."""
-        from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
-
-        from .cluster import node_ip
-        from .transfer import DictSource, register
-
-        register()
         with self.lock:
             self._drop()
             self.gen = group.gen
@@ -148,8 +138,6 @@ class Syncer:
             return self.engine is not None and self._send(serial, version, tensors)
 
     def _send(self, serial: int, version: int, tensors: dict) -> bool:
-        from .transfer import DictSource
-
         engine = self.engine
         engine.client.serial, engine.client.version = serial, version
         engine.source = DictSource(tensors, self.device if self.device.type == "cuda" else None)

@@ -225,7 +225,7 @@ class Topology:
         versions to (no-op with the object-store transport)."""
         if not self.pushed:
             return
-        from .syncer import WeightGroup
+        from .types import WeightGroup
 
         self.gen += 1
         live = tuple(self.samplers.handles[i] for i in range(len(self.samplers.handles)) if i not in self.samplers.down)

@@ -131,3 +131,11 @@ class Restarted:
 class Closed:
     """The broker closed (the learner stopped, or the run is ending)."""
     reason: str
+
+
+@dataclass(frozen=True)
+class WeightGroup:
+    """One generation of the weight group, as the controller posts it for trainer rank 0 (syncer.py)."""
+    gen: int
+    members: tuple          # the live samplers' actor handles
+    workers: int = 1        # engine workers per sampler (tensor parallel size)

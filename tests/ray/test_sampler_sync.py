@@ -53,9 +53,9 @@ def lora_dpo_steps(peft, tok, prompt_ids, steps: int) -> None:
     assert stats["rewards/margin"] > 0   # the steps moved the policy away from its reference
 
 
-def start_sampler(ray, model: str, name: str, threads: int = 1, lora_rank: int | None = None):
+def start_sampler(ray, model: str, name: str, threads: int = 1, lora_rank: int | None = None, max_restarts: int = 0):
     actor = ray.remote(Sampler).options(
-        num_cpus=1, max_concurrency=MAX_CONCURRENCY, runtime_env={"env_vars": engine_env(threads, 1, False, "quiet")}
+        num_cpus=1, max_concurrency=MAX_CONCURRENCY, max_restarts=max_restarts, runtime_env={"env_vars": engine_env(threads, 1, False, "quiet")}
     ).remote(EngineSpec(model=model, dtype="float32", lora_rank=lora_rank, transfer="gloo"), name)
     ray.get(actor.ready.remote())
     return actor
@@ -154,7 +154,7 @@ def test_weight_sync_changes_sampler_to_trainer_weights(ray_local, sampler, hf, 
 
 @pytest.fixture(scope="module")
 def second_sampler(ray_local, embedded_model):
-    actor = start_sampler(ray_local, embedded_model, "sampler-test-2")
+    actor = start_sampler(ray_local, embedded_model, "sampler-test-2", max_restarts=1)
     yield actor
     ray_local.kill(actor)
 
@@ -162,7 +162,8 @@ def second_sampler(ray_local, embedded_model):
 @pytest.fixture(scope="module")
 def syncer(ray_local, sampler, second_sampler):
     """Trainer rank 0's side of sync.transport collective, in the test process, for both samplers."""
-    from online_dpo.syncer import Syncer, WeightGroup
+    from online_dpo.syncer import Syncer
+    from online_dpo.types import WeightGroup
 
     group = WeightGroup(1, (sampler, second_sampler))
     syncer = Syncer(lambda: group, "gloo", torch.device("cpu"), buffer_bytes=1 << 20, poll_seconds=0.2)
@@ -233,6 +234,37 @@ def test_an_update_lands_in_flight_between_engine_steps(ray_local, sampler, hf, 
     ends = {c.end_version for g in batch.groups for c in g.completions}
     assert batch.version == 9 and 10 in ends, (batch.version, ends, batch.seconds)
     assert pushed < batch.seconds - 0.3, f"the push waited for the batch ({pushed:.1f}s of {batch.seconds:.1f}s)"
+
+
+def test_a_restarted_sampler_rejoins_the_weight_group_and_catches_up(ray_local, sampler, second_sampler, hf,
+                                                                     embedded_model, store, syncer):
+    """A sampler that died comes back with its starting weights; the next generation of the weight group
+    (what the controller posts when it is back) re-inits vLLM's transfer engine on it, and rank 0 sends
+    its latest version again: the sampler holds the trainer's weights without another sync."""
+    from online_dpo.types import WeightGroup
+
+    _, tok = hf
+    prompt = tok(PROMPT)["input_ids"]
+    response = tok(" it broke after a week and the lid leaks.")["input_ids"] + [tok.eos_token_id]
+    trained = perturbed(embedded_model, seed=4)
+    publish(tensors_of(trained.state_dict(), None, tied=True), 11, store, syncer)
+    expected = hf_token_logprobs(trained, prompt, response)
+    ray_local.kill(second_sampler, no_restart=False)
+    deadline = time.time() + 120
+    while True:
+        try:
+            assert ray_local.get(second_sampler.ready.remote(), timeout=5)["version"] == 0   # starting weights
+            break
+        except (ray_local.exceptions.GetTimeoutError, ray_local.exceptions.RayActorError):
+            assert time.time() < deadline, "the sampler did not come back"
+            time.sleep(0.5)
+    syncer.current = lambda: WeightGroup(2, (sampler, second_sampler))
+    while ray_local.get(second_sampler.policy_version.remote()) != 11:
+        assert time.time() < deadline, "the restarted sampler did not get the latest version"
+        time.sleep(0.2)
+    after = torch.tensor(ray_local.get(second_sampler.score_tokens.remote(prompt, response)))
+    assert (after - expected).abs().max().item() < TOL, "the restarted sampler does not hold the re-sent weights"
+    assert ray_local.get(sampler.policy_version.remote()) == 11
 
 
 def test_lora_sync_moves_only_the_adapter_and_the_sampler_matches_peft(ray_local, hf, embedded_model, store):
