@@ -249,15 +249,19 @@ def test_a_restarted_sampler_rejoins_the_weight_group_and_catches_up(ray_local, 
     trained = perturbed(embedded_model, seed=4)
     publish(tensors_of(trained.state_dict(), None, tied=True), 11, store, syncer)
     expected = hf_token_logprobs(trained, prompt, response)
+    pid = ray_local.get(second_sampler.ready.remote())["pid"]
     ray_local.kill(second_sampler, no_restart=False)
     deadline = time.time() + 120
     while True:
         try:
-            assert ray_local.get(second_sampler.ready.remote(), timeout=5)["version"] == 0   # starting weights
-            break
+            back = ray_local.get(second_sampler.ready.remote(), timeout=5)
+            if back["pid"] != pid:
+                assert back["version"] == 0   # a new process, with the starting weights
+                break
         except (ray_local.exceptions.GetTimeoutError, ray_local.exceptions.RayActorError):
-            assert time.time() < deadline, "the sampler did not come back"
-            time.sleep(0.5)
+            pass
+        assert time.time() < deadline, "the sampler did not come back"
+        time.sleep(0.5)
     syncer.current = lambda: WeightGroup(2, (sampler, second_sampler))
     while ray_local.get(second_sampler.policy_version.remote()) != 11:
         assert time.time() < deadline, "the restarted sampler did not get the latest version"
