@@ -234,6 +234,8 @@ class SyncConfig(Section):
         "object_store", description="Ray's object store, or pushed by trainer rank 0 through vLLM's transfer engines")
     bucket_mb: int = Field(64, ge=1, description="MiB per packed chunk (one broadcast each)")
     in_flight: bool = Field(True, description="an update lands between two engine steps, not two sampler batches")
+    gpu_backend: Literal["nccl", "ipc"] = Field(
+        "nccl", description="collective on GPUs: vLLM's NCCL engines, or IPC when samplers share the learner's GPUs")
     verify: Literal["off", "first", "every"] = Field(
         "first", description="compare vLLM's weight checksums with the trainer's after the first sync, or every")
 

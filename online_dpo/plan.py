@@ -134,9 +134,10 @@ def model_names(cfg: Config) -> tuple[str, ...]:
 
 # ---------------------------------------------------------------- specs
 
-def transfer_backend(on_gpu: bool, transport: str) -> str:
-    """vLLM's weight-transfer backend for the samplers: NCCL for a push on GPUs, else ours (gloo)."""
-    return "nccl" if on_gpu and transport == "collective" else "gloo"
+def transfer_backend(cfg: Config, transport: str) -> str:
+    """vLLM's weight-transfer backend for the samplers: vLLM's NCCL (or IPC) engines for a push on GPUs,
+    else ours (gloo)."""
+    return cfg.sync.gpu_backend if cfg.sampler.num_gpus > 0 and transport == "collective" else "gloo"
 
 
 def sampler_group(cfg: Config, policy: str, files: str, transport: str) -> GroupSpec:
@@ -145,7 +146,7 @@ def sampler_group(cfg: Config, policy: str, files: str, transport: str) -> Group
     spec = EngineSpec(model=policy, dtype=s.dtype, tensor_parallel_size=s.tensor_parallel_size,
                       max_model_len=s.max_model_len, gpu_memory_utilization=s.gpu_memory_utilization,
                       seed=cfg.run.seed, trust_remote_code=cfg.model.trust_remote_code, extra=dict(s.engine),
-                      lora_rank=lora_rank(cfg), file_server=files, transfer=transfer_backend(on_gpu, transport),
+                      lora_rank=lora_rank(cfg), file_server=files, transfer=transfer_backend(cfg, transport),
                       in_flight_updates=cfg.sync.in_flight)
     ask = Ask("sampler", s.num_actors, resources(s.num_cpus, s.num_gpus * s.tensor_parallel_size, s.resources),
               dict(s.node_labels), fields="sampler.num_actors / num_cpus / num_gpus / resources / node_labels")
@@ -192,7 +193,7 @@ def learner_spec(cfg: Config, policy: str, transport: str, files: str) -> Learne
                        lora=cfg.model.lora.model_dump() if cfg.model.lora else None,
                        weights_transport=transport, bucket_bytes=cfg.sync.bucket_mb << 20,
                        store_copy=cfg.serve.enabled, file_server=files, verify=cfg.sync.verify,
-                       transfer=transfer_backend(cfg.sampler.num_gpus > 0, transport), engine_dtype=cfg.sampler.dtype)
+                       transfer=transfer_backend(cfg, transport), engine_dtype=cfg.sampler.dtype)
 
 
 def gang_spec(cfg: Config) -> GangSpec:

@@ -4,7 +4,8 @@ weight-transfer API.
 The controller posts the weight group at the broker (`WeightGroup`: a
 generation number and the live samplers). `Syncer` polls it; for each new
 generation it builds vLLM's trainer-side engine (`nccl` on GPU, our `gloo` on
-CPU, transfer.py) with `WeightTransferTrainerFactory.trainer_init`, whose
+CPU, transfer.py; `ipc` when `sync.gpu_backend` says the samplers share the
+trainer's GPUs) with `WeightTransferTrainerFactory.trainer_init`, whose
 client (`SamplersClient`) drives the samplers' `init_weight_transfer_engine`,
 and sends the latest version again, so a sampler that came back catches up
 at once. A sampler that is down is not in the generation, so it never blocks
@@ -53,9 +54,10 @@ class SamplersClient:
         return ray.get(refs, timeout=self.timeout)
 
     def init_weight_transfer_engine(self, init_info: dict) -> None:
+        """Each sampler's workers take the next ranks of a group (ipc has none)."""
         w = self.group.workers
-        self._all([m.init_transfer.remote(dict(init_info, rank_offset=1 + k * w))
-                   for k, m in enumerate(self.group.members)])
+        self._all([m.init_transfer.remote(dict(init_info, rank_offset=1 + k * w) if "rank_offset" in init_info
+                                          else init_info) for k, m in enumerate(self.group.members)])
 
     def start_weight_update(self) -> None:
         return None
@@ -82,6 +84,10 @@ def init_info(backend: str, host: str, world: int, buffer_bytes: int):
 
         return NCCLTrainerInitInfo(rank=0, master_address=host, master_port=free_port(host), world_size=world,
                                    packed_buffer_size_bytes=buffer_bytes)
+    if backend == "ipc":   # samplers on the trainer's GPU: CUDA IPC handles, no group
+        from vllm.distributed.weight_transfer.ipc_engine import IPCTrainerInitInfo   # imported by Syncer()
+
+        return IPCTrainerInitInfo(rank=0, packed=True, packed_buffer_size_bytes=buffer_bytes)
     return GlooTrainerInitInfo(rank=0, master_address=host, world_size=world, buffer_bytes=buffer_bytes)
 
 
@@ -92,8 +98,8 @@ class Syncer:
         self.current, self.backend, self.device, self.buffer_bytes = current, backend, device, buffer_bytes
         self.store_fallback = backend == "gloo"   # samplers on `gloo` can load a version from the store
         register()
-        if backend == "nccl":   # every import here, not in the thread: two threads importing one module deadlock
-            importlib.import_module("vllm.distributed.weight_transfer.nccl_engine")
+        if backend != "gloo":   # every import here, not in the thread: two threads importing one module deadlock
+            importlib.import_module(f"vllm.distributed.weight_transfer.{backend}_engine")
         self.engine, self.gen, self.latest = None, 0, None   # latest: (serial, version, tensors on the host)
         self.lock = threading.Lock()
         self.stopped = threading.Event()

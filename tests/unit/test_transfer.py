@@ -129,3 +129,27 @@ def test_the_gloo_engines_move_a_version_over_a_loopback_group():
         if proc.is_alive():
             proc.kill()
     assert asdict(info)["world_size"] == 2
+
+
+def test_the_trainer_side_init_info_is_vllms_for_each_backend():
+    """nccl and ipc are vLLM's own trainer engines (only their init info is ours to build); gloo is ours."""
+    from vllm.distributed.weight_transfer.ipc_engine import IPCTrainerInitInfo
+    from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo
+
+    from online_dpo.syncer import init_info
+
+    nccl = init_info("nccl", "127.0.0.1", 3, 1 << 20)
+    assert isinstance(nccl, NCCLTrainerInitInfo) and nccl.world_size == 3 and nccl.packed and nccl.master_port > 0
+    assert isinstance(init_info("ipc", "127.0.0.1", 3, 1 << 20), IPCTrainerInitInfo)
+    gloo = init_info("gloo", "127.0.0.1", 3, 1 << 20)
+    assert isinstance(gloo, GlooTrainerInitInfo) and gloo.backend == "gloo" and gloo.buffer_bytes == 1 << 20
+
+
+def test_the_samplers_backend_follows_the_plan():
+    from online_dpo.config import load_config
+    from online_dpo.plan import transfer_backend
+
+    cfg = load_config(None)   # the embedded default: CPU samplers
+    assert transfer_backend(cfg, "collective") == "gloo"
+    gpu = load_config(None, ["sync.gpu_backend=ipc", "sampler.num_gpus=1"])
+    assert transfer_backend(gpu, "collective") == "ipc" and transfer_backend(gpu, "object_store") == "gloo"
