@@ -193,6 +193,7 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo
     def __init__(self, config, vllm_config, device, model) -> None:
         super().__init__(config, vllm_config, device, model)
         self.group = self.store = None
+        self.reloading = False
 
     def init_transfer_engine(self, init_info: GlooInitInfo) -> None:
         from torch.distributed import TCPStore
@@ -204,13 +205,19 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo
         self.group = open_group(self.store, rank, init_info.world_size, init_info.bind_address, init_info.timeout)
 
     def start_weight_update(self) -> None:
+        self.reloading = False   # layerwise reload begins once the receives are posted (receive_weights)
+
+    def begin_reload(self) -> None:
         from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
 
         initialize_layerwise_reload(self.model)
 
     def finish_weight_update(self) -> None:
+        if not self.reloading:
+            return
         from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
 
+        self.reloading = False
         finalize_layerwise_reload(self.model, self.model_config)
         head = getattr(self.model, "lm_head", None)   # a tied head re-packs the new embedding
         method = getattr(head, "quant_method", None)
@@ -219,7 +226,8 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo
             method.process_weights_after_loading(head)
 
     def receive_weights(self, info: GlooUpdateInfo) -> None:
-        """Every chunk's receive is posted at once, so chunk k loads while later ones arrive."""
+        """Every chunk's receive is posted first, so the broadcast runs while vLLM's layerwise reload
+        begins and while chunk k loads."""
         meta = Meta(info.names, info.dtype_names, info.shapes)
         plan = meta.chunks(info.buffer_bytes)
         if info.chunks is not None:
@@ -230,6 +238,9 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo
             buffers = [torch.empty(sum(math.prod(meta.shapes[i]) * getattr(torch, meta.dtype_names[i]).itemsize
                                        for i in index), dtype=torch.uint8) for index in plan]
             arriving = [(b, broadcast(self.group, b)) for b in buffers]
+        if not self.reloading:
+            self.begin_reload()
+            self.reloading = True
         for index, (data, work) in zip(plan, arriving):
             if work is not None:
                 work.wait()

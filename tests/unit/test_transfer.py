@@ -78,8 +78,12 @@ def engine_side(inbox, outbox):
         def load_weights(self, items):
             self.loaded.update({n: t.clone() for n, t in items})
 
+    class Engine(GlooWeightTransferEngine):
+        def begin_reload(self):   # vLLM's layerwise reload needs a vLLM model
+            pass
+
     vllm_config = SimpleNamespace(parallel_config=SimpleNamespace(rank=0), model_config=None)
-    engine = GlooWeightTransferEngine(SimpleNamespace(backend="gloo"), vllm_config, torch.device("cpu"), Model())
+    engine = Engine(SimpleNamespace(backend="gloo"), vllm_config, torch.device("cpu"), Model())
     engine.init_transfer_engine(engine.parse_init_info(inbox.get(timeout=60)))
     outbox.put("joined")
     engine.receive_weights(engine.parse_update_info(inbox.get(timeout=60)))
