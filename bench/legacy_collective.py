@@ -14,6 +14,9 @@ from datetime import timedelta
 
 import torch
 
+from online_dpo.cluster import node_ip
+from online_dpo.transfer import bound_socket
+
 log = logging.getLogger("bench.legacy")
 
 
@@ -29,18 +32,6 @@ class GroupSpec:
     port: int
     gen: int
     world: int
-
-
-def node_ip() -> str:
-    """This node's address as Ray knows it (127.0.0.1 on a loopback cluster)."""
-    try:
-        import ray
-
-        if ray.is_initialized():
-            return ray.util.get_node_ip_address()
-    except Exception:
-        pass
-    return "127.0.0.1"
 
 
 def open_group(spec: GroupSpec, rank: int, device: torch.device, timeout: float):
@@ -88,17 +79,6 @@ def receive_version(group, device: torch.device) -> tuple[int, int, torch.Tensor
     for start in range(0, nbytes, bucket):
         broadcast(group, buffer[start:start + bucket])
     return serial, version, buffer
-
-
-def bound_socket(host: str):
-    """A TCP socket bound to `host` on a free port (not listening yet)."""
-    import socket
-
-    family, kind, proto, _, address = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)[0]
-    sock = socket.socket(family, kind, proto)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(address)
-    return sock
 
 
 class Rendezvous:
