@@ -139,9 +139,15 @@ class Syncer:
     def send(self, serial: int, version: int, tensors: dict) -> bool:
         """Send a version to every member; False when there is no group or the send failed."""
         with self.lock:
-            # tensors_of made them: no parameter shares their storage (on GPU, a host copy)
-            self.latest = (serial, version, {n: t.to("cpu") for n, t in tensors.items()})
-            return self.engine is not None and self._send(serial, version, tensors)
+            sent = self.engine is not None and self._send(serial, version, tensors)
+            self.latest = (serial, version, self._kept(tensors, sent))
+            return sent
+
+    def _kept(self, tensors: dict, sent: bool) -> dict:
+        """The version as rank 0 keeps it for a re-send: the tensors may be views of parameters that
+        move on, so a host copy, or, when our gloo engine sent it, views of the chunks it packed."""
+        last = getattr(self.engine, "last", None) if sent else None
+        return last if last is not None else {n: t.to("cpu", copy=True) for n, t in tensors.items()}
 
     def _send(self, serial: int, version: int, tensors: dict) -> bool:
         engine = self.engine

@@ -286,6 +286,7 @@ class GlooTrainerEngine(TrainerWeightTransferEngine[GlooTrainerInitInfo]):
     def __init__(self, *, client, source=None, is_sender: bool = True, buffer_bytes: int = BUFFER_BYTES):
         super().__init__(client=client, source=source, is_sender=is_sender)
         self.buffer_bytes, self.group, self.store, self.address = buffer_bytes, None, None, None
+        self.last: dict | None = None   # the last version sent, as views of its packed chunks
 
     @classmethod
     def trainer_init(cls, init_info: GlooTrainerInitInfo, *, client, source=None) -> GlooTrainerEngine:
@@ -324,6 +325,7 @@ class GlooTrainerEngine(TrainerWeightTransferEngine[GlooTrainerInitInfo]):
             for _, work in sent:
                 work.wait()
             received.result()
+            self.last = unstored(info, [chunk for chunk, _ in sent])   # a copy of the version, for free
         finally:
             pool.shutdown(wait=False)   # a failed broadcast leaves the engines' call to its own deadline
         self.client.finish_weight_update()
@@ -373,8 +375,6 @@ def check(expected: dict[str, str], reported: dict[str, str]) -> tuple[int, list
 
 def tensors_of(state: dict, dtype: torch.dtype | None, tied: bool) -> dict:
     """What a sync sends: every tensor (the tied head once, as the embedding), cast to the wire dtype,
-    as new contiguous tensors (a copy even without a cast), so the sender may keep them while the
-    parameters move on."""
-    return {n: t.detach().to(dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype,
-                             memory_format=torch.contiguous_format, copy=True)
+    detached and contiguous (views of the parameters where nothing needs casting)."""
+    return {n: (t.detach().to(dtype) if dtype is not None and t.is_floating_point() else t.detach()).contiguous()
             for n, t in state.items() if not (tied and n == "lm_head.weight")}

@@ -127,6 +127,9 @@ def test_the_gloo_engines_move_a_version_over_a_loopback_group():
         engine.send_weights()
         got = outbox.get(timeout=60)
         assert list(got) == list(weights) and all(torch.equal(got[n], weights[n]) for n in weights)
+        kept = engine.last   # what rank 0 keeps for a re-send: views of the chunks it packed, not of `weights`
+        assert all(torch.equal(kept[n], weights[n]) for n in weights)
+        assert kept["model.norm.weight"].untyped_storage().data_ptr() != weights["model.norm.weight"].data_ptr()
         engine.shutdown()
     finally:
         proc.join(30)
