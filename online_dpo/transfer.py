@@ -126,7 +126,7 @@ def as_uint8(data) -> torch.Tensor:
     """A chunk that crossed a process boundary (bytes, or a numpy array) as a writable uint8 tensor."""
     if isinstance(data, torch.Tensor):
         return data
-    return torch.frombuffer(bytearray(bytes(data)), dtype=torch.uint8)
+    return torch.frombuffer(bytearray(memoryview(data)), dtype=torch.uint8)   # one copy, writable
 
 
 # ---------------------------------------------------------------- the gloo group
