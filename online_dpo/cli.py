@@ -1,4 +1,4 @@
-"""online-dpo: train | tune | serve | monitor | validate | report | export | make-default.
+"""online-dpo: train | tune | serve | monitor | validate | report | pairs | export | make-default.
 
   online-dpo train [CONFIG] [--set section.field=value ...] [-v] [--dry-run]
   online-dpo train --resume RUN_DIR
@@ -7,6 +7,7 @@
   online-dpo validate CONFIG [CONFIG ...]
   online-dpo monitor [--prometheus-port 9090] [--grafana-port 3000]
   online-dpo report RUN_DIR
+  online-dpo pairs RUN_DIR [--export OUT]
   online-dpo export RUN_DIR --merge OUT
   online-dpo make-default
 
@@ -262,7 +263,7 @@ def cmd_tune(args) -> int:
     from .cluster import connect
     from .config import ConfigError
     from .metrics import ConsoleLog
-    from .tune import check_space, parse_grid, parse_ranges, search
+    from .tune import check_space, parse_grid, parse_ranges, result_lines, search
 
     try:
         grid, ranges = parse_grid(args.grid), parse_ranges(args.range)
@@ -283,20 +284,24 @@ def cmd_tune(args) -> int:
     finally:
         if started:
             _shutdown()
-    for row in result["rows"]:
-        values = ", ".join(f"{k}={row[k]}" for k in row if "." in k)
-        status = "" if row["finished"] else f"  (stopped at step {row['steps']})" if not row["error"] else \
-            f"  (failed: {row['error']})"
-        console.info(f"{values}: held-out reward {_num(row['reward'], '+.3f')}  win rate "
-                     f"{_num(row['win_rate'], '.3f')}  kl {_num(row['kl'], '.2f')}{status}")
-    console.info(f"best by held-out {args.metric}: "
-                 + ", ".join(f"{k}={v}" for k, v in result["best"].items() if "." in k))
-    console.info(f"wrote {result['dir']}/results.csv, tune.png and best.yaml")
+    for line in result_lines(result, args.metric):
+        console.info(line)
     return 0
 
 
-def _num(x, spec: str) -> str:
-    return "-" if x is None else format(x, spec)
+def cmd_pairs(args) -> int:
+    """The preference log: a summary, or (--export OUT) a Hugging Face dataset of its pairs."""
+    from pathlib import Path
+
+    from .pairs_log import export, summarise
+
+    try:
+        print(f"wrote {export(Path(args.run_dir), args.export)} pairs to {args.export} (prompt, chosen, rejected)"
+              if args.export else summarise(Path(args.run_dir)))
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def _resume_hint(err) -> str:
@@ -361,6 +366,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="print a run's summary table and redraw its curves.png")
     p.add_argument("run_dir")
     p.set_defaults(fn=cmd_report)
+    p = sub.add_parser("pairs", help="summarise a run's preference log (RUN_DIR/pairs/), or export it as a dataset")
+    p.add_argument("run_dir")
+    p.add_argument("--export", metavar="OUT", default=None, help="write a datasets dataset (prompt/chosen/rejected)")
+    p.set_defaults(fn=cmd_pairs)
     p = sub.add_parser("validate", help="check run configs; non-zero exit on an invalid one")
     p.add_argument("configs", nargs="+")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")

@@ -11,25 +11,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
+
+from .schema import JudgeConfig, JudgeMember, JudgePrinciple, Placed, Section  # noqa: F401 (the schema's parts)
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 
 
 class ConfigError(ValueError):
     """A run config that cannot be used; the message says what to change."""
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class Placed(Section):
-    """Where an actor group goes: what each of its actors asks of a node."""
-    num_cpus: float = Field(1.0, ge=0)
-    num_gpus: float = Field(0.0, ge=0)
-    resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per actor")
-    node_labels: dict[str, str] = Field(default_factory=dict, description="place only on nodes with these labels")
 
 
 class RunConfig(Section):
@@ -88,94 +78,6 @@ class SamplerConfig(Placed):
     prompts_per_call: int | None = Field(None, gt=0, description="async: prompts per sampler request")
     max_restarts: int = Field(3, ge=0, description="Ray restarts of a crashed sampler")
     engine: dict[str, Any] = Field(default_factory=dict, description="extra vllm.LLM arguments")
-
-
-def _judge_needs(kind: str, function: str | None, model: str | None, where: str) -> None:
-    if kind == "rule" and not function:
-        raise ValueError(f"{where}kind 'rule' needs {where}function, an import path "
-                         "such as 'online_dpo.judges.rule:vader_compound'")
-    if kind in ("reward_model", "llm") and not model:
-        raise ValueError(f"{where}kind '{kind}' needs {where}model, a model directory or hub id")
-    if function and ":" not in function:
-        raise ValueError(f"{where}function must look like 'pkg.module:function'")
-
-
-def _unique(field: str, names: list[str]) -> None:
-    if len(set(names)) != len(names):
-        raise ValueError(f"{field} names must differ; got {names}")
-
-
-class JudgeFields(Section):
-    """What every judge kind reads; an ensemble's members and the judge section share them."""
-    function: str | None = Field(None, description="rule: import path 'pkg.module:function'")
-    model: str | None = Field(None, description="reward_model / llm: HF directory or hub id")
-    batch_size: int = Field(16, gt=0)
-    max_length: int = Field(1024, gt=0)
-    template: str | None = Field(None, description="llm: prompt with {prompt}, {a}, {b}")
-    max_new_tokens: int = Field(8, gt=0)
-    constrained: bool = Field(True, description="llm: restrict the verdict to 'A' or 'B'")
-    engine: dict[str, Any] = Field(default_factory=dict)
-
-
-class JudgeMember(JudgeFields):
-    """One objective of an ensemble judge (judges/ensemble.py)."""
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_]+$", description="the objective's name in metrics")
-    kind: Literal["rule", "reward_model", "llm"] = "rule"
-    weight: float = Field(1.0, description="its weight in the combined score (negative: lower is better)")
-    normalize: bool = Field(False, description="z-score with the mean and spread of the first batch it scores")
-    margin: float = Field(0.0, ge=0, description="its raw-score gaps at or below this count as zero")
-
-    @model_validator(mode="after")
-    def _needs(self):
-        _judge_needs(self.kind, self.function, self.model, f"judge.members[{self.name}].")
-        if self.weight == 0:
-            raise ValueError(f"judge.members[{self.name}].weight is 0: give it a weight or remove it")
-        return self
-
-
-class JudgePrinciple(Section):
-    """One principle of a constitutional judge (judges/constitution.py)."""
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_]+$", description="the principle's name in metrics")
-    text: str = Field(min_length=1, description="what the judge is asked to judge by")
-    weight: float = Field(1.0, gt=0)
-
-
-class JudgeConfig(JudgeFields, Placed):
-    kind: Literal["rule", "reward_model", "llm", "ensemble", "constitutional"] = "rule"
-    members: list[JudgeMember] = Field(default_factory=list, description="ensemble: the judges it combines")
-    principles: list[JudgePrinciple] = Field(default_factory=list, description="constitutional: the principles")
-    margin: float = Field(0.0, ge=0, description="score gaps at or below this are ties")
-    num_actors: int = Field(1, ge=1)
-    max_restarts: int = Field(3, ge=0, description="Ray restarts of a crashed judge")
-
-    @model_validator(mode="after")
-    def _needs(self):
-        if self.kind == "ensemble":
-            if not self.members:
-                raise ValueError("judge.kind 'ensemble' needs judge.members: a list of judges, each with a "
-                                 "name, a kind and a weight")
-            _unique("judge.members", [m.name for m in self.members])
-            if self.function or self.model:
-                raise ValueError("judge.kind 'ensemble' takes its judges from judge.members; move "
-                                 "judge.function / judge.model into a member")
-            return self
-        if self.members:
-            raise ValueError(f"judge.members is only for judge.kind 'ensemble' (judge.kind is '{self.kind}')")
-        if self.kind == "constitutional":
-            if not self.model:
-                raise ValueError("judge.kind 'constitutional' needs judge.model, a generative model directory or hub id")
-            if not self.principles:
-                raise ValueError("judge.kind 'constitutional' needs judge.principles: a list of {name, text, weight}")
-            _unique("judge.principles", [p.name for p in self.principles])
-            missing = [k for k in ("{principle}", "{prompt}", "{a}", "{b}") if self.template and k not in self.template]
-            if missing:
-                raise ValueError(f"judge.template lacks {', '.join(missing)}; a constitutional template needs "
-                                 "{principle}, {prompt}, {a} and {b} (or leave judge.template out for the default)")
-            return self
-        if self.principles:
-            raise ValueError(f"judge.principles is only for judge.kind 'constitutional' (judge.kind is '{self.kind}')")
-        _judge_needs(self.kind, self.function, self.model, "judge.")
-        return self
 
 
 class TrainConfig(Section):
@@ -256,6 +158,11 @@ class EvalConfig(Section):
     prompts: int = Field(64, ge=0, description="held-out prompts scored at start and end; 0 = off")
     every_steps: int = Field(0, ge=0, description="also evaluate every N steps (0: only at start and end)")
     temperature: float = Field(1.0, ge=0, description="sampling temperature of the held-out responses")
+    judge: JudgeConfig | None = Field(None, description="an independent judge scoring the held-out responses too")
+
+
+class PairsConfig(Section):
+    log: bool = Field(True, description="write every judged pair to RUN_DIR/pairs/ (Parquet)")
 
 
 class ServeConfig(Placed):
@@ -309,6 +216,7 @@ class Config(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    pairs: PairsConfig = Field(default_factory=PairsConfig)
 
     @model_validator(mode="after")
     def _cross(self):

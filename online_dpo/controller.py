@@ -25,9 +25,10 @@ import time
 
 from .data import load_prompts
 from .errors import RunFailed
-from .evaluation import evaluate
+from .evaluation import HeldOut
 from .gang import Gang
 from .metrics import ConsoleLog, ExternalLoggers, RayMetrics, Reporter, Tracker
+from .pairs_log import PairLog
 from .plan import RunPlan
 from .report import plot
 from .rollout import JudgeFailed, Starved, make_rollouts
@@ -48,32 +49,30 @@ class Controller:
         self.checkpointed = self.start_step = 0   # the latest checkpoint's step; where this process started
         self.topo = self.gang = self.rollouts = None
         self.fatal: str | None = None   # why the run failed after stopping cleanly (a broken judge, ...)
-        self.heldout: list = []
+        self.held_out = None   # the held-out evaluation (evaluation.HeldOut)
+        self.pairs = PairLog(run_dir.path, plan.pairs_log)   # the preference log, RUN_DIR/pairs/
 
     def run(self) -> dict:
         plan = self.plan
         if not self.resume:
             self.run_dir.write_config(plan.config_yaml)
-        source, self.heldout = load_prompts(plan.data)   # bad rows are found here, before any actor starts
-        self.report.info(f"prompts: {len(source.prompts)} train, {len(self.heldout)} held-out"
+        source, heldout = load_prompts(plan.data)   # bad rows are found here, before any actor starts
+        self.report.info(f"prompts: {len(source.prompts)} train, {len(heldout)} held-out"
                          + (f"; skipped {source.skipped_text}" if source.skipped else ""))
         self.stats.skipped = source.skipped
         self.topo, self.gang = start_actors(plan, self.run_dir, lambda event: self.report.actor_event(
             event, self.step, self.stats.restart_counts(self.topo)))   # a sampler or judge died, or is back
         topo = self.topo
+        self.held_out = HeldOut(topo.samplers, topo.judges, topo.evaluators, heldout, plan.eval.sampling,
+                                self.report.evaluation, self.report.info)
         try:
             topo.wait_ready()
             self.report.info(f"actors up: {len(topo.samplers.handles)} sampler(s), {len(topo.judges.handles)} "
                              f"judge(s) ({time.time() - self.stats.start_time:.0f}s)")
             topo.form_weight_group()
-            if plan.serve:
-                topo.start_serving(plan.serve)
-                self.report.info(f"serving the live policy at {topo.serve_where} "
-                                 f"(model '{plan.serve.spec.served_name}')")
+            start_serving(topo, plan.serve, self.report)
             result = self.run_loop(make_rollouts(plan.rollouts, topo.samplers, topo.judges, source, self.report.record))
-            if topo.serve_url and plan.serve.keep_alive:
-                self.report.info(f"training done; serving the final policy at {topo.serve_where} until Ctrl-C")
-                _wait_forever()
+            keep_serving(topo, plan.serve, self.report)
             return result
         finally:
             # fit() must return before Ray shuts down (a Ray call after that ends the process); the
@@ -84,12 +83,12 @@ class Controller:
     def run_loop(self, rollouts) -> dict:
         self.rollouts = rollouts
         if not self.resume:
-            self.stats.baseline = self.evaluated(None, 0, None)
+            self.stats.baseline = self.held_out(None, 0, None, 0)
             rollouts.start()   # sample from the starting weights while the gang starts
         start = self.gang.wait_start()
         self.report.info(f"learner up ({time.time() - self.stats.start_time:.0f}s)")
         if self.resume:
-            resume_from(start, self.run_dir, self.rollouts, self.stats, self.plan)
+            resume_from(start, self.run_dir, self.rollouts, self.stats, self.plan, self.pairs)
             self.report.info(f"resumed at step {start.step} (policy version {start.version}) from {start.checkpoint}"
                              + (f"; changed {', '.join(self.plan.resume_changes)}" if self.plan.resume_changes else ""))
         self.step, self.version, self.checkpointed, self.start_step = start.step, start.version, start.step, start.step
@@ -118,9 +117,11 @@ class Controller:
         """Final evaluation (not after a signal: stop fast), policy/, summary.json, curves.png."""
         self.gang.close("training is done")   # rank 0 leaves its loop; Ray Train winds down meanwhile
         skip = self.stop.requested or self.fatal   # stop fast; a broken judge or stuck actor would not score
-        after = {} if skip else self.evaluated(self.rollouts.weights, self.version, self.stats.baseline)
+        after = {} if skip else self.held_out(self.rollouts.weights, self.version, self.stats.baseline, self.step)
         policy_dir = str(self.run_dir.copy_policy(self.gang.checkpoint(self.step))) if self.step else None
+        self.pairs.end(self.step, self.rollouts.dropped(), self.rollouts.waiting())
         extra = {"mode": self.plan.rollouts.mode, "partial": reason is not None, "stop_reason": reason,
+                 "pairs_log": self.pairs.counts(), "judge_usage": judge_usage(self.topo.judges),
                  "resumed_from_step": self.start_step if self.resume else None,
                  "policy_dir": policy_dir, "run_dir": str(self.run_dir.path)}
         result = self.stats.summary(after, self.rollouts, self.topo,
@@ -184,6 +185,7 @@ class Controller:
         if batch is None:
             return None, None
         self.stats.lag(step, step_plan.version_before, batch)
+        self.pairs.ordered(step, batch)
         state = json.dumps(self.state()) if step_plan.checkpoint else None
         order = StepOrder(step=step, pairs=tuple(batch), sync=step_plan.sync, version=step_plan.version_after,
                           checkpoint=state, final=step_plan.final, incarnation=self.gang.hellos)
@@ -192,6 +194,7 @@ class Controller:
     def save_now(self) -> None:
         """A checkpoint of the step the gang is at, outside the schedule (before stopping early)."""
         if self.checkpointed != self.step:
+            self.pairs.write(self.step, (), self.rollouts.dropped())
             self.gang.save_now(self.step, self.version, json.dumps(self.state()))
             self.checkpointed = self.step
             self.report.info(f"saved a checkpoint at step {self.step}")
@@ -206,6 +209,7 @@ class Controller:
             return False
         self.step, self.version = step_plan.step, step_plan.version_after
         self.checkpointed = step_plan.step if step_plan.checkpoint else self.checkpointed
+        self.pairs.done(step_plan.step, self.rollouts.dropped())
         self.rollouts.set_weights(result.weights)
         if line := self.topo.check_sync(result.weights, result.digests):   # sync.verify
             self.report.info(f"sync checked: {line}")
@@ -213,7 +217,7 @@ class Controller:
         self.report.step(record, self.plan.schedule.max_steps,
                          show=step_plan.step % self.plan.log_every_steps == 0 or step_plan.final)
         if step_plan.evaluate:
-            self.evaluated(self.rollouts.weights, self.version, self.stats.baseline)
+            self.held_out(self.rollouts.weights, self.version, self.stats.baseline, self.step)
         return True
 
     def restarted(self, start) -> None:
@@ -221,35 +225,42 @@ class Controller:
         self.gang.restarted()
         lost = self.step - start.step
         seconds = self.stats.learner_restarted(lost)
+        pending, _ = self.pairs.restarted(start.step)   # orders never run; the lost steps' rows relabelled
+        self.rollouts.lost(pending, trained=lost * self.plan.learner.batch_size)
         dropped = self.rollouts.reset(start.weights, start.version)
         self.step, self.version = start.step, start.version
         self.topo.form_weight_group()   # the old generation's rank 0 is gone
         self.report.learner_back(start.step, lost, dropped, seconds, self.stats.restart_counts(self.topo))
-
-    def evaluated(self, weights, version: int, baseline: dict | None) -> dict:
-        """Score `weights` (None: the starting ones) on the held-out prompts; log and return the result."""
-        result = evaluate(self.topo.samplers, self.topo.judges, self.heldout, self.plan.eval.sampling, weights,
-                          version, baseline)
-        if result:
-            self.report.evaluation(result, self.step)
-        return result
 
     def state(self) -> dict:
         """What a checkpoint keeps of the controller (JSON): the rollouts' cursor and buffer, and the books."""
         return {"rollouts": self.rollouts.state(), "stats": self.stats.state()}
 
 
-def resume_from(start, run_dir: RunDir, rollouts, stats: RunStats, plan: RunPlan) -> None:
-    """Restore the controller's state saved with the checkpoint the gang restored; cut the metrics after it;
-    record in config.yaml what this resume changed, and at which step."""
+def resume_from(start, run_dir: RunDir, rollouts, stats: RunStats, plan: RunPlan, pairs: PairLog) -> None:
+    """Restore the controller's state saved with the checkpoint the gang restored; cut the metrics and the
+    preference log after it; record in config.yaml what this resume changed, and at which step."""
     if start.controller is None:
         raise RunFailed(f"{run_dir.path} has no checkpoint to resume from")
     state = json.loads(start.controller)
     rollouts.restore(state["rollouts"])
     stats.restore(state["stats"])
     run_dir.truncate_metrics(lambda r: _before(r, start.step, rollouts.round, start.version))
+    pairs.truncate(start.step)
     if plan.resume_changes:
         run_dir.record_resume(start.step, plan.resume_changes, plan.config_yaml)
+
+
+def judge_usage(judges) -> dict:
+    """An endpoint judge's request, cache-hit, retry and token counts, summed over its live actors ({} when
+    none answers: the summary is written all the same)."""
+    total = collections.Counter()
+    try:
+        for usage in judges.run("usage", [((), {}) for _ in judges.live()]):
+            total.update(usage)
+    except Exception:
+        return {}
+    return dict(total)
 
 
 def waiting_on(pending, rollouts) -> str:
@@ -263,7 +274,7 @@ def start_actors(plan: RunPlan, run_dir: RunDir, on_actor_event) -> tuple[Topolo
     if plan.check_resources:
         from .placement import require_fit
         require_fit(plan.asks)
-    topo = Topology.start(plan.samplers, plan.judges, plan.weights_transport, plan.name, plan.names)
+    topo = Topology.start(plan.samplers, plan.judges, plan.weights_transport, plan.name, plan.names, plan.evaluators)
     topo.on_actor_event(on_actor_event)
     storage = plan.gang.storage or str(run_dir.path / "ray")
     gang = Gang(plan.gang, plan.learner, topo.broker, topo.store, storage, run_dir.path.name)
@@ -281,9 +292,19 @@ def _before(record: dict, step: int, round_: int, version: int) -> bool:
     return record.get("step", 0) <= step
 
 
-def _wait_forever() -> None:
-    while True:   # until a signal (Interrupted)
-        time.sleep(3600)
+def start_serving(topo: Topology, serve, report: Reporter) -> None:
+    """Deploy the policy server (serve.enabled) before training starts."""
+    if serve:
+        topo.start_serving(serve)
+        report.info(f"serving the live policy at {topo.serve_where} (model '{serve.spec.served_name}')")
+
+
+def keep_serving(topo: Topology, serve, report: Reporter) -> None:
+    """serve.keep_alive: after training, serve the final policy until a signal (Interrupted)."""
+    if topo.serve_url and serve.keep_alive:
+        report.info(f"training done; serving the final policy at {topo.serve_where} until Ctrl-C")
+        while True:
+            time.sleep(3600)
 
 
 def train(plan: RunPlan, console: ConsoleLog | None = None, resume_dir: str | None = None,

@@ -7,6 +7,11 @@ class RunFailed(RuntimeError):
     """The run cannot go on; the message says what failed and, where it can, what to change."""
 
 
+class JudgeFailed(RunFailed):
+    """The judge is broken, not the policy converged: its verdicts are mostly malformed or not finite, or
+    its endpoint does not answer. The run stops with everything saved, and fails."""
+
+
 def last_line(err: BaseException) -> str:
     """The cause at the bottom of a Ray error's remote traceback."""
     lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]

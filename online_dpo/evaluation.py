@@ -11,10 +11,37 @@ from __future__ import annotations
 
 import math
 
+from .errors import JudgeFailed
 from .specs import Sampling
 from .topology import ActorGroup, split
 
 EVAL_SEED = 424242
+
+
+class HeldOut:
+    """The held-out evaluation of a run: one sample per held-out prompt, scored by the training judge and,
+    where eval.judge is set, by an independent one (`evaluators`), whose figures carry the `eval_judge/`
+    prefix. `report(result, step)` logs each evaluation. A judge that fails (JudgeFailed: its endpoint is
+    down) leaves an evaluation out with a warning instead of ending a run that has trained."""
+
+    def __init__(self, samplers: ActorGroup, judges: ActorGroup, evaluators: ActorGroup | None, heldout: list,
+                 sampling: Sampling, report, warn):
+        self.samplers, self.judges, self.evaluators, self.heldout = samplers, judges, evaluators, heldout
+        self.sampling, self.report, self.warn = sampling, report, warn
+
+    def __call__(self, weights, version: int, baseline: dict | None, step: int) -> dict:
+        """Score `weights` (None: the starting ones) at `version`; log and return the result."""
+        try:
+            result = evaluate(self.samplers, self.judges, self.heldout, self.sampling, weights, version, baseline)
+            if result and self.evaluators is not None:
+                result.update(judged(self.evaluators, result["prompts"], result["responses"],
+                                     (baseline or {}).get("responses"), "eval_judge/"))
+        except JudgeFailed as e:
+            self.warn(f"held-out evaluation of v{version} left out: {e}")
+            return {}
+        if result:
+            self.report(result, step)
+        return result
 
 
 def evaluate(samplers: ActorGroup, judges: ActorGroup, heldout: list, sampling: Sampling, weights,
@@ -29,17 +56,23 @@ def evaluate(samplers: ActorGroup, judges: ActorGroup, heldout: list, sampling: 
     groups = [g for batch in samplers.run("generate", calls) for g in batch.groups]
     prompts = [g.prompt for g in groups]
     responses = [g.completions[0].text for g in groups]
+    result = {"kind": "eval", "policy_version": version, "prompts": prompts, "responses": responses}
+    return {**result, **judged(judges, prompts, responses, (baseline or {}).get("responses"))}
+
+
+def judged(judges: ActorGroup, prompts: list, responses: list, baseline: list | None, prefix: str = "") -> dict:
+    """One judge's figures of held-out responses: mean score, per-objective means, and the win rate
+    against the baseline's responses (when given); NaN or infinite verdicts are left out and counted."""
     (scores,) = judges.run("score", [((prompts, responses), {})])
     reward, bad = finite_mean(scores)
-    result = {"kind": "eval", "policy_version": version, "prompts": prompts, "responses": responses,
-              "reward": reward, "nonfinite": bad}
+    out = {"reward": reward, "nonfinite": bad}
     (objectives,) = judges.run("objectives", [((prompts, responses), {})])
-    result.update({f"objective/{k}": v for k, v in objectives.items() if v is not None and math.isfinite(v)})
+    out.update({f"objective/{k}": v for k, v in objectives.items() if v is not None and math.isfinite(v)})
     if baseline is not None:
-        (wins,) = judges.run("compare", [((prompts, responses, baseline["responses"]), {})])
-        result["win_rate"], more = finite_mean(wins)
-        result["nonfinite"] += more
-    return result
+        (wins,) = judges.run("compare", [((prompts, responses, baseline), {})])
+        out["win_rate"], more = finite_mean(wins)
+        out["nonfinite"] += more
+    return {prefix + k: v for k, v in out.items()}
 
 
 def finite_mean(values) -> tuple[float | None, int]:
@@ -70,6 +103,8 @@ def summary(before: dict, after: dict, last_train: dict, train_wall: float | Non
         **({"objectives": {k.removeprefix("objective/"): {"before": before.get(k), "after": after.get(k)}
                            for k in after if k.startswith("objective/")}} if any(
             k.startswith("objective/") for k in after) else {}),
+        **({"eval_judge": {"reward_before": before.get("eval_judge/reward"), "reward_after": after.get(
+            "eval_judge/reward"), "win_rate": after.get("eval_judge/win_rate")}} if "eval_judge/reward" in after else {}),
         **extra,
         "samples_before": before.get("responses", [])[:5], "samples_after": after.get("responses", [])[:5],
     }

@@ -67,6 +67,8 @@ METRICS: dict[str, tuple[str, object, str]] = {
     # evaluation (held-out prompts)
     "online_dpo_eval_reward": ("eval", "reward", "held-out mean judge score"),
     "online_dpo_eval_win_rate": ("eval", "win_rate", "held-out win rate vs the initial policy"),
+    "online_dpo_eval_judge_reward": ("eval", "eval_judge/reward", "held-out mean score by eval.judge"),
+    "online_dpo_eval_judge_win_rate": ("eval", "eval_judge/win_rate", "held-out win rate by eval.judge"),
 }
 # Ensemble judges (judges/ensemble.py): one series per objective, tagged with its name; read from
 # rollout records' "objective/<name>" and "objective_agree/<name>".
@@ -218,6 +220,10 @@ class ConsoleLog:
         parts += [f"{k.removeprefix('objective/')} {v:+.3f}" for k, v in result.items() if k.startswith("objective/")]
         if "win_rate" in result:
             parts.append(f"win rate vs initial {result['win_rate']:.3f}")
+        if "eval_judge/reward" in result:   # eval.judge: the independent judge, side by side
+            parts.append(f"eval.judge: reward {_fmt(result['eval_judge/reward'], '+.3f')}"
+                         + (f", win rate {_fmt(result.get('eval_judge/win_rate'), '.3f')}"
+                            if "eval_judge/win_rate" in result else ""))
         self._print("[online-dpo] " + ", ".join(parts))
 
 

@@ -23,13 +23,13 @@ import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import Config, ConfigError, JudgeConfig, JudgeMember, ServeConfig, dump
+from .config import Config, ConfigError, ServeConfig, dump
 from .embedded import EMBEDDED, model_path
 from .engine import engine_env
-from .judges.llm import TEMPLATE as LLM_TEMPLATE
+from .plan_judges import check_rules, judge_group, judge_models
 from .schedule import Schedule
-from .specs import (Ask, DataSpec, EngineSpec, EvalSpec, GangSpec, GroupSpec, JudgeSpec, LearnerSpec, Names,
-                    Principle, RolloutSpec, Sampling, ServePlan, ServerSpec)
+from .specs import (Ask, DataSpec, EngineSpec, EvalSpec, GangSpec, GroupSpec, LearnerSpec, Names, RolloutSpec,
+                    Sampling, ServePlan, ServerSpec, resources, threads)
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,7 @@ class RunPlan:
     data: DataSpec
     samplers: GroupSpec
     judges: GroupSpec
+    evaluators: GroupSpec | None       # eval.judge: an independent judge of the held-out responses
     learner: LearnerSpec
     gang: GangSpec
     rollouts: RolloutSpec
@@ -58,6 +59,7 @@ class RunPlan:
     log_every_steps: int = 1
     tensorboard: bool = False
     wandb: bool = False
+    pairs_log: bool = True             # RUN_DIR/pairs/ (pairs_log.py)
     asks: tuple[Ask, ...] = field(default=())
     resume_changes: tuple[str, ...] = ()   # what `--resume` changed: "field: old -> new"
 
@@ -69,6 +71,7 @@ class RunPlan:
         transport = weights_transport(cfg)
         names = Names(f"{cfg.run.name}-{secrets.token_hex(3)}")
         samplers, judges = sampler_group(cfg, policy, names.files, transport), judge_group(cfg, names.files)
+        evaluators = judge_group(cfg, names.files, evaluation=True) if cfg.eval.judge else None
         gang = gang_spec(cfg)
         serve = serve_plan(cfg.serve, policy, cfg.serve.model_name or cfg.run.name, cfg.run.log_level,
                            lora_rank(cfg), file_server=names.files, names=names) if cfg.serve.enabled else None
@@ -76,6 +79,7 @@ class RunPlan:
             name=cfg.run.name, names=names, output_dir=cfg.run.output_dir, log_level=cfg.run.log_level,
             check_resources=cfg.run.check_resources, config_yaml=dump(cfg), config=cfg.model_dump(mode="json"),
             models=model_names(cfg), data=data_spec(cfg, policy), samplers=samplers, judges=judges,
+            evaluators=evaluators, pairs_log=cfg.pairs.log,
             learner=learner_spec(cfg, policy, transport, names.files), gang=gang, rollouts=rollout_spec(cfg),
             schedule=Schedule(cfg.train.max_steps, cfg.sync.every_steps, cfg.checkpoint.every_steps,
                               cfg.eval.every_steps),
@@ -83,7 +87,7 @@ class RunPlan:
             weights_transport=transport, max_kl=cfg.train.max_kl, stall_timeout=cfg.run.stall_timeout,
             log_every_steps=cfg.metrics.log_every_steps,
             tensorboard=cfg.metrics.tensorboard, wandb=cfg.metrics.wandb,
-            asks=(samplers.ask, judges.ask, gang.ask) + ((serve.ask,) if serve else ()))
+            asks=(samplers.ask, judges.ask, gang.ask) + tuple(g.ask for g in (evaluators, serve) if g))
 
     @classmethod
     def resumed(cls, path, overrides) -> RunPlan:
@@ -113,23 +117,9 @@ def lora_rank(cfg: Config) -> int | None:
     return cfg.model.lora.rank if cfg.model.lora else None
 
 
-def threads(num_cpus: float, explicit: int | None) -> int:
-    """torch/OpenMP threads of an actor: as configured, else one per CPU it holds."""
-    return explicit or max(1, int(num_cpus))
-
-
-def resources(cpus: float, gpus: float, extra: dict[str, float]) -> dict[str, float]:
-    out = {"CPU": cpus} if cpus else {}
-    if gpus:
-        out["GPU"] = gpus
-    out.update(extra)
-    return out
-
-
 def model_names(cfg: Config) -> tuple[str, ...]:
-    j = cfg.judge
-    names = [cfg.model.policy, cfg.model.reference, cfg.data.source, cfg.data.eval_source, j.model]
-    return tuple(n for n in names + [m.model for m in j.members] if n)
+    names = [cfg.model.policy, cfg.model.reference, cfg.data.source, cfg.data.eval_source]
+    return tuple(n for n in names + list(judge_models(cfg).values()) if n)
 
 
 # ---------------------------------------------------------------- specs
@@ -152,29 +142,6 @@ def sampler_group(cfg: Config, policy: str, files: str, transport: str) -> Group
               dict(s.node_labels), fields="sampler.num_actors / num_cpus / num_gpus / resources / node_labels")
     env = engine_env(threads(s.num_cpus, s.num_threads), s.kv_cache_gib, on_gpu, cfg.run.log_level)
     return GroupSpec("sampler", ask, s.max_restarts, env, spec, on_gpu, cfg.run.call_timeout)
-
-
-def judge_group(cfg: Config, files: str) -> GroupSpec:
-    j = cfg.judge
-    ask = Ask("judge", j.num_actors, resources(j.num_cpus, j.num_gpus, j.resources), dict(j.node_labels),
-              fields="judge.num_actors / num_cpus / num_gpus / resources / node_labels")
-    env = engine_env(threads(j.num_cpus, None), cfg.sampler.kv_cache_gib, j.num_gpus > 0, cfg.run.log_level)
-    return GroupSpec("judge", ask, j.max_restarts, env, judge_spec(j, files), j.num_gpus > 0, cfg.run.call_timeout)
-
-
-def judge_spec(j: JudgeConfig | JudgeMember, files: str | None = None) -> JudgeSpec:
-    """A judge's plain arguments; an embedded generative judge runs in float32, as its policy does."""
-    engine = dict(j.engine)
-    if j.kind in ("llm", "constitutional") and j.model == EMBEDDED:
-        engine.setdefault("dtype", "float32")
-    common = dict(kind=j.kind, margin=j.margin, function=j.function,
-                  model=model_path(j.model) if j.model else None, batch_size=j.batch_size, max_length=j.max_length,
-                  template=j.template or (LLM_TEMPLATE if j.kind == "llm" else None), max_new_tokens=j.max_new_tokens,
-                  constrained=j.constrained, engine=engine, file_server=files)
-    if isinstance(j, JudgeMember):
-        return JudgeSpec(**common, name=j.name, weight=j.weight, normalize=j.normalize)
-    return JudgeSpec(**common, members=tuple(judge_spec(m, files) for m in j.members),
-                     principles=tuple(Principle(p.name, p.text, p.weight) for p in j.principles))
 
 
 def learner_spec(cfg: Config, policy: str, transport: str, files: str) -> LearnerSpec:
@@ -291,9 +258,7 @@ def deployment_options(s: ServeConfig, env: dict[str, str]) -> dict:
 def check_paths(cfg: Config) -> None:
     """Refuse local paths that do not exist (hub ids and embedded:reviews pass)."""
     fields = {"model.policy": cfg.model.policy, "model.reference": cfg.model.reference,
-              "data.source": cfg.data.source, "data.eval_source": cfg.data.eval_source,
-              "judge.model": cfg.judge.model,
-              **{f"judge.members[{m.name}].model": m.model for m in cfg.judge.members}}
+              "data.source": cfg.data.source, "data.eval_source": cfg.data.eval_source, **judge_models(cfg)}
     for name, value in fields.items():
         if value and value.startswith(("/", "./", "../", "~")) and not Path(value).expanduser().exists():
             raise ConfigError(f"{name}: {value} does not exist; give an existing local path, "
@@ -303,19 +268,10 @@ def check_paths(cfg: Config) -> None:
 def check_imports(cfg: Config) -> None:
     """A rule judge's function must import (on the driver, as on the cluster), and the packages an
     option needs must be installed."""
-    from .judges.rule import import_function
-
     if cfg.train.liger_kernels and importlib.util.find_spec("liger_kernel") is None:
         raise ConfigError("train.liger_kernels needs the liger-kernel package, which is not installed: "
                           "pip install -e '.[gpu]', or set train.liger_kernels: false")
-    rules = [("judge.function", cfg.judge.function)] if cfg.judge.kind == "rule" else []
-    rules += [(f"judge.members[{m.name}].function", m.function) for m in cfg.judge.members if m.kind == "rule"]
-    for name, function in rules:
-        try:
-            import_function(function)
-        except ValueError as e:
-            raise ConfigError(str(e).replace("judge.function", name, 1)
-                              + "; give an importable 'pkg.module:function'") from None
+    check_rules(cfg)
 
 
 # ---------------------------------------------------------------- `online-dpo train --resume`
@@ -325,7 +281,8 @@ def check_imports(cfg: Config) -> None:
 # LoRA shape, batch, sync) would continue the checkpoint as another run.
 RESUMABLE = ("run.log_level", "run.check_resources", "run.call_timeout", "run.stall_timeout", "train.max_steps",
              "train.max_kl", "train.max_failures", "sampler.max_restarts", "judge.max_restarts", "eval.every_steps",
-             "checkpoint.every_steps", "checkpoint.keep", "metrics.", "serve.")
+             "checkpoint.every_steps", "checkpoint.keep", "metrics.", "serve.", "pairs.", "judge.base_url",
+             "judge.timeout", "judge.retries", "judge.concurrency", "judge.api_key_env")
 
 
 def flat(data: dict, prefix: str = "") -> dict:

@@ -35,12 +35,22 @@ def plot(run_dir: Path, records: list[dict] | None = None) -> Path:
     if evals:
         ax.plot([e.get("step", 0) for e in evals], [e.get("reward") for e in evals], "o-",
                 label="held-out mean score")   # evaluations are drawn at the step they were made
+    indep = [e for e in evals if e.get("eval_judge/reward") is not None]
+    if indep:   # eval.judge: the independent judge on its own axis (its scale differs)
+        twin = ax.twinx()
+        twin.plot([e.get("step", 0) for e in indep], [e["eval_judge/reward"] for e in indep], "s--", color="C3",
+                  label="held-out, eval.judge (right axis)")
+        twin.legend(loc="lower right")
     ax.set_title("reward (judge score)")
     ax.set_xlabel("step")
     ax.legend()
     ax = axes[0][1]
     with_wr = [e for e in evals if e.get("win_rate") is not None]
-    ax.plot([e.get("step", 0) for e in with_wr], [e["win_rate"] for e in with_wr], "o-")
+    ax.plot([e.get("step", 0) for e in with_wr], [e["win_rate"] for e in with_wr], "o-", label="training judge")
+    indep = [e for e in evals if e.get("eval_judge/win_rate") is not None]
+    if indep:
+        ax.plot([e.get("step", 0) for e in indep], [e["eval_judge/win_rate"] for e in indep], "s--", label="eval.judge")
+        ax.legend()
     ax.axhline(0.5, color="grey", lw=0.5)
     ax.set_ylim(0, 1)
     ax.set_title("held-out win rate vs initial policy")

@@ -27,11 +27,12 @@ import math
 import threading
 import time
 
+from .buffer import PairBuffer
 from .data import PromptSource
-from .errors import RunFailed
+from .errors import JudgeFailed, RunFailed
 from .specs import RolloutSpec
 from .topology import ActorGroup, split
-from .types import Labels, PreferencePair, SampleBatch
+from .types import Labels, SampleBatch
 
 STARVED = 20  # give up after sampling this many times the prompts a batch needs without getting it
 BAD_SHARE = 0.5   # a judge whose malformed or non-finite verdicts pass this share of the recent ones ...
@@ -41,10 +42,6 @@ BAD_MIN = 32
 
 class Starved(RunFailed):
     """The judge no longer separates the policy's samples (ties or identical responses)."""
-
-
-class JudgeFailed(RunFailed):
-    """The judge's verdicts are mostly malformed or not finite: a broken judge, not a converged policy."""
 
 
 def judge_health(recent: list[dict]) -> str | None:
@@ -64,65 +61,6 @@ def starved_message(got: int, asked: int, last: dict) -> str:
     return (f"the judge separated only {got} of {asked} prompts' samples (ties {last.get('ties')}, identical "
             f"{last.get('identical')} in the last round): lower judge.margin, or raise sampler.n or "
             f"sampler.temperature")
-
-
-class PairBuffer:
-    """Judged pairs waiting for the learner, oldest first; thread-safe."""
-
-    def __init__(self, capacity: int):
-        self.capacity = capacity
-        self.pairs: collections.deque[PreferencePair] = collections.deque()
-        self.stale = 0       # dropped: older than the lag allows
-        self.discarded = 0   # dropped: sampled by versions a restored learner no longer has
-        self.cond = threading.Condition()
-
-    def __len__(self) -> int:
-        return len(self.pairs)
-
-    def put(self, pairs: list[PreferencePair]) -> None:
-        with self.cond:
-            self.pairs.extend(pairs)
-            self.cond.notify_all()
-
-    def prune(self, min_version: int) -> None:
-        """Drop pairs older than min_version (samplers finish out of order, so look at all of them)."""
-        with self.cond:
-            keep = [p for p in self.pairs if p.policy_version >= min_version]
-            if len(keep) < len(self.pairs):
-                self.stale += len(self.pairs) - len(keep)
-                self.pairs = collections.deque(keep)
-
-    def take(self, n: int, min_version: int, timeout: float | None = None) -> list[PreferencePair] | None:
-        """n pairs no older than min_version, or None if they are not there within timeout."""
-        deadline = None if timeout is None else time.time() + timeout
-        with self.cond:
-            while True:
-                self.prune(min_version)
-                if len(self.pairs) >= n:
-                    out = [self.pairs.popleft() for _ in range(n)]
-                    self.cond.notify_all()
-                    return out
-                left = None if deadline is None else deadline - time.time()
-                if left is not None and left <= 0:
-                    return None
-                self.cond.wait(left if left is not None else 1.0)
-
-    def discard_newer(self, version: int) -> int:
-        with self.cond:
-            keep = [p for p in self.pairs if p.policy_version <= version]
-            dropped = len(self.pairs) - len(keep)
-            self.pairs = collections.deque(keep)
-            self.discarded += dropped
-            return dropped
-
-    def state(self) -> dict:
-        with self.cond:
-            return {"pairs": [p.data() for p in self.pairs], "stale": self.stale, "discarded": self.discarded}
-
-    def restore(self, state: dict) -> None:
-        with self.cond:
-            self.pairs = collections.deque(PreferencePair.from_data(p) for p in state["pairs"])
-            self.stale, self.discarded = state["stale"], state["discarded"]
 
 
 class Rollouts:
@@ -158,7 +96,7 @@ class Rollouts:
             "prompts": groups, "completions": len(comps), "pairs": len(pairs),
             "ties": sum(lb.ties for lb in labels), "identical": sum(lb.identical for lb in labels),
             "nonfinite": sum(lb.nonfinite for lb in labels), "malformed": sum(lb.malformed for lb in labels),
-            "asked": sum(lb.asked for lb in labels), "reward_mean": sum(scores) / max(1, len(scores)),
+            "asked": sum(lb.asked for lb in labels), **usage_sums(labels), "reward_mean": sum(scores) / max(1, len(scores)),
             "chosen_score": sum(p.chosen_score for p in pairs) / max(1, len(pairs)),
             "rejected_score": sum(p.rejected_score for p in pairs) / max(1, len(pairs)),
             "response_tokens": sum(len(c.token_ids) for c in comps) / max(1, len(comps)),
@@ -172,6 +110,7 @@ class Rollouts:
         for key in ("prompts", "completions", "pairs", "ties", "identical", "nonfinite", "malformed"):
             self.counts[key] += record[key]
         self.latest = record
+        self.buffer.drop([row for lb in labels for row in lb.dropped])   # for the preference log
         self.log(record)
         self.recent.append(record)
         broken = judge_health(list(self.recent))
@@ -197,6 +136,20 @@ class Rollouts:
             self.set_weights(handle)
         self.version = version
         return self.buffer.discard_newer(version)
+
+    def dropped(self) -> list:
+        """(why, pair) rows dropped since the last call, for the preference log."""
+        return self.buffer.drain()
+
+    def waiting(self) -> list:
+        """The pairs buffered for the learner."""
+        return self.buffer.waiting()
+
+    def lost(self, pairs, trained: int = 0) -> None:
+        """Pairs taken for orders a restored learner never ran, and `trained` more that it trained into a
+        version it no longer has (the preference log relabels those itself)."""
+        self.buffer.drop([("restart", p) for p in pairs])
+        self.buffer.discarded += trained
 
     @property
     def stale(self) -> int:
@@ -379,7 +332,7 @@ class Pipelined(Rollouts):
             return
         self.inflight_prompts -= len(batch.groups)
         if epoch != self.epoch:   # sampled before the learner was restored: its version is gone
-            self.buffer.discarded += len(labels.pairs)
+            self.buffer.drop([("restart", p) for p in labels.pairs])
             return
         self.record([batch], [labels], time.time() - started)
         self.keep_rate = 0.8 * self.keep_rate + 0.2 * len(labels.pairs) / max(1, len(batch.groups))
@@ -398,3 +351,9 @@ def objective_means(labels: list[Labels]) -> dict:
     total = sum(lb.groups for lb in labels if lb.objectives)
     keys = list(dict.fromkeys(k for lb in labels for k in lb.objectives))   # the members' order
     return {k: sum(lb.objectives.get(k, 0.0) * lb.groups for lb in labels) / total for k in keys} if total else {}
+
+
+def usage_sums(labels: list[Labels]) -> dict:
+    """An endpoint judge's requests, cache hits, retries and tokens over a batch's label calls."""
+    keys = list(dict.fromkeys(k for lb in labels for k in lb.usage))
+    return {f"judge_{k}": sum(lb.usage.get(k, 0) for lb in labels) for k in keys}

@@ -49,6 +49,19 @@ class Ask:
         return out
 
 
+def threads(num_cpus: float, explicit: int | None) -> int:
+    """torch/OpenMP threads of an actor: as configured, else one per CPU it holds."""
+    return explicit or max(1, int(num_cpus))
+
+
+def resources(cpus: float, gpus: float, extra: dict[str, float]) -> dict[str, float]:
+    out = {"CPU": cpus} if cpus else {}
+    if gpus:
+        out["GPU"] = gpus
+    out.update(extra)
+    return out
+
+
 @dataclass(frozen=True)
 class Names:
     """The Ray names of one run's actors and Serve app, unique per run (`run_id`), so that runs share a
@@ -99,9 +112,11 @@ class GroupSpec:
     on_gpu: bool = False
     call_timeout: float = 600.0   # a call running longer means a hung actor (run.call_timeout)
 
+    section: str = ""            # its config section, where that is not `kind` (eval.judge)
+
     @property
     def restarts_field(self) -> str:
-        return f"{self.kind}.max_restarts"
+        return f"{self.section or self.kind}.max_restarts"
 
 
 @dataclass(frozen=True)
@@ -110,6 +125,18 @@ class Principle:
     name: str
     text: str
     weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where an endpoint judge (judge.kind: openai) sends its requests, and how."""
+    base_url: str
+    mode: str = "pairwise"               # pairwise | score
+    api_key_env: str | None = None       # the variable holding the key (read on the judge's node)
+    concurrency: int = 8
+    timeout: float = 30.0
+    retries: int = 3
+    logprobs: bool = False               # score mode: the rating expected under the first token's log-probs
 
 
 @dataclass(frozen=True)
@@ -131,6 +158,7 @@ class JudgeSpec:
     weight: float = 1.0                  # an ensemble member's weight
     normalize: bool = False              # an ensemble member's z-scoring
     file_server: Any = None
+    endpoint: Endpoint | None = None     # openai: the endpoint
 
 
 @dataclass(frozen=True)

@@ -178,14 +178,16 @@ class Topology:
     """The actors of one run; `start` creates them, `wait_ready` waits for them, `shutdown` ends them."""
 
     def __init__(self, samplers: ActorGroup, judges: ActorGroup, broker, store, files=None,
-                 pushed: bool = False, workers_per_sampler: int = 1):
+                 pushed: bool = False, workers_per_sampler: int = 1, evaluators: ActorGroup | None = None):
         self.samplers, self.judges, self.broker, self.store, self.files = samplers, judges, broker, store, files
+        self.evaluators = evaluators   # eval.judge's actors (None: the training judge evaluates alone)
         self.pushed, self.workers_per_sampler, self.gen = pushed, workers_per_sampler, 0
         self.unchecked = None   # sync.verify: (serial, the trainer's checksums) until a sampler holds it
         self.serve_url = self.serve_where = self.serve_app = None
 
     @classmethod
-    def start(cls, samplers: GroupSpec, judges: GroupSpec, transport: str, run_name: str, names: Names) -> "Topology":
+    def start(cls, samplers: GroupSpec, judges: GroupSpec, transport: str, run_name: str, names: Names,
+              evaluators: GroupSpec | None = None) -> "Topology":
         """Create every actor without waiting for any to be ready (named by `names`, unique per run)."""
         import ray
 
@@ -200,16 +202,16 @@ class Topology:
             name=names.actor(f"sampler-{i}"), max_restarts=samplers.max_restarts, runtime_env={"env_vars": samplers.env},
             max_concurrency=MAX_CONCURRENCY, **samplers.ask.actor_options()).remote(samplers.spec, f"sampler-{i}", samplers.on_gpu, run_name)
             for i in range(samplers.ask.count)]
-        judge_actors = [ray.remote(JudgeActor).options(
-            name=names.actor(f"judge-{i}"), max_restarts=judges.max_restarts, runtime_env={"env_vars": judges.env},
-            **judges.ask.actor_options()).remote(judges.spec, name=f"judge-{i}")
-            for i in range(judges.ask.count)]
+        groups = {g.kind: ActorGroup(g.kind, [ray.remote(JudgeActor).options(
+            name=names.actor(f"{g.kind}-{i}"), max_restarts=g.max_restarts, runtime_env={"env_vars": g.env},
+            **g.ask.actor_options()).remote(g.spec, name=f"{g.kind}-{i}") for i in range(g.ask.count)],
+            g.max_restarts, g.restarts_field, g.call_timeout) for g in (judges, evaluators) if g is not None}
         broker = ray.remote(Broker).options(name=names.actor("broker"), num_cpus=0, **OWN_PLACEMENT).remote()
         store = ray.remote(PolicyStore).options(name=names.store, num_cpus=0, **OWN_PLACEMENT).remote()
         return cls(ActorGroup("sampler", sampler_actors, samplers.max_restarts, samplers.restarts_field,
                               samplers.call_timeout),
-                   ActorGroup("judge", judge_actors, judges.max_restarts, judges.restarts_field, judges.call_timeout),
-                   broker, store, files, transport == "collective", samplers.spec.tensor_parallel_size)
+                   groups["judge"], broker, store, files, transport == "collective",
+                   samplers.spec.tensor_parallel_size, groups.get("eval-judge"))
 
     def on_actor_event(self, callback) -> None:
         """`callback(event)` hears of every sampler or judge that dies or comes back. A sampler's
@@ -219,6 +221,8 @@ class Topology:
             callback(event)
 
         self.samplers.notify, self.judges.notify = sampler_event, callback
+        if self.evaluators is not None:
+            self.evaluators.notify = callback
 
     def form_weight_group(self) -> None:
         """A new generation of the weight group: the live samplers, which trainer rank 0 pushes
@@ -270,7 +274,7 @@ class Topology:
         import ray
 
         deadline = time.time() + timeout
-        for group in (self.samplers, self.judges):
+        for group in self.groups():
             for i, actor in enumerate(group.handles):
                 try:
                     ray.get(actor.ready.remote(), timeout=max(1.0, deadline - time.time()))
@@ -292,8 +296,11 @@ class Topology:
         self.serve_url = app.deploy(spec, serve.options, serve.host, serve.port, serve.route_prefix, serve.app_name)
         self.serve_where = app.describe(self.serve_url, app.replica_urls(serve.route_prefix, serve.app_name))
 
+    def groups(self) -> list[ActorGroup]:
+        return [g for g in (self.samplers, self.judges, self.evaluators) if g is not None]
+
     def restarts(self) -> dict:
-        return {"sampler": self.samplers.stats(), "judge": self.judges.stats()}
+        return {g.kind: g.stats() for g in self.groups()}
 
     def shutdown(self, keep_store: bool = False) -> None:
         import ray
@@ -302,7 +309,7 @@ class Topology:
             from .serve.app import undeploy
             undeploy(self.serve_app)
         others = [self.broker, self.files] + ([] if keep_store else [self.store])
-        for actor in self.samplers.handles + self.judges.handles + others:
+        for actor in [a for g in self.groups() for a in g.handles] + others:
             if actor is None:
                 continue
             try:

@@ -169,6 +169,23 @@ def search(base: str | None, overrides: list[str], grid: dict, ranges: dict, sam
     return {"dir": str(out), "rows": rows, "best": best}
 
 
+def result_lines(result: dict, metric: str) -> list[str]:
+    """What `online-dpo tune` prints at the end: one line per trial, the best, and where the files are."""
+    def num(x, spec: str) -> str:
+        return "-" if x is None else format(x, spec)
+
+    lines = []
+    for row in result["rows"]:
+        values = ", ".join(f"{k}={row[k]}" for k in row if "." in k)
+        status = "" if row["finished"] else f"  (stopped at step {row['steps']})" if not row["error"] else \
+            f"  (failed: {row['error']})"
+        lines.append(f"{values}: held-out reward {num(row['reward'], '+.3f')}  win rate "
+                     f"{num(row['win_rate'], '.3f')}  kl {num(row['kl'], '.2f')}{status}")
+    lines.append(f"best by held-out {metric}: " + ", ".join(f"{k}={v}" for k, v in result["best"].items() if "." in k))
+    lines.append(f"wrote {result['dir']}/results.csv, tune.png and best.yaml")
+    return lines
+
+
 def _cause(err: BaseException) -> str:
     """The last line of a trial's error: its cause, not Ray's wrapper."""
     lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]

@@ -35,6 +35,7 @@ class PreferencePair:
     rejected: Completion
     chosen_score: float
     rejected_score: float
+    details: dict = field(default_factory=dict)   # what else the judge said (preference log): per objective, ...
 
     @property
     def policy_version(self) -> int:
@@ -53,7 +54,7 @@ class PreferencePair:
 
         return cls(prompt=d["prompt"], prompt_ids=tuple(d["prompt_ids"]), chosen=completion(d["chosen"]),
                    rejected=completion(d["rejected"]), chosen_score=float(d["chosen_score"]),
-                   rejected_score=float(d["rejected_score"]))
+                   rejected_score=float(d["rejected_score"]), details=dict(d.get("details") or {}))
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,8 @@ class Labels:
     scores: tuple[float, ...] = field(default=(), repr=False)
     seconds: float = 0.0
     objectives: dict = field(default_factory=dict)   # ensemble judges: per-objective figures (ensemble.py)
+    dropped: tuple[tuple[str, PreferencePair], ...] = field(default=(), repr=False)   # (why, best vs worst)
+    usage: dict = field(default_factory=dict)   # endpoint judges: requests, cache_hits, retries, tokens
 
     @property
     def chosen_mean(self) -> float:

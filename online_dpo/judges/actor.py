@@ -34,3 +34,7 @@ class JudgeActor:
 
     def compare(self, prompts, a, b):
         return self.judge.compare(prompts, a, b)
+
+    def usage(self) -> dict:
+        """An endpoint judge's requests, cache hits, retries and tokens so far ({} for other kinds)."""
+        return self.judge.usage() if hasattr(self.judge, "usage") else {}

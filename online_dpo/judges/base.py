@@ -74,33 +74,46 @@ def extremes(scores: Sequence[float]) -> tuple[int, int]:
 
 
 Gap = Callable[[int, int, int], float]   # (group, best, worst) -> the gap that decides a tie
+Details = Callable[[int, int, int], dict]   # (group, best, worst) -> what else the preference log keeps
 
 
 def make_pairs(groups: Sequence[SampleGroup], scores: Sequence[Sequence[float]], margin: float,
-               gap: Gap | None = None) -> tuple[list[PreferencePair], dict]:
-    """Best vs worst of each group by score; returns pairs and drop counts. `gap` replaces the score
-    difference as what must exceed the margin (an ensemble's gap leaves out tied objectives). A score
-    that is NaN or infinite takes no part: its group counts as `nonfinite`, and is a tie unless two
-    finite scores remain to pair."""
-    pairs, ties, identical, nonfinite = [], 0, 0, 0
+               gap: Gap | None = None, details: Details | None = None
+               ) -> tuple[list[PreferencePair], dict, list[tuple[str, PreferencePair]]]:
+    """Best vs worst of each group by score; returns pairs, drop counts, and the dropped groups' best vs
+    worst with why ("tie", "identical", "nonfinite": fewer than two finite scores). `gap` replaces the
+    score difference as what must exceed the margin (an ensemble's gap leaves out tied objectives). A
+    score that is NaN or infinite takes no part: its group counts as `nonfinite`, and is a tie unless
+    two finite scores remain to pair."""
+    pairs, rows, ties, identical, nonfinite = [], [], 0, 0, 0
     for g, (group, s) in enumerate(zip(groups, scores)):
         finite = sum(math.isfinite(x) for x in s)
         nonfinite += finite < len(s)
         best, worst = extremes(s)
         chosen, rejected = group.completions[best], group.completions[worst]
+        pair = PreferencePair(prompt=group.prompt, prompt_ids=group.prompt_ids, chosen=chosen, rejected=rejected,
+                              chosen_score=float(s[best]), rejected_score=float(s[worst]),
+                              details=details(g, best, worst) if details else {})
         if finite < 2 or best == worst or (s[best] - s[worst] if gap is None else gap(g, best, worst)) <= margin:
             ties += 1   # all equal, within the margin, or too few finite scores
+            rows.append(("nonfinite" if finite < 2 else "tie", pair))
         elif chosen.token_ids == rejected.token_ids:
             identical += 1
+            rows.append(("identical", pair))
         else:
-            pairs.append(PreferencePair(prompt=group.prompt, prompt_ids=group.prompt_ids,
-                                        chosen=chosen, rejected=rejected,
-                                        chosen_score=float(s[best]), rejected_score=float(s[worst])))
-    return pairs, {"ties": ties, "identical": identical, "nonfinite": nonfinite}
+            pairs.append(pair)
+    return pairs, {"ties": ties, "identical": identical, "nonfinite": nonfinite}, rows
 
 
-def round_robin_scores(judge: Judge, groups: Sequence[SampleGroup]) -> list[list[float]]:
-    """For a pairwise-only judge: each completion's mean win probability against the others."""
+def agreement(first: str | None, swapped: str | None) -> bool | None:
+    """Whether verdicts on (a, b) and on (b, a) name the same response (None: one did not parse)."""
+    return None if first is None or swapped is None else (first == "A") == (swapped == "B")
+
+
+def round_robin_scores(judge: Judge, groups: Sequence[SampleGroup]) -> tuple[list[list[float]], list]:
+    """For a pairwise-only judge: each completion's mean win probability against the others, and per group
+    the share of its comparisons where the two orders agreed (None: the judge does not say, or no verdict
+    parsed). A judge that asks both orders says so through `compare_both(prompts, a, b) -> (probs, agree)`."""
     prompts, a, b, where = [], [], [], []
     for g, group in enumerate(groups):
         n = len(group.completions)
@@ -110,26 +123,38 @@ def round_robin_scores(judge: Judge, groups: Sequence[SampleGroup]) -> list[list
                 a.append(group.completions[i].text)
                 b.append(group.completions[j].text)
                 where.append((g, i, j))
-    probs = judge.compare(prompts, a, b) if prompts else []
+    both = hasattr(judge, "compare_both")
+    probs, agree = (judge.compare_both(prompts, a, b) if both else (judge.compare(prompts, a, b), None)) \
+        if prompts else ([], None)
     wins = [[0.0] * len(group.completions) for group in groups]
-    for (g, i, j), p in zip(where, probs):
+    agreed = [[] for _ in groups]
+    for k, ((g, i, j), p) in enumerate(zip(where, probs)):
         wins[g][i] += p
         wins[g][j] += 1.0 - p
-    return [[w / max(1, len(row) - 1) for w in row] for row in wins]
+        if agree is not None and agree[k] is not None:
+            agreed[g].append(agree[k])
+    shares = [sum(x) / len(x) if x else None for x in agreed] if agree is not None else [None] * len(groups)
+    return [[w / max(1, len(row) - 1) for w in row] for row in wins], shares
 
 
 def group_scores(judge, groups: Sequence[SampleGroup]) -> list[list[float]]:
     """Each completion's score per group: the judge's own (pointwise), or round-robin win rates."""
+    return scores_and_agreement(judge, groups)[0]
+
+
+def scores_and_agreement(judge, groups: Sequence[SampleGroup]) -> tuple[list[list[float]], list]:
+    """`group_scores`, and per group how often a pairwise judge's two orders agreed (None: pointwise)."""
     if isinstance(judge, PointwiseJudge):
-        return regroup(judge.score(*flat_texts(groups)), groups)
+        return regroup(judge.score(*flat_texts(groups)), groups), [None] * len(groups)
     return round_robin_scores(judge, groups)   # win rates lie in [0, 1]; a 0.5 verdict is a tie
 
 
 def label_groups(judge, groups: Sequence[SampleGroup], margin: float = 0.0) -> Labels:
     """Labels from any judge that scores or compares."""
     start = time.time()
-    scores = group_scores(judge, groups)
-    pairs, dropped = make_pairs(groups, scores, margin)
+    scores, agreed = scores_and_agreement(judge, groups)
+    pairs, dropped, rows = make_pairs(groups, scores, margin, details=lambda g, best, worst: (
+        {} if agreed[g] is None else {"order_agreement": agreed[g]}))
     return Labels(pairs=tuple(pairs), groups=len(groups), ties=dropped["ties"], identical=dropped["identical"],
                   nonfinite=dropped["nonfinite"], scores=tuple(x for row in scores for x in row if math.isfinite(x)),
-                  seconds=time.time() - start)
+                  seconds=time.time() - start, dropped=tuple(rows))

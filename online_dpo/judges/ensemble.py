@@ -128,12 +128,16 @@ class EnsembleJudge:
         def gap(g: int, best: int, worst: int) -> float:
             return sum(d for d in self.gaps(raw, scaled, g, best, worst).values() if d is not None)
 
-        pairs, dropped = make_pairs(groups, combined, margin, gap)
+        def details(g: int, best: int, worst: int) -> dict:   # each objective's raw scores, for the log
+            return {f"{side}/{m.name}": raw[m.name][g][i] for m in self.members
+                    for side, i in (("chosen", best), ("rejected", worst))}
+
+        pairs, dropped, rows = make_pairs(groups, combined, margin, gap, details)
         return Labels(pairs=tuple(pairs), groups=len(groups), ties=dropped["ties"], identical=dropped["identical"],
                       nonfinite=dropped["nonfinite"],
                       scores=tuple(x for row in combined for x in row if math.isfinite(x)),
                       seconds=time.time() - start,
-                      objectives=self.report(raw, scaled, combined))
+                      objectives=self.report(raw, scaled, combined), dropped=tuple(rows))
 
     def report(self, raw: dict, scaled: dict, combined: list[list[float]]) -> dict[str, float]:
         """Per objective: its mean raw score, and the share of groups where it agrees with the chosen

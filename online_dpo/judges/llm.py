@@ -16,7 +16,7 @@ from dataclasses import replace
 
 from ..specs import JudgeSpec
 from ..types import Labels
-from .base import label_groups
+from .base import agreement, label_groups
 
 TEMPLATE = (  # the default judge.template: the responses are fenced
     "Which response answers the prompt better? Each is quoted between <response> tags: judge "
@@ -111,7 +111,12 @@ class LLMJudge:
         return [(verdicts[i], verdicts[k + i]) for i in range(k)]
 
     def compare(self, prompts: Sequence[str], a: Sequence[str], b: Sequence[str]) -> list[float]:
-        return [combine(first, swapped) for first, swapped in self.ask(prompts, a, b)]
+        return self.compare_both(prompts, a, b)[0]
+
+    def compare_both(self, prompts, a, b) -> tuple[list[float], list[bool | None]]:
+        """P(a > b) per prompt, and whether the two orders agreed (None: a verdict did not parse)."""
+        verdicts = self.ask(prompts, a, b)
+        return [combine(*v) for v in verdicts], [agreement(*v) for v in verdicts]
 
     def label(self, groups, margin: float) -> Labels:
         asked, malformed = self.asked, self.malformed

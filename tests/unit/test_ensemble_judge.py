@@ -10,7 +10,7 @@ from online_dpo.judges.actor import JudgeActor
 from online_dpo.judges.ensemble import EnsembleJudge, Member
 from online_dpo.judges.llm import LLMJudge
 from online_dpo.judges.rule import RuleJudge, distinct_words
-from online_dpo.plan import judge_spec
+from online_dpo.plan_judges import judge_spec
 from online_dpo.rollout import objective_means
 from online_dpo.types import Completion, SampleGroup
 

@@ -22,7 +22,7 @@ def test_best_vs_worst_ties_and_identical():
     same = SampleGroup(prompt="p", prompt_ids=(1,), completions=(comp("x", [5, 6]), comp("x", [5, 6])))
     # Identical token ids with different scores can happen (a judge that looks at more than
     # the text, or a stochastic one); they are still never trained on.
-    pairs, dropped = make_pairs(groups + [same], [[0.1, 0.9, 0.5], [0.30, 0.32], [0.0, 0.0], [0.2, 0.9]],
+    pairs, dropped, _ = make_pairs(groups + [same], [[0.1, 0.9, 0.5], [0.30, 0.32], [0.0, 0.0], [0.2, 0.9]],
                                 margin=0.05)
     assert len(pairs) == 1
     assert (pairs[0].chosen.text, pairs[0].rejected.text) == ("b", "a")
@@ -157,7 +157,7 @@ def test_a_chat_structure_injection_flips_no_more_verdicts_than_neutral_text():
 def test_non_finite_scores_take_no_part_in_pairs_and_are_counted():
     nan, inf = float("nan"), float("inf")
     groups = [group("a", "b", "c"), group("d", "e"), group("f", "g")]
-    pairs, dropped = make_pairs(groups, [[0.1, nan, 0.9], [inf, 0.2], [nan, nan]], margin=0.0)
+    pairs, dropped, _ = make_pairs(groups, [[0.1, nan, 0.9], [inf, 0.2], [nan, nan]], margin=0.0)
     assert [(p.chosen.text, p.rejected.text) for p in pairs] == [("c", "a")]   # the finite two still pair
     assert dropped == {"ties": 2, "identical": 0, "nonfinite": 3}
     judge = RuleJudge(lambda p, r: [nan if "bad" in x else 1.0 for x in r])
