@@ -99,7 +99,7 @@ class PairLog:
     def end(self, step: int, dropped, waiting) -> None:
         """The run ends at `step`: the rows dropped since the last write, and the pairs still buffered."""
         self.write(step, (), dropped)
-        if self.enabled:
+        if self.enabled and waiting:
             write_rows(self.dir / UNUSED, [row("unused", p, None, step) for p in waiting])
 
     def rewind(self, step: int) -> int:
@@ -142,7 +142,8 @@ def read(run_path: Path, columns: list[str] | None = None):
     d = Path(run_path) / DIR
     files = sorted(p for p in d.glob("*.parquet") if PART.match(p.name)) if d.is_dir() else []
     files += [d / UNUSED] if (d / UNUSED).exists() else []
-    tables = [pq.read_table(p, columns=columns) for p in files]
+    tables = [t for t in (pq.read_table(p) for p in files) if t.num_rows]
+    tables = [t.select(columns) for t in tables] if columns else tables
     return pa.concat_tables(tables, promote_options="default") if tables else None
 
 

@@ -151,3 +151,30 @@ def test_an_ensemble_judge_reports_each_objective(tmp_path):
     assert set(objectives) == {"sentiment", "distinct"}
     assert all(o["before"] is not None and o["after"] is not None for o in objectives.values())
     assert summary["reward_after"] > summary["reward_before"]
+
+
+def test_the_preference_log_holds_every_judged_pair(default_run, tmp_path):
+    """pairs/ has one row per judged group: its counts are summary.json's, and it exports for offline DPO."""
+    import datasets
+
+    from online_dpo.pairs_log import read
+
+    run_dir, _ = default_run
+    summary = json.loads((run_dir / "summary.json").read_text())
+    rows = read(run_dir).to_pylist()
+    by = {k: sum(r["outcome"] == k for r in rows) for k in ("trained", "tie", "nonfinite", "identical", "stale",
+                                                              "restart", "unused")}
+    assert by["trained"] == summary["pairs"] == 60 * 32
+    assert by["tie"] + by["nonfinite"] == summary["ties_dropped"] and by["identical"] == summary["identical_dropped"]
+    assert by["stale"] == summary["stale_dropped"] and by["restart"] == summary["restart_dropped"]
+    assert len(rows) == summary["prompts_sampled"] and summary["pairs_log"] == {k: v for k, v in by.items() if v}
+    trained = [r for r in rows if r["outcome"] == "trained"]
+    assert sorted({r["step"] for r in trained}) == list(range(1, 61))
+    assert all(r["chosen_score"] > r["rejected_score"] and r["chosen"] != r["rejected"] for r in trained)
+    proc = run_cli("pairs", str(run_dir), timeout=120)
+    assert proc.returncode == 0 and f"{len(rows)} judged pairs" in proc.stdout and "v0" in proc.stdout, proc.stderr
+    proc = run_cli("pairs", str(run_dir), "--export", str(tmp_path / "dpo"), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    ds = datasets.load_from_disk(str(tmp_path / "dpo"))
+    assert {"prompt", "chosen", "rejected"} <= set(ds.column_names) and len(ds) == len(rows) - by["tie"] - \
+        by["nonfinite"] - by["identical"]
