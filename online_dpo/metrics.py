@@ -223,7 +223,9 @@ class ConsoleLog:
         if "eval_judge/reward" in result:   # eval.judge: the independent judge, side by side
             parts.append(f"eval.judge: reward {_fmt(result['eval_judge/reward'], '+.3f')}"
                          + (f", win rate {_fmt(result.get('eval_judge/win_rate'), '.3f')}"
-                            if "eval_judge/win_rate" in result else ""))
+                            if "eval_judge/win_rate" in result else "")
+                         + "".join(f", {k.removeprefix('eval_judge/objective/')} {v:+.3f}" for k, v in result.items()
+                                   if k.startswith("eval_judge/objective/")))
         self._print("[online-dpo] " + ", ".join(parts))
 
 
