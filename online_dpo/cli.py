@@ -1,8 +1,9 @@
-"""online-dpo: train | tune | serve | monitor | validate | report | pairs | export | make-default.
+"""online-dpo: train | tune | serve | judge serve | monitor | validate | report | pairs | export | make-default.
 
   online-dpo train [CONFIG] [--set section.field=value ...] [-v] [--dry-run]
   online-dpo train --resume RUN_DIR
   online-dpo serve RUN_DIR|MODEL_DIR [--config CONFIG] [--set serve.field=value ...]
+  online-dpo judge serve CONFIG [--app NAME] [--replicas N]
   online-dpo tune [CONFIG] --grid FIELD=V1,V2 [--range FIELD=KIND:LO:HI] [--set ...]
   online-dpo validate CONFIG [CONFIG ...]
   online-dpo monitor [--prometheus-port 9090] [--grafana-port 3000]
@@ -22,6 +23,9 @@ import os
 import signal
 import sys
 import time
+
+
+from .cli_serve import cmd_judge, cmd_serve, shutdown_local
 
 
 def _plan(path, overrides, resume: bool = False):
@@ -77,57 +81,6 @@ def cmd_report(args) -> int:
     print(table(run_dir, records))
     print(f"curves: {plot(run_dir, records)}")
     return 0
-
-
-def _serve_section(args):
-    """The `serve` section `online-dpo serve` uses: from --config, or the defaults with --set serve.*."""
-    from .config import ConfigError, apply_override, load_config, validate
-
-    if args.config:
-        return load_config(args.config, args.set).serve
-    raw = {"model": {"policy": "unused"}, "data": {"source": "unused"}}
-    for item in args.set:
-        if not item.startswith("serve."):
-            raise ConfigError(f"--set {item}: only serve.* fields apply to `online-dpo serve`")
-        apply_override(raw, item)
-    return validate(raw, source="--set").serve
-
-
-def cmd_serve(args) -> int:
-    """Serve a finished run directory or any HF model directory until interrupted."""
-    from .config import ConfigError
-    from .plan import standalone_serve
-
-    try:
-        plan, what = standalone_serve(args.path, _serve_section(args), "info" if args.verbose else "quiet")
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    from .cluster import connect
-    from .errors import RunFailed
-    from .serve import app
-    from .signals import Interrupted, Stop
-
-    started = connect(namespace=f"online-dpo-serve-{int(time.time())}", log_to_driver=args.verbose)
-    Stop().install()   # after ray.init(), whose SIGTERM handler aborts the process
-    code = 0
-    try:
-        url = app.deploy(plan.spec, plan.options, plan.host, plan.port, plan.route_prefix, plan.app_name)
-        where = app.describe(url, app.replica_urls(plan.route_prefix, plan.app_name))
-        print(f"[online-dpo] serving {what} as '{plan.spec.served_name}' at {where} (Ctrl-C to stop)", flush=True)
-        while True:
-            time.sleep(3600)
-    except Interrupted as e:
-        print(f"[online-dpo] {e.reason}", file=sys.stderr)
-        code = e.code
-    except RunFailed as e:
-        print(f"error: {e}", file=sys.stderr)
-        code = 2
-    finally:
-        app.undeploy(plan.app_name)
-        if started:
-            _shutdown()
-    return code
 
 
 def cmd_monitor(args) -> int:
@@ -209,7 +162,7 @@ def cmd_train(args) -> int:
         if started and hold_seconds(monitor):   # let Prometheus scrape the final values
             time.sleep(hold_seconds(monitor))
         if started:
-            _shutdown()
+            shutdown_local()
 
 
 def _train(plan, console, resume, stop) -> int:
@@ -283,7 +236,7 @@ def cmd_tune(args) -> int:
         return 1
     finally:
         if started:
-            _shutdown()
+            shutdown_local()
     for line in result_lines(result, args.metric):
         console.info(line)
     return 0
@@ -312,13 +265,29 @@ def _resume_hint(err) -> str:
     return f"\n  continue it with: online-dpo train --resume {run_dir}"
 
 
-def _shutdown() -> None:
-    """Stop the local cluster this command started, all its processes; signals wait until it is down."""
-    from .cluster import shutdown
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_IGN)
-    shutdown(started=True)
+def _serving_parsers(sub) -> None:
+    """The commands that serve until interrupted (cli_serve.py), and the monitor."""
+    p = sub.add_parser("serve", help="serve a run directory or model directory over OpenAI-compatible HTTP")
+    p.add_argument("path", help="a run directory, an HF model directory, or embedded:reviews")
+    p.add_argument("--config", default=None, help="take the serve section of this run YAML")
+    p.add_argument("--set", action="append", default=[], metavar="serve.KEY=VALUE")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.set_defaults(fn=cmd_serve)
+    p = sub.add_parser("judge", help="`judge serve CONFIG`: one judge as a Ray Serve app that runs share")
+    p.add_argument("action", choices=["serve"])
+    p.add_argument("config", help="a run YAML: its judge section is served")
+    p.add_argument("--app", default="judge", help="the Serve application's name (runs set judge.app to it)")
+    p.add_argument("--replicas", type=int, default=1, help="copies of the judge (each takes judge.num_cpus/gpus)")
+    p.add_argument("--set", action="append", default=[], metavar="judge.KEY=VALUE")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.set_defaults(fn=cmd_judge)
+    p = sub.add_parser("monitor", help="start Prometheus and Grafana (where installed) for live curves")
+    p.add_argument("--prometheus-port", type=int, default=9090)
+    p.add_argument("--grafana-port", type=int, default=3000)
+    p.add_argument("--data", default=None, help="where they keep their data (default ~/.cache/online-dpo/monitor-data)")
+    p.add_argument("--grafana-anonymous", action="store_true",
+                   help="let anyone who reaches Grafana view it without logging in (off: admin password printed once)")
+    p.set_defaults(fn=cmd_monitor)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -346,19 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field in every trial")
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(fn=cmd_tune)
-    p = sub.add_parser("serve", help="serve a run directory or model directory over OpenAI-compatible HTTP")
-    p.add_argument("path", help="a run directory, an HF model directory, or embedded:reviews")
-    p.add_argument("--config", default=None, help="take the serve section of this run YAML")
-    p.add_argument("--set", action="append", default=[], metavar="serve.KEY=VALUE")
-    p.add_argument("-v", "--verbose", action="store_true")
-    p.set_defaults(fn=cmd_serve)
-    p = sub.add_parser("monitor", help="start Prometheus and Grafana (where installed) for live curves")
-    p.add_argument("--prometheus-port", type=int, default=9090)
-    p.add_argument("--grafana-port", type=int, default=3000)
-    p.add_argument("--data", default=None, help="where they keep their data (default ~/.cache/online-dpo/monitor-data)")
-    p.add_argument("--grafana-anonymous", action="store_true",
-                   help="let anyone who reaches Grafana view it without logging in (off: admin password printed once)")
-    p.set_defaults(fn=cmd_monitor)
+    _serving_parsers(sub)
     p = sub.add_parser("export", help="write a LoRA run's policy as one merged Hugging Face model")
     p.add_argument("run_dir")
     p.add_argument("--merge", required=True, metavar="OUT", help="where to write the merged model")

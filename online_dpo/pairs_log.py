@@ -142,8 +142,7 @@ def read(run_path: Path, columns: list[str] | None = None):
     d = Path(run_path) / DIR
     files = sorted(p for p in d.glob("*.parquet") if PART.match(p.name)) if d.is_dir() else []
     files += [d / UNUSED] if (d / UNUSED).exists() else []
-    tables = [t for t in (pq.read_table(p) for p in files) if t.num_rows]
-    tables = [t.select(columns) for t in tables] if columns else tables
+    tables = [pq.read_table(p, columns=columns) for p in files if pq.ParquetFile(p).metadata.num_rows]
     return pa.concat_tables(tables, promote_options="default") if tables else None
 
 
@@ -178,6 +177,7 @@ def export(run_path: Path, out: str, outcomes=VALID) -> int:
     rejected columns (and the scores, the outcome and the step); returns how many rows."""
     import datasets
 
+    datasets.disable_progress_bars()
     table = read(run_path)
     if table is None:
         raise FileNotFoundError(f"{run_path} has no preference log ({DIR}/)")

@@ -70,8 +70,9 @@ class RunPlan:
         policy = model_path(cfg.model.policy)
         transport = weights_transport(cfg)
         names = Names(f"{cfg.run.name}-{secrets.token_hex(3)}")
-        samplers, judges = sampler_group(cfg, policy, names.files, transport), judge_group(cfg, names.files)
-        evaluators = judge_group(cfg, names.files, evaluation=True) if cfg.eval.judge else None
+        samplers = sampler_group(cfg, policy, names.files, transport)
+        judges = judge_group(cfg, names.files, caller=names.run_id)
+        evaluators = judge_group(cfg, names.files, evaluation=True, caller=names.run_id) if cfg.eval.judge else None
         gang = gang_spec(cfg)
         serve = serve_plan(cfg.serve, policy, cfg.serve.model_name or cfg.run.name, cfg.run.log_level,
                            lora_rank(cfg), file_server=names.files, names=names) if cfg.serve.enabled else None

@@ -32,18 +32,18 @@ def judge_models(cfg: Config) -> dict[str, str]:
     return {f"{prefix}model": j.model for prefix, j in judge_configs(cfg).items() if j.model and j.kind != "openai"}
 
 
-def judge_group(cfg: Config, files: str, evaluation: bool = False) -> GroupSpec:
+def judge_group(cfg: Config, files: str, evaluation: bool = False, caller: str = "") -> GroupSpec:
     """The training judge's actors, or (`evaluation`) eval.judge's: named judge-i / eval-judge-i."""
     j = cfg.eval.judge if evaluation else cfg.judge
     kind, section = ("eval-judge", "eval.judge") if evaluation else ("judge", "judge")
     ask = Ask(kind, j.num_actors, resources(j.num_cpus, j.num_gpus, j.resources), dict(j.node_labels),
               fields=f"{section}.num_actors / num_cpus / num_gpus / resources / node_labels")
     env = engine_env(threads(j.num_cpus, None), cfg.sampler.kv_cache_gib, j.num_gpus > 0, cfg.run.log_level)
-    return GroupSpec(kind, ask, j.max_restarts, env, judge_spec(j, files), j.num_gpus > 0, cfg.run.call_timeout,
-                     section=section)
+    return GroupSpec(kind, ask, j.max_restarts, env, judge_spec(j, files, caller), j.num_gpus > 0,
+                     cfg.run.call_timeout, section=section)
 
 
-def judge_spec(j: JudgeConfig | JudgeMember, files: str | None = None) -> JudgeSpec:
+def judge_spec(j: JudgeConfig | JudgeMember, files: str | None = None, caller: str = "") -> JudgeSpec:
     """A judge's plain arguments; an embedded generative judge runs in float32, as its policy does."""
     engine = dict(j.engine)
     if j.kind in ("llm", "constitutional") and j.model == EMBEDDED:
@@ -54,7 +54,7 @@ def judge_spec(j: JudgeConfig | JudgeMember, files: str | None = None) -> JudgeS
                   model=model_path(j.model) if j.model and j.kind != "openai" else j.model, batch_size=j.batch_size,
                   max_length=j.max_length, template=j.template or (LLM_TEMPLATE if j.kind == "llm" else None),
                   max_new_tokens=j.max_new_tokens, constrained=j.constrained, engine=engine, file_server=files,
-                  endpoint=endpoint)
+                  endpoint=endpoint, app=getattr(j, "app", None), caller=caller)
     if isinstance(j, JudgeMember):
         return JudgeSpec(**common, name=j.name, weight=j.weight, normalize=j.normalize)
     return JudgeSpec(**common, members=tuple(judge_spec(m, files) for m in j.members),
@@ -72,3 +72,19 @@ def check_rules(cfg: Config) -> None:
             except ValueError as e:
                 raise ConfigError(str(e).replace("judge.function", f"{prefix}function", 1)
                                   + "; give an importable 'pkg.module:function'") from None
+
+
+def shared_judge(path: str, overrides: list[str]) -> tuple[JudgeSpec, dict]:
+    """What `online-dpo judge serve CONFIG` deploys: the judge section's spec, and each replica's Ray
+    resources (judge.num_cpus / num_gpus / resources)."""
+    from .config import load_config
+
+    cfg = load_config(path, overrides)
+    j = cfg.judge
+    if j.kind == "deployment":
+        raise ConfigError("judge.kind is 'deployment' in this config: `judge serve` needs the judge itself "
+                          "(rule, reward_model, llm, ensemble, constitutional or openai)")
+    check_rules(cfg)
+    env = engine_env(threads(j.num_cpus, None), cfg.sampler.kv_cache_gib, j.num_gpus > 0, cfg.run.log_level)
+    return judge_spec(j), {"num_cpus": j.num_cpus, "num_gpus": j.num_gpus, "resources": dict(j.resources),
+                           "runtime_env": {"env_vars": env}}

@@ -58,6 +58,8 @@ class JudgeFields(Section):
     timeout: float = Field(30.0, gt=0, description="openai: seconds per request")
     retries: int = Field(3, ge=0, le=10, description="openai: retries on 429, 5xx and connection errors")
     logprobs: bool = Field(False, description="openai score mode: the rating expected under the log-probs")
+    app: str | None = Field(None, min_length=1, description="deployment: the Serve app of a shared judge "
+                            "(online-dpo judge serve)")
 
     @model_validator(mode="after")
     def _endpoint(self):
@@ -66,6 +68,9 @@ class JudgeFields(Section):
             raise ValueError("judge kind 'openai' needs base_url, the endpoint (e.g. http://127.0.0.1:8000/v1)")
         if kind != "openai" and self.base_url:
             raise ValueError(f"base_url is only for judge kind 'openai' (kind is '{kind}')")
+        if (kind == "deployment") != bool(self.app):
+            raise ValueError("judge kind 'deployment' needs app, the name given to `online-dpo judge serve --app`"
+                             if self.app is None else f"app is only for judge kind 'deployment' (kind is '{kind}')")
         return self
 
 
@@ -93,7 +98,7 @@ class JudgePrinciple(Section):
 
 
 class JudgeConfig(JudgeFields, Placed):
-    kind: Literal["rule", "reward_model", "llm", "ensemble", "constitutional", "openai"] = "rule"
+    kind: Literal["rule", "reward_model", "llm", "ensemble", "constitutional", "openai", "deployment"] = "rule"
     members: list[JudgeMember] = Field(default_factory=list, description="ensemble: the judges it combines")
     principles: list[JudgePrinciple] = Field(default_factory=list, description="constitutional: the principles")
     margin: float = Field(0.0, ge=0, description="score gaps at or below this are ties")

@@ -159,6 +159,8 @@ class JudgeSpec:
     normalize: bool = False              # an ensemble member's z-scoring
     file_server: Any = None
     endpoint: Endpoint | None = None     # openai: the endpoint
+    app: str | None = None               # deployment: the Serve application of a shared judge
+    caller: str = ""                     # deployment: the run, as the shared judge counts its requests
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,8 @@ responses (`compare -> P(a > b)`), and reports objectives; pointwise judges
 by `judge.kind`: each kind's module has a `build(spec)`. `JudgeActor` runs a
 judge as a Ray actor. `ensemble` combines several judges into one weighted
 score (ensemble.py); `constitutional` asks one LLM about each principle of a
-constitution (constitution.py); `openai` asks an OpenAI-compatible endpoint (endpoint.py).
+constitution (constitution.py); `openai` asks an OpenAI-compatible endpoint (endpoint.py);
+`deployment` asks a judge that several runs share, served by Ray Serve (deployment.py).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from .base import Judge, PointwiseJudge, label_groups, make_pairs
 
 # judge.kind -> the module (in this package) whose build(spec) makes it; imported only when used
 KINDS = {"rule": "rule", "reward_model": "reward_model", "llm": "llm", "ensemble": "ensemble",
-         "constitutional": "constitution", "openai": "endpoint"}
+         "constitutional": "constitution", "openai": "endpoint", "deployment": "deployment"}
 
 
 def build_judge(spec) -> Judge:

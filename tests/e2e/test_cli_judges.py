@@ -45,3 +45,57 @@ def test_an_endpoint_judge_trains_against_a_served_model_and_eval_judge_reports_
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     rollouts = [r for r in records if r["kind"] == "rollout"]
     assert sum(r.get("judge_requests", 0) for r in rollouts) > 0 and all(r["malformed"] == 0 for r in rollouts)
+
+
+def test_two_concurrent_runs_share_one_judge_deployment(tmp_path, embedded_model):
+    """`online-dpo judge serve` on a `ray start` cluster (loopback, its own temp dir), then two runs at
+    once with judge.kind: deployment: the shared judge counts requests from both."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    import psutil
+
+    port, temp = free_port(), tempfile.mkdtemp(prefix="odj-", dir="/tmp")   # short: Ray's socket paths
+    ray = os.path.join(os.path.dirname(sys.executable), "ray")
+    head = subprocess.Popen([ray, "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
+                             "--num-cpus=4", f"--temp-dir={temp}", "--include-dashboard=false",
+                             "--disable-usage-stats"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    env = {**os.environ, "RAY_ADDRESS": f"127.0.0.1:{port}"}
+    cli = [sys.executable, "-m", "online_dpo.cli"]
+    try:
+        served = subprocess.run(cli + ["judge", "serve", "configs/default.yaml", "--app", "shared-judge"],
+                                env=env, capture_output=True, text=True, timeout=300)
+        assert served.returncode == 0 and "serving as app 'shared-judge'" in served.stdout, \
+            served.stdout[-2000:] + served.stderr[-2000:]
+        runs = [subprocess.Popen(cli + ["train", "--set", f"run.output_dir={tmp_path / str(i)}",
+                                        "--set", "judge.kind=deployment", "--set", "judge.function=null",
+                                        "--set", "judge.app=shared-judge", "--set", "judge.num_cpus=0.1",
+                                        "--set", "train.max_steps=2", "--set", "eval.prompts=8",
+                                        "--set", "train.num_workers=1", "--set", f"run.name=shared{i}"],
+                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                for i in range(2)]
+        outs = [r.communicate(timeout=600)[0] for r in runs]
+        assert [r.returncode for r in runs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
+        code = ("from ray import serve; import ray, json; ray.init(namespace='check')\n"
+                "print('STATS', json.dumps(serve.get_app_handle('shared-judge').stats.remote().result(timeout_s=60)))")
+        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+        (line,) = [ln for ln in proc.stdout.splitlines() if ln.startswith("STATS ")]
+        stats = json.loads(line.removeprefix("STATS "))
+    finally:
+        tree = psutil.Process(head.pid).children(recursive=True)
+        head.send_signal(signal.SIGTERM)
+        try:
+            head.wait(60)
+        except subprocess.TimeoutExpired:
+            head.kill()
+        for child in tree:
+            if child.is_running():
+                child.kill()
+    callers = sorted(stats["requests"])
+    assert len(callers) == 2 and [c.split("-")[0] for c in callers] == ["shared0", "shared1"], stats
+    assert all(n > 0 for n in stats["requests"].values()) and stats["judge_calls"] <= sum(stats["requests"].values())
+    for i in range(2):
+        summary = json.loads(next((tmp_path / str(i)).glob("*/summary.json")).read_text())
+        assert summary["steps"] == 2 and summary["reward_after"] is not None

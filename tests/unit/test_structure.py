@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[2] / "online_dpo"
-EDGE = {"online_dpo.cli", "online_dpo.tune", "online_dpo.plan", "online_dpo.plan_judges"}   # where the config is read
+EDGE = {"online_dpo.cli", "online_dpo.cli_serve", "online_dpo.tune", "online_dpo.plan", "online_dpo.plan_judges"}   # where the config is read
 
 
 def modules() -> dict[str, Path]:
