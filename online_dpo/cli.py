@@ -7,7 +7,8 @@
   online-dpo tune [CONFIG] --grid FIELD=V1,V2 [--range FIELD=KIND:LO:HI] [--set ...]
   online-dpo validate CONFIG [CONFIG ...]
   online-dpo monitor [--prometheus-port 9090] [--grafana-port 3000]
-  online-dpo report RUN_DIR
+  online-dpo up [--num-cpus N] | online-dpo down
+  online-dpo report RUN_DIR [--follow]
   online-dpo pairs RUN_DIR [--export OUT]
   online-dpo export RUN_DIR --merge OUT
   online-dpo make-default
@@ -70,16 +71,45 @@ def cmd_make_default(args) -> int:
 def cmd_report(args) -> int:
     from pathlib import Path
 
-    from .report import plot, read_records, table
+    from .report import follow, plot, read_records, table
 
     run_dir = Path(args.run_dir)
     try:
+        if args.follow:   # until the run ends (summary.json), or Ctrl-C
+            follow(run_dir, args.every, lambda text: print(text + "\n", flush=True))
+            return 0
         records = read_records(run_dir)
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(table(run_dir, records))
     print(f"curves: {plot(run_dir, records)}")
+    return 0
+
+
+def cmd_up(args) -> int:
+    """A local cluster that stays up between runs (and after them, for the dashboard)."""
+    from .cluster import up
+    from .errors import RunFailed
+    from .monitor import EXPORT_SECONDS, attached, ray_env
+
+    monitor = attached()
+    try:
+        url = up(args.num_cpus, ray_env(monitor) if monitor else {}, EXPORT_SECONDS * 1000 if monitor else None,
+                 args.dashboard_port)
+    except RunFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"[online-dpo] a local Ray cluster is up on 127.0.0.1; dashboard {url} (`ray get-auth-token` prints its "
+          "token). `online-dpo train`, `serve` and `judge serve` on this machine join it; `online-dpo down` stops it"
+          + (f"; metrics go to the monitor's Prometheus at {monitor['prometheus']}" if monitor else ""))
+    return 0
+
+
+def cmd_down(args) -> int:
+    from .cluster import down
+
+    print("[online-dpo] stopped the local Ray cluster" if down() else "[online-dpo] no local Ray cluster was up")
     return 0
 
 
@@ -316,12 +346,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(fn=cmd_tune)
     _serving_parsers(sub)
+    p = sub.add_parser("up", help="start a local Ray cluster that stays up between runs (`online-dpo down` stops it)")
+    p.add_argument("--num-cpus", type=int, default=None, help="logical CPUs (default: this machine's)")
+    p.add_argument("--dashboard-port", type=int, default=8265)
+    p.set_defaults(fn=cmd_up)
+    sub.add_parser("down", help="stop the cluster `online-dpo up` started").set_defaults(fn=cmd_down)
     p = sub.add_parser("export", help="write a LoRA run's policy as one merged Hugging Face model")
     p.add_argument("run_dir")
     p.add_argument("--merge", required=True, metavar="OUT", help="where to write the merged model")
     p.set_defaults(fn=cmd_export)
     p = sub.add_parser("report", help="print a run's summary table and redraw its curves.png")
     p.add_argument("run_dir")
+    p.add_argument("--follow", action="store_true", help="redraw and print again while the run goes, until it ends")
+    p.add_argument("--every", type=float, default=5.0, help="--follow: seconds between redraws (default 5)")
     p.set_defaults(fn=cmd_report)
     p = sub.add_parser("pairs", help="summarise a run's preference log (RUN_DIR/pairs/), or export it as a dataset")
     p.add_argument("run_dir")

@@ -180,3 +180,45 @@ def dashboard_note() -> str | None:
     if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
         return f"Ray dashboard: {url}"
     return f"Ray dashboard: {url} (it asks for a token: `ray get-auth-token` prints it)"
+
+
+def up(num_cpus: int | None, env: dict[str, str], metrics_export_ms: int | None, dashboard_port: int = 8265) -> str:
+    """`online-dpo up`: a local cluster that outlives the runs (`ray start --head` on 127.0.0.1, with Serve's
+    settings, and a monitor's where one runs). Runs and `serve` on this machine join it; returns the
+    dashboard's URL. RunFailed when one already runs or it does not start."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    from .errors import RunFailed
+
+    if existing_address():
+        raise RunFailed(f"a Ray cluster is already up here ({existing_address()}): use it, or `online-dpo down` first")
+    ray = shutil.which("ray", path=os.path.dirname(sys.executable)) or "ray"
+    cmd = [ray, "start", "--head", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
+           f"--dashboard-port={dashboard_port}", "--disable-usage-stats"]
+    cmd += [f"--num-cpus={num_cpus}"] if num_cpus else []
+    cmd += ["--system-config", json.dumps({"metrics_report_interval_ms": metrics_export_ms})] if metrics_export_ms else []
+    proc = subprocess.run(cmd, env={**os.environ, **SERVE_ENV, **env}, capture_output=True, text=True, timeout=180)
+    if proc.returncode != 0:
+        raise RunFailed(f"`ray start` failed: {last_line_of(proc.stderr or proc.stdout)}")
+    return f"http://127.0.0.1:{dashboard_port}"
+
+
+def down() -> bool:
+    """`online-dpo down`: stop the cluster `up` started (`ray stop`); False when none was up."""
+    import shutil
+    import subprocess
+    import sys
+
+    if not Path("/tmp/ray/ray_current_cluster").exists():
+        return False
+    ray = shutil.which("ray", path=os.path.dirname(sys.executable)) or "ray"
+    subprocess.run([ray, "stop"], capture_output=True, text=True, timeout=180)
+    return True
+
+
+def last_line_of(text: str) -> str:
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return lines[-1] if lines else "no output"

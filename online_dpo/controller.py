@@ -120,7 +120,9 @@ class Controller:
         after = {} if skip else self.held_out(self.rollouts.weights, self.version, self.stats.baseline, self.step)
         policy_dir = str(self.run_dir.copy_policy(self.gang.checkpoint(self.step))) if self.step else None
         self.pairs.end(self.step, self.rollouts.dropped(), self.rollouts.waiting())
-        extra = {"mode": self.plan.rollouts.mode, "partial": reason is not None, "stop_reason": reason,
+        stopped_by = stop_kind(reason, self.stop.requested, bool(self.fatal))
+        extra = {"mode": self.plan.rollouts.mode, "partial": stopped_by in ("signal", "failure"),
+                 "stopped_by": stopped_by, "stop_reason": reason or f"max_steps: all {self.step} steps are done",
                  "pairs_log": self.pairs.counts(), "judge_usage": judge_usage(self.topo.judges),
                  "resumed_from_step": self.start_step if self.resume else None,
                  "policy_dir": policy_dir, "run_dir": str(self.run_dir.path)}
@@ -251,6 +253,14 @@ def resume_from(start, run_dir: RunDir, rollouts, stats: RunStats, plan: RunPlan
         run_dir.record_resume(start.step, plan.resume_changes, plan.config_yaml)
 
 
+def stop_kind(reason: str | None, signalled: bool, failed: bool) -> str:
+    """Why a run ended, as a word: its own stop rules (max_steps, converged, max_kl) leave a whole run;
+    a signal or a failure leaves a partial one."""
+    if signalled or failed:
+        return "signal" if signalled else "failure"
+    return "max_steps" if reason is None else "converged" if reason.startswith("converged") else "max_kl"
+
+
 def judge_usage(judges) -> dict:
     """An endpoint judge's request, cache-hit, retry and token counts, summed over its live actors ({} when
     none answers: the summary is written all the same)."""
@@ -274,7 +284,8 @@ def start_actors(plan: RunPlan, run_dir: RunDir, on_actor_event) -> tuple[Topolo
     if plan.check_resources:
         from .placement import require_fit
         require_fit(plan.asks)
-    topo = Topology.start(plan.samplers, plan.judges, plan.weights_transport, plan.name, plan.names, plan.evaluators)
+    topo = Topology.start(plan.samplers, plan.judges, plan.weights_transport, plan.name, plan.names, plan.evaluators,
+                          run_id=run_dir.path.name)
     topo.on_actor_event(on_actor_event)
     storage = plan.gang.storage or str(run_dir.path / "ray")
     gang = Gang(plan.gang, plan.learner, topo.broker, topo.store, storage, run_dir.path.name)
@@ -320,7 +331,7 @@ def train(plan: RunPlan, console: ConsoleLog | None = None, resume_dir: str | No
     console.info(f"run dir: {run_dir.path}")
     external = ExternalLoggers(run_dir.path, plan.name, plan.tensorboard, plan.wandb, plan.config) \
         if (plan.tensorboard or plan.wandb) else None
-    tracker = Tracker(run_dir, RayMetrics(plan.name), external, listener)
+    tracker = Tracker(run_dir, RayMetrics(plan.name, run_dir.path.name), external, listener)
     controller = Controller(plan, run_dir, console, tracker, resume=resume_dir is not None, stop=stop)
     try:
         return controller.run()

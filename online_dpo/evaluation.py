@@ -10,6 +10,7 @@ restarted.
 from __future__ import annotations
 
 import math
+import time
 
 from .errors import JudgeFailed
 from .specs import Sampling
@@ -31,6 +32,7 @@ class HeldOut:
 
     def __call__(self, weights, version: int, baseline: dict | None, step: int) -> dict:
         """Score `weights` (None: the starting ones) at `version`; log and return the result."""
+        start = time.time()
         try:
             result = evaluate(self.samplers, self.judges, self.heldout, self.sampling, weights, version, baseline)
             if result and self.evaluators is not None:
@@ -40,6 +42,7 @@ class HeldOut:
             self.warn(f"held-out evaluation of v{version} left out: {e}")
             return {}
         if result:
+            result["seconds"] = round(time.time() - start, 3)
             self.report(result, step)
         return result
 

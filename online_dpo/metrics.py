@@ -30,8 +30,8 @@ METRICS: dict[str, tuple[str, object, str]] = {
     "online_dpo_train_step": ("train", "step", "optimizer steps taken"),
     "online_dpo_train_length_chosen": ("train", "length/chosen", "mean chosen response length in tokens"),
     "online_dpo_train_length_rejected": ("train", "length/rejected", "mean rejected response length in tokens"),
-    "online_dpo_train_pairs_per_second": ("train", lambda r: r["pairs"] / r["wall_seconds"]
-                                          if r.get("wall_seconds") else None, "pairs consumed per second"),
+    "online_dpo_train_pairs_per_second": ("train", "pairs_per_second", "pairs trained per second over the "
+                                          "last 10 steps (live throughput)"),
     # the pipeline (per optimizer step; cumulative fractions since training started)
     "online_dpo_pipeline_policy_lag_min": ("train", "lag_min", "youngest pair's lag behind the learner (versions)"),
     "online_dpo_pipeline_policy_lag_mean": ("train", "lag_mean", "mean lag of the step's pairs (versions)"),
@@ -94,19 +94,20 @@ def _read(record: dict, how) -> float | None:
 
 
 class RayMetrics:
-    """Gauges in Ray's metrics system, tagged with the run name.
+    """Gauges in Ray's metrics system, tagged with the run name (`run`, from the config) and the run
+    directory's name (`run_id`, unique: two runs of one config are two series).
 
     Every value is set again at least every `refresh` seconds: a gauge that
     was set once (the baseline evaluation) otherwise drops out of Ray's
     export, and Prometheus loses it mid-run."""
 
-    def __init__(self, run: str, refresh: float = 5.0):
+    def __init__(self, run: str, run_id: str = "", refresh: float = 5.0):
         from ray.util.metrics import Gauge
 
-        self.tags, self.refresh, self.refreshed = {"run": run}, refresh, time.time()
-        self.gauges = {name: Gauge(name, description=desc, tag_keys=("run",))
+        self.tags, self.refresh, self.refreshed = {"run": run, "run_id": run_id or run}, refresh, time.time()
+        self.gauges = {name: Gauge(name, description=desc, tag_keys=("run", "run_id"))
                        for name, (_, _, desc) in METRICS.items()}
-        self.objective_gauges = {name: Gauge(name, description=desc, tag_keys=("run", "objective"))
+        self.objective_gauges = {name: Gauge(name, description=desc, tag_keys=("run", "run_id", "objective"))
                                  for name, (_, desc) in OBJECTIVE_METRICS.items()}
         self.last: dict[str, float] = {}
         self.last_objectives: dict[tuple[str, str], float] = {}
@@ -139,7 +140,8 @@ class RayMetrics:
 def sampler_version_gauge():
     from ray.util.metrics import Gauge
 
-    return Gauge(SAMPLER_VERSION, description="policy version this sampler holds", tag_keys=("run", "sampler"))
+    return Gauge(SAMPLER_VERSION, description="policy version this sampler holds",
+                 tag_keys=("run", "run_id", "sampler"))
 
 
 class ExternalLoggers:
@@ -202,8 +204,7 @@ class ConsoleLog:
         self._print(f"[online-dpo] {text}")
 
     def step(self, r: dict, total: int) -> None:
-        wall = r.get("wall_seconds") or 0.0
-        rate = r["pairs"] / wall if wall else 0.0
+        rate = r.get("pairs_per_second") or 0.0   # over the last few steps
         lag = f"  lag {r['lag_mean']:.1f}" if r.get("lag_max") else ""
         objectives = "".join(f" {k.removeprefix('objective/')} {v:+.3f}" for k, v in r.items()
                              if k.startswith("objective/"))

@@ -14,6 +14,7 @@ import time
 from .evaluation import summary
 
 KL_WINDOW = 5   # steps the KL guard averages over
+RATE_WINDOW = 10   # steps the live throughput (pairs per second) is measured over
 NONFINITE_STEPS = 3   # this many skipped (non-finite) steps in a row stop the run
 
 
@@ -27,6 +28,7 @@ class RunStats:
         self.learner_restarts, self.steps_lost = 0, 0
         self.learner_restart_seconds: list[float] = []
         self.lags: dict[int, dict] = {}      # step -> its pairs' lag behind the learner
+        self.finished: collections.deque = collections.deque(maxlen=RATE_WINDOW + 1)   # (time, pairs) per step
         self.recent_kl: list[float] = []
         self.skipped_in_a_row = 0            # steps skipped for a non-finite loss or gradient, in a row
         self.last_train: dict = {}
@@ -58,12 +60,19 @@ class RunStats:
         if metrics.get("sync_bytes"):
             self.totals["sync_bytes"] += metrics["sync_bytes"]
             self.totals["syncs"] += 1
-        record = {"kind": "train", **metrics, **self.lags.pop(metrics["step"], {}),
+        self.finished.append((time.time(), metrics["pairs"]))
+        record = {"kind": "train", **metrics, **self.lags.pop(metrics["step"], {}), **self.rate(),
                   "reward_mean": rollouts.latest.get("reward_mean"),
                   **{k: v for k, v in rollouts.latest.items() if k.startswith("objective/")},
                   "wall_seconds": time.time() - self.train_start, **self.pipeline(rollouts, samplers)}
         self.last_train = record
         return record
+
+    def rate(self) -> dict:
+        """Live throughput: pairs trained per second over the last RATE_WINDOW steps (None at the first step
+        this process takes)."""
+        (t0, p0), (t1, p1) = self.finished[0], self.finished[-1]
+        return {"pairs_per_second": round((p1 - p0) / (t1 - t0), 2) if t1 > t0 else None}
 
     def why_stop(self, signal: str | None, max_kl: float | None, stall_timeout: float = float("inf"),
                  waiting_on=lambda: "") -> tuple[str | None, str | None]:

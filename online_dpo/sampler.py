@@ -35,7 +35,8 @@ MAX_CONCURRENCY = 4   # generate, receive, and the probes beside them
 
 
 class Sampler:
-    def __init__(self, spec: EngineSpec, name: str = "sampler", on_gpu: bool = False, run: str = "run"):
+    def __init__(self, spec: EngineSpec, name: str = "sampler", on_gpu: bool = False, run: str = "run",
+                 run_id: str = ""):
         self.name, self.in_flight = name, spec.in_flight_updates
         self.llm = build_llm(spec, on_gpu)
         self.weights = EngineWeights(spec.transfer)
@@ -44,7 +45,7 @@ class Sampler:
         self.finished: dict[str, int] = {}   # request id -> the version when it finished
         step = self.llm.llm_engine.step
         self.llm.llm_engine.step = lambda: self._step(step)
-        self.gauge, self.tags = _version_gauge(), {"run": run, "sampler": name}
+        self.gauge, self.tags = _version_gauge(), {"run": run, "run_id": run_id or run, "sampler": name}
         self._report_version()
 
     def _step(self, step):

@@ -187,7 +187,7 @@ class Topology:
 
     @classmethod
     def start(cls, samplers: GroupSpec, judges: GroupSpec, transport: str, run_name: str, names: Names,
-              evaluators: GroupSpec | None = None) -> "Topology":
+              evaluators: GroupSpec | None = None, run_id: str = "") -> "Topology":
         """Create every actor without waiting for any to be ready (named by `names`, unique per run)."""
         import ray
 
@@ -200,7 +200,7 @@ class Topology:
         files = start_file_server(names.files)
         sampler_actors = [ray.remote(Sampler).options(
             name=names.actor(f"sampler-{i}"), max_restarts=samplers.max_restarts, runtime_env={"env_vars": samplers.env},
-            max_concurrency=MAX_CONCURRENCY, **samplers.ask.actor_options()).remote(samplers.spec, f"sampler-{i}", samplers.on_gpu, run_name)
+            max_concurrency=MAX_CONCURRENCY, **samplers.ask.actor_options()).remote(samplers.spec, f"sampler-{i}", samplers.on_gpu, run_name, run_id)
             for i in range(samplers.ask.count)]
         groups = {g.kind: ActorGroup(g.kind, [ray.remote(JudgeActor).options(
             name=names.actor(f"{g.kind}-{i}"), max_restarts=g.max_restarts, runtime_env={"env_vars": g.env},

@@ -21,10 +21,10 @@ DS = {"type": "prometheus", "uid": "${datasource}"}
 def panels() -> list[dict]:
     rows: dict[str, list[tuple[str, str, str]]] = {}
     for name, (_, _, desc) in METRICS.items():
-        rows.setdefault(group(name), []).append((name, desc, "{{run}}"))
-    rows[group(SAMPLER_VERSION)].append((SAMPLER_VERSION, "policy version each sampler holds", "{{sampler}}"))
+        rows.setdefault(group(name), []).append((name, desc, "{{run_id}}"))   # one line per run
+    rows[group(SAMPLER_VERSION)].append((SAMPLER_VERSION, "policy version each sampler holds", "{{run_id}} {{sampler}}"))
     for name, (_, desc) in OBJECTIVE_METRICS.items():
-        rows[group(name)].append((name, desc, "{{objective}}"))
+        rows[group(name)].append((name, desc, "{{run_id}} {{objective}}"))
     out, y, pid = [], 0, 1
     for title, metrics in rows.items():
         out.append({"type": "row", "title": title, "id": pid, "collapsed": False,

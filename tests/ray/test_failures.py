@@ -39,11 +39,12 @@ def test_a_judge_that_stops_separating_ends_the_run_early_with_everything_saved(
                              "train.max_steps=40", "train.num_workers=1", "train.micro_batch_size=16",
                              "eval.prompts=8", "checkpoint.every_steps=0"])
     summary = train(RunPlan.from_config(cfg), ConsoleLog())
-    assert summary["partial"] and summary["stop_reason"].startswith("converged: the judge separated only")
+    assert not summary["partial"] and summary["stopped_by"] == "converged"   # its own stop rule: a whole run
+    assert summary["stop_reason"].startswith("converged: the judge separated only")
     assert 0 < summary["steps"] < 40 and summary["reward_after"] is not None
     run_dir = Path(summary["run_dir"])
     assert (run_dir / "curves.png").exists() and (run_dir / "policy" / "model.safetensors").exists()
-    assert json.loads((run_dir / "summary.json").read_text())["partial"]
+    assert json.loads((run_dir / "summary.json").read_text())["stopped_by"] == "converged"
 
 
 SHORT = ["train.max_steps=2", "train.num_workers=1", "train.micro_batch_size=16", "eval.prompts=8",
