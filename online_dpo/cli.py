@@ -26,7 +26,8 @@ import sys
 import time
 
 
-from .cli_serve import cmd_judge, cmd_serve, shutdown_local
+from .cli_job import in_job
+from .cli_serve import cmd_down, cmd_judge, cmd_monitor, cmd_serve, cmd_up, shutdown_local
 
 
 def _plan(path, overrides, resume: bool = False):
@@ -85,43 +86,6 @@ def cmd_report(args) -> int:
     print(table(run_dir, records))
     print(f"curves: {plot(run_dir, records)}")
     return 0
-
-
-def cmd_up(args) -> int:
-    """A local cluster that stays up between runs (and after them, for the dashboard)."""
-    from .cluster import up
-    from .errors import RunFailed
-    from .monitor import EXPORT_SECONDS, attached, ray_env
-
-    monitor = attached()
-    try:
-        url = up(args.num_cpus, ray_env(monitor) if monitor else {}, EXPORT_SECONDS * 1000 if monitor else None,
-                 args.dashboard_port)
-    except RunFailed as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(f"[online-dpo] a local Ray cluster is up on 127.0.0.1; dashboard {url} (`ray get-auth-token` prints its "
-          "token). `online-dpo train`, `serve` and `judge serve` on this machine join it; `online-dpo down` stops it"
-          + (f"; metrics go to the monitor's Prometheus at {monitor['prometheus']}" if monitor else ""))
-    return 0
-
-
-def cmd_down(args) -> int:
-    from .cluster import down
-
-    print("[online-dpo] stopped the local Ray cluster" if down() else "[online-dpo] no local Ray cluster was up")
-    return 0
-
-
-def cmd_monitor(args) -> int:
-    """Prometheus and Grafana (where installed) for the Ray dashboard, until interrupted."""
-    from pathlib import Path
-
-    from .monitor import run
-
-    data = Path(args.data or Path.home() / ".cache" / "online-dpo" / "monitor-data")
-    return run(args.prometheus_port, args.grafana_port, data, say=lambda t: print(f"[online-dpo] {t}", flush=True),
-               anonymous=args.grafana_anonymous)
 
 
 def cmd_dry_run(plan) -> int:
@@ -187,12 +151,29 @@ def cmd_train(args) -> int:
     if monitor:
         console.info(f"metrics go to the monitor's Prometheus at {monitor['prometheus']}")
     try:
+        if args.job and not in_job():
+            return _submit(plan, console)
         return _train(plan, console, args.resume, stop)
     finally:
-        if started and hold_seconds(monitor):   # let Prometheus scrape the final values
+        if hold_seconds(monitor):   # let Prometheus scrape the final values (from this driver's gauges)
             time.sleep(hold_seconds(monitor))
         if started:
             shutdown_local()
+
+
+def _submit(plan, console) -> int:
+    """`train --job`: check the plan fits here, then run it as a Ray job (cli_job.py)."""
+    from .cli_job import run_as_job
+    from .errors import RunFailed
+
+    try:
+        if plan.check_resources:
+            from .placement import require_fit
+            require_fit(plan.asks)
+    except RunFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return run_as_job(sys.argv[1:], plan.name, console.info)
 
 
 def _train(plan, console, resume, stop) -> int:
@@ -331,6 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the placement plan and check it; run nothing")
     p.add_argument("--resume", metavar="RUN_DIR", default=None,
                    help="continue a stopped or killed run from its latest checkpoint")
+    p.add_argument("--job", action="store_true", help="run as a Ray job (Job Submission API): its log is on the "
+                   "dashboard's Jobs page, and streams here")
     p.set_defaults(fn=cmd_train)
     p = sub.add_parser("tune", help="search config fields (e.g. train.beta) with Ray Tune; one online run per trial")
     p.add_argument("config", nargs="?", default=None)

@@ -1,10 +1,11 @@
-"""The long-running CLI commands that serve until interrupted: `online-dpo serve` and `online-dpo judge serve`.
+"""The CLI commands that keep something up: `serve`, `judge serve`, `monitor`, and `up` / `down`.
 
 Both join the cluster this process can reach (RAY_ADDRESS, or a `ray start`
 cluster on this machine) or start a local one on loopback, deploy a Ray
 Serve application, say where it is, and keep it up until Ctrl-C (exit 130) or
 SIGTERM (143). On a cluster they joined, `judge serve` deploys and returns:
-the application stays up for the cluster's runs.
+the application stays up for the cluster's runs. `up` starts a local cluster
+that outlives the commands that join it; `down` stops it.
 """
 
 from __future__ import annotations
@@ -115,3 +116,40 @@ def cmd_judge(args) -> int:
         serve.delete(args.app)
 
     return serve_until_interrupted(f"online-dpo-judge-{args.app}", args.verbose, deploy, undeploy, stay=False)
+
+
+def cmd_up(args) -> int:
+    """A local cluster that stays up between runs (and after them, for the dashboard)."""
+    from .cluster import up
+    from .errors import RunFailed
+    from .monitor import EXPORT_SECONDS, attached, ray_env
+
+    monitor = attached()
+    try:
+        url = up(args.num_cpus, ray_env(monitor) if monitor else {}, EXPORT_SECONDS * 1000 if monitor else None,
+                 args.dashboard_port)
+    except RunFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"[online-dpo] a local Ray cluster is up on 127.0.0.1; dashboard {url} (`ray get-auth-token` prints its "
+          "token). `online-dpo train`, `serve` and `judge serve` on this machine join it; `online-dpo down` stops it"
+          + (f"; metrics go to the monitor's Prometheus at {monitor['prometheus']}" if monitor else ""))
+    return 0
+
+
+def cmd_down(args) -> int:
+    from .cluster import down
+
+    print("[online-dpo] stopped the local Ray cluster" if down() else "[online-dpo] no local Ray cluster was up")
+    return 0
+
+
+def cmd_monitor(args) -> int:
+    """Prometheus and Grafana (where installed) for the Ray dashboard, until interrupted."""
+    from pathlib import Path
+
+    from .monitor import run
+
+    data = Path(args.data or Path.home() / ".cache" / "online-dpo" / "monitor-data")
+    return run(args.prometheus_port, args.grafana_port, data, say=lambda t: print(f"[online-dpo] {t}", flush=True),
+               anonymous=args.grafana_anonymous)

@@ -39,9 +39,31 @@ def node_ip() -> str:
 def existing_address() -> str | None:
     if os.environ.get("RAY_ADDRESS"):
         return os.environ["RAY_ADDRESS"]
-    if Path("/tmp/ray/ray_current_cluster").exists():
+    if Path(ADDRESS_FILE).exists():
         return "auto"
     return None
+
+
+ADDRESS_FILE = "/tmp/ray/ray_current_cluster"   # where `ray start` leaves the address of this machine's cluster
+
+
+def on_loopback(address: str) -> bool:
+    """Whether `address` (or, for "auto", the `ray start` cluster on this machine) is on 127.0.0.1."""
+    if address == "auto":
+        try:
+            address = Path(ADDRESS_FILE).read_text().strip()
+        except OSError:
+            return False
+    return address.removeprefix("ray://").startswith(("127.", "localhost"))
+
+
+def _token_if_any() -> None:
+    """Send this machine's Ray token (~/.ray/auth_token) when joining a cluster by its address."""
+    try:
+        from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
+    except ImportError:
+        return
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
 def use_loopback() -> None:
@@ -113,6 +135,9 @@ def connect(namespace: str, num_cpus: float | None = None, dashboard: bool = Tru
     address = existing_address()
     env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
     if address:
+        if on_loopback(address):   # a driver joining a loopback cluster must see itself on 127.0.0.1 too
+            use_loopback()
+        _token_if_any()   # as Ray does for "auto": a cluster started with a token on this machine asks for it
         try:
             ray.init(address=address, namespace=namespace, log_to_driver=log_to_driver,
                      runtime_env=env)
@@ -200,7 +225,9 @@ def up(num_cpus: int | None, env: dict[str, str], metrics_export_ms: int | None,
            f"--dashboard-port={dashboard_port}", "--disable-usage-stats"]
     cmd += [f"--num-cpus={num_cpus}"] if num_cpus else []
     cmd += ["--system-config", json.dumps({"metrics_report_interval_ms": metrics_export_ms})] if metrics_export_ms else []
-    proc = subprocess.run(cmd, env={**os.environ, **SERVE_ENV, **env}, capture_output=True, text=True, timeout=180)
+    loopback = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}   # every part of it on 127.0.0.1 (one node)
+    proc = subprocess.run(cmd, env={**os.environ, **SERVE_ENV, **env, **loopback}, capture_output=True, text=True,
+                          timeout=180)
     if proc.returncode != 0:
         raise RunFailed(f"`ray start` failed: {last_line_of(proc.stderr or proc.stdout)}")
     return f"http://127.0.0.1:{dashboard_port}"
@@ -212,7 +239,7 @@ def down() -> bool:
     import subprocess
     import sys
 
-    if not Path("/tmp/ray/ray_current_cluster").exists():
+    if not Path(ADDRESS_FILE).exists():
         return False
     ray = shutil.which("ray", path=os.path.dirname(sys.executable)) or "ray"
     subprocess.run([ray, "stop"], capture_output=True, text=True, timeout=180)

@@ -123,7 +123,7 @@ class Controller:
         stopped_by = stop_kind(reason, self.stop.requested, bool(self.fatal))
         extra = {"mode": self.plan.rollouts.mode, "partial": stopped_by in ("signal", "failure"),
                  "stopped_by": stopped_by, "stop_reason": reason or f"max_steps: all {self.step} steps are done",
-                 "pairs_log": self.pairs.counts(), "judge_usage": judge_usage(self.topo.judges),
+                 "pairs_log": self.pairs.counts(), "judge_usage": judge_usage(self.topo.judges, skip),
                  "resumed_from_step": self.start_step if self.resume else None,
                  "policy_dir": policy_dir, "run_dir": str(self.run_dir.path)}
         result = self.stats.summary(after, self.rollouts, self.topo,
@@ -261,12 +261,16 @@ def stop_kind(reason: str | None, signalled: bool, failed: bool) -> str:
     return "max_steps" if reason is None else "converged" if reason.startswith("converged") else "max_kl"
 
 
-def judge_usage(judges) -> dict:
-    """An endpoint judge's request, cache-hit, retry and token counts, summed over its live actors ({} when
-    none answers: the summary is written all the same)."""
+def judge_usage(judges, skip: bool) -> dict:
+    """An endpoint judge's request, cache-hit, retry and token counts, summed over its live actors; {} when
+    the run is stopping fast (a hung or broken judge would not answer) or none answers within 10 s."""
+    import ray
+
     total = collections.Counter()
+    if skip:
+        return {}
     try:
-        for usage in judges.run("usage", [((), {}) for _ in judges.live()]):
+        for usage in ray.get([judges.handles[i].usage.remote() for i in judges.live()], timeout=10):
             total.update(usage)
     except Exception:
         return {}

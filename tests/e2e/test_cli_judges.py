@@ -54,17 +54,22 @@ def test_two_concurrent_runs_share_one_judge_deployment(tmp_path, embedded_model
     import subprocess
     import sys
     import tempfile
+    import time
 
     import psutil
 
     port, temp = free_port(), tempfile.mkdtemp(prefix="odj-", dir="/tmp")   # short: Ray's socket paths
     ray = os.path.join(os.path.dirname(sys.executable), "ray")
+    env = {**os.environ, "RAY_ADDRESS": f"127.0.0.1:{port}", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}   # loopback
     head = subprocess.Popen([ray, "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
                              "--num-cpus=4", f"--temp-dir={temp}", "--include-dashboard=false",
-                             "--disable-usage-stats"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    env = {**os.environ, "RAY_ADDRESS": f"127.0.0.1:{port}"}
+                             "--disable-usage-stats"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     cli = [sys.executable, "-m", "online_dpo.cli"]
     try:
+        deadline = time.time() + 120
+        while not os.path.exists(os.path.join(temp, "ray_current_cluster")):   # `ray start` is up
+            assert head.poll() is None and time.time() < deadline, "ray start failed"
+            time.sleep(0.5)
         served = subprocess.run(cli + ["judge", "serve", "configs/default.yaml", "--app", "shared-judge"],
                                 env=env, capture_output=True, text=True, timeout=300)
         assert served.returncode == 0 and "serving as app 'shared-judge'" in served.stdout, \
@@ -78,10 +83,12 @@ def test_two_concurrent_runs_share_one_judge_deployment(tmp_path, embedded_model
                 for i in range(2)]
         outs = [r.communicate(timeout=600)[0] for r in runs]
         assert [r.returncode for r in runs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
-        code = ("from ray import serve; import ray, json; ray.init(namespace='check')\n"
+        code = ("from ray import serve; import json; from online_dpo.cluster import connect; connect('check')\n"
                 "print('STATS', json.dumps(serve.get_app_handle('shared-judge').stats.remote().result(timeout_s=60)))")
         proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-        (line,) = [ln for ln in proc.stdout.splitlines() if ln.startswith("STATS ")]
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("STATS ")]
+        assert lines, proc.stdout[-2000:] + proc.stderr[-3000:]
+        line = lines[-1]
         stats = json.loads(line.removeprefix("STATS "))
     finally:
         tree = psutil.Process(head.pid).children(recursive=True)

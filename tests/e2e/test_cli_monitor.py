@@ -39,32 +39,47 @@ def query(base: str, expr: str) -> list:
 
 
 def test_every_dashboard_metric_reaches_prometheus_with_the_final_evaluation(tmp_path, embedded_model):
+    """`online-dpo up` with the monitor's settings, two runs of one config joining it (one series each, by
+    run_id), every metric of the dashboard in Prometheus, then `online-dpo down`."""
     env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
            "ONLINE_DPO_MONITOR": str(tmp_path / "monitor.json")}
     port = free_port()
-    monitor = subprocess.Popen([sys.executable, "-m", "online_dpo.cli", "monitor", "--prometheus-port", str(port),
-                                "--grafana-port", str(free_port()), "--data", str(tmp_path / "data")],
+    cli = [sys.executable, "-m", "online_dpo.cli"]
+    monitor = subprocess.Popen(cli + ["monitor", "--prometheus-port", str(port), "--grafana-port", str(free_port()),
+                                      "--data", str(tmp_path / "data")],
                                cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    up = None
     try:
         deadline = time.time() + 60
         while not (tmp_path / "monitor.json").exists():
             assert monitor.poll() is None and time.time() < deadline, monitor.stdout.read()
             time.sleep(0.2)
-        run = subprocess.run([sys.executable, "-m", "online_dpo.cli", "train", ENSEMBLE, "--set", "run.name=monitored-e2e",
-                              "--set", f"run.output_dir={tmp_path / 'runs'}", "--set", "train.max_steps=4",
-                              "--set", "eval.prompts=8"], cwd=ROOT, env=env, capture_output=True, text=True,
-                             timeout=600)
-        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-        assert f"Prometheus at http://127.0.0.1:{port}" in run.stdout
+        up = subprocess.run(cli + ["up", "--num-cpus", "4", "--dashboard-port", str(free_port())], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
+        assert up.returncode == 0 and "a local Ray cluster is up" in up.stdout, up.stdout + up.stderr
+        runs = []
+        for steps in (4, 2):   # eval.judge: its metrics are on the dashboard too
+            runs.append(subprocess.run(cli + ["train", ENSEMBLE, "--set", "run.name=monitored-e2e",
+                                              "--set", f"run.output_dir={tmp_path / 'runs'}",
+                                              "--set", f"train.max_steps={steps}", "--set", "eval.prompts=8",
+                                              "--set", "eval.judge={function: 'online_dpo.judges.rule:distinct_words', "
+                                                       "num_cpus: 0.1}"],
+                                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600))
+            assert runs[-1].returncode == 0, runs[-1].stdout[-3000:] + runs[-1].stderr[-3000:]
+        assert "joined the Ray cluster" in runs[0].stdout and f"Prometheus at http://127.0.0.1:{port}" in runs[0].stdout
         base = f"http://127.0.0.1:{port}"
         names = sorted(set(re.findall(r"(ray_online_dpo_\w+)\{", DASHBOARD.read_text())))
         missing = [n for n in names if not query(base, f'last_over_time({n}{{run="monitored-e2e"}}[15m])')]
         assert not missing, f"not in Prometheus: {missing}"
         win = query(base, 'last_over_time(ray_online_dpo_eval_win_rate{run="monitored-e2e"}[15m])')
-        assert 0 <= float(win[0]["value"][1]) <= 1   # the final evaluation's win rate
+        assert all(0 <= float(w["value"][1]) <= 1 for w in win)   # the final evaluations' win rates
         steps = query(base, 'max_over_time(ray_online_dpo_train_step{run="monitored-e2e"}[15m])')
-        assert float(steps[0]["value"][1]) == 4
+        by_run = {s["metric"]["run_id"]: float(s["value"][1]) for s in steps}
+        dirs = sorted(p.name for p in (tmp_path / "runs").iterdir())
+        assert sorted(by_run) == dirs and sorted(by_run.values()) == [2.0, 4.0], by_run   # two series, by run_id
     finally:
+        if up is not None:
+            subprocess.run(cli + ["down"], cwd=ROOT, env=env, capture_output=True, timeout=180)
         monitor.send_signal(signal.SIGINT)
         out, _ = monitor.communicate(timeout=60)
     assert not (tmp_path / "monitor.json").exists(), out

@@ -1,5 +1,6 @@
-"""The Ray dashboard as a user sees it during `online-dpo train`: headless Chromium opens the address
-the CLI prints, enters the token `ray get-auth-token` prints, and finds the run's actors by name."""
+"""The Ray dashboard as a user sees it during `online-dpo train --job`: headless Chromium opens the address
+the CLI prints, enters the token `ray get-auth-token` prints, finds the run's actors by name, and finds
+the run's step lines in its job's log on the Jobs page."""
 
 from __future__ import annotations
 
@@ -35,20 +36,20 @@ def browser():
     return webdriver.Chrome(service=Service(DRIVER), options=opts)
 
 
-def test_the_dashboard_shows_the_named_actors_after_the_token(tmp_path, embedded_model):
+def test_the_dashboard_shows_the_named_actors_and_the_jobs_log(tmp_path, embedded_model):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
 
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     log = tmp_path / "train.log"
-    run = subprocess.Popen([sys.executable, "-m", "online_dpo.cli", "train", "--set", f"run.output_dir={tmp_path}",
+    run = subprocess.Popen([sys.executable, "-m", "online_dpo.cli", "train", "--job", "--set", f"run.output_dir={tmp_path}",
                             "--set", "train.max_steps=400", "--set", "train.max_kl=null"],
                            cwd=ROOT, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
     driver = None
     try:
         deadline = time.time() + 300
-        while "learner up" not in log.read_text():
+        while "step    3/" not in log.read_text():
             assert run.poll() is None and time.time() < deadline, log.read_text()[-3000:]
             time.sleep(0.5)
         url = re.search(r"Ray dashboard: (http://\S+)", log.read_text()).group(1)
@@ -70,8 +71,16 @@ def test_the_dashboard_shows_the_named_actors_after_the_token(tmp_path, embedded
 
         text = wait.until(shown)
         assert "Authentication Token Required" not in text and "RayTrainWorker" in text
+        job = re.search(r"submitted as Ray job (\S+):", log.read_text()).group(1)
+        driver.get(url + f"/#/jobs/{job}")
+        step_line = re.compile(r"step\s+\d+/400\s+pairs\s+\d+\s+reward")
+        page = wait.until(lambda d: step_line.search(d.find_element(By.TAG_NAME, "body").text) and
+                          d.find_element(By.TAG_NAME, "body").text)
+        assert job in page
     finally:
         if driver is not None:
             driver.quit()
         run.send_signal(signal.SIGTERM)
-        run.wait(120)
+        run.wait(180)
+    out = log.read_text()
+    assert run.returncode == 143 and "stopped by SIGTERM" in out, out[-3000:]   # passed on to the job's driver
