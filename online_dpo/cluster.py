@@ -210,7 +210,8 @@ def dashboard_note() -> str | None:
 def up(num_cpus: int | None, env: dict[str, str], metrics_export_ms: int | None, dashboard_port: int = 8265) -> str:
     """`online-dpo up`: a local cluster that outlives the runs (`ray start --head` on 127.0.0.1, with Serve's
     settings, and a monitor's where one runs). Runs and `serve` on this machine join it; returns the
-    dashboard's URL. RunFailed when one already runs or it does not start."""
+    dashboard's URL. Its session is noted (`up_state()`), so `down` stops exactly its processes.
+    RunFailed when a cluster is already up here or it does not start."""
     import json
     import shutil
     import subprocess
@@ -218,6 +219,8 @@ def up(num_cpus: int | None, env: dict[str, str], metrics_export_ms: int | None,
 
     from .errors import RunFailed
 
+    if existing_address() == "auto" and not _answers(Path(ADDRESS_FILE).read_text().strip()):
+        Path(ADDRESS_FILE).unlink(missing_ok=True)   # left by a cluster that is gone
     if existing_address():
         raise RunFailed(f"a Ray cluster is already up here ({existing_address()}): use it, or `online-dpo down` first")
     ray = shutil.which("ray", path=os.path.dirname(sys.executable)) or "ray"
@@ -230,19 +233,60 @@ def up(num_cpus: int | None, env: dict[str, str], metrics_export_ms: int | None,
                           timeout=180)
     if proc.returncode != 0:
         raise RunFailed(f"`ray start` failed: {last_line_of(proc.stderr or proc.stdout)}")
+    session = Path("/tmp/ray/session_latest").resolve().name
+    up_state().parent.mkdir(parents=True, exist_ok=True)
+    up_state().write_text(json.dumps({"session": session, "address": Path(ADDRESS_FILE).read_text().strip()}))
     return f"http://127.0.0.1:{dashboard_port}"
 
 
-def down() -> bool:
-    """`online-dpo down`: stop the cluster `up` started (`ray stop`); False when none was up."""
-    import shutil
-    import subprocess
-    import sys
+def _answers(address: str) -> bool:
+    """Whether something listens at host:port (a cluster's GCS)."""
+    import socket
 
-    if not Path(ADDRESS_FILE).exists():
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=2):
+            return True
+    except (OSError, ValueError):
         return False
-    ray = shutil.which("ray", path=os.path.dirname(sys.executable)) or "ray"
-    subprocess.run([ray, "stop"], capture_output=True, text=True, timeout=180)
+
+
+def up_state() -> Path:
+    root = os.environ.get("ONLINE_DPO_HOME") or Path.home() / ".cache" / "online-dpo"
+    return Path(root) / "cluster.json"
+
+
+def down(grace: float = 10.0) -> bool:
+    """`online-dpo down`: stop the cluster `up` started, and only it: the processes of its session (GCS,
+    raylet, dashboard, agents) and their descendants (workers). False when none was up."""
+    import json
+
+    import psutil
+
+    try:
+        session = json.loads(up_state().read_text())["session"]
+    except (OSError, ValueError, KeyError):
+        return False
+    procs = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if any(session in arg for arg in proc.info["cmdline"] or []):
+                procs += [proc] + proc.children(recursive=True)
+        except psutil.Error:
+            continue
+    for proc in procs:
+        try:
+            proc.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=grace)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    Path(ADDRESS_FILE).unlink(missing_ok=True)
+    up_state().unlink(missing_ok=True)
     return True
 
 
