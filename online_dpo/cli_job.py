@@ -68,7 +68,7 @@ def run_as_job(argv: list[str], name: str, say) -> int:
     client = JobSubmissionClient(dashboard_url())
     env = {k: v for k, v in os.environ.items() if k.startswith(("ONLINE_DPO_", "HF_", "VLLM_"))}
     job = client.submit_job(entrypoint=entrypoint(argv), submission_id=f"online-dpo-{name}-{int(time.time())}",
-                            runtime_env={"env_vars": {**env, IN_JOB: "1", "TOKENIZERS_PARALLELISM": "false"}})
+                            runtime_env={"env_vars": {**env, IN_JOB: "1"}})   # connect() adds the rest
     say(f"submitted as Ray job {job}: its log is on the dashboard's Jobs page, and here")
     forward, printed = Forward(), 0
     forward.install()
