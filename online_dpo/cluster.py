@@ -162,16 +162,27 @@ def shutdown(started: bool, grace: float = 0.3) -> None:
 
     procs = local_processes() if started and ray.is_initialized() else []
     ray.shutdown()
-    if procs:
-        import psutil
+    end_processes(procs, grace)
 
-        _, alive = psutil.wait_procs(procs, timeout=grace)
-        for proc in alive:
-            try:
-                proc.kill()
-            except psutil.Error:
-                pass
-        psutil.wait_procs(alive, timeout=10)
+
+def end_processes(procs: list, grace: float, terminate: bool = False) -> None:
+    """Wait `grace` seconds for `procs` to exit (after a SIGTERM each, with `terminate`), then kill the rest."""
+    if not procs:
+        return
+    import psutil
+
+    for proc in procs if terminate else []:
+        try:
+            proc.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=grace)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=10)
 
 
 def local_processes() -> list:
@@ -274,17 +285,7 @@ def down(grace: float = 10.0) -> bool:
                 procs += [proc] + proc.children(recursive=True)
         except psutil.Error:
             continue
-    for proc in procs:
-        try:
-            proc.terminate()
-        except psutil.Error:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=grace)
-    for proc in alive:
-        try:
-            proc.kill()
-        except psutil.Error:
-            pass
+    end_processes(procs, grace, terminate=True)
     Path(ADDRESS_FILE).unlink(missing_ok=True)
     up_state().unlink(missing_ok=True)
     return True

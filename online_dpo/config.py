@@ -1,4 +1,4 @@
-"""The run YAML: schema, loading, `--set` overrides and readable errors. Imports nothing from the package.
+"""The run YAML: schema, loading, `--set` overrides and readable errors. Imports only its building blocks (schema.py).
 
 One file describes a run. It is validated here, at the edge, and plan.py turns it into one frozen
 `RunPlan`; components get their part of the plan, never the config. Unknown keys, wrong types and
@@ -13,7 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
-from .schema import JudgeConfig, JudgeMember, JudgePrinciple, Placed, Section  # noqa: F401 (the schema's parts)
+from .schema import JudgeConfig, Placed, Section
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 
