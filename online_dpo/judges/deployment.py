@@ -55,7 +55,9 @@ class SharedJudge:
         return {"kind": self.kind, "pointwise": isinstance(self.judge, PointwiseJudge), "pid": os.getpid()}
 
     def stats(self) -> dict:
-        return {"requests": dict(self.requests), "items": dict(self.items), "judge_calls": self.calls}
+        """Requests and items per run, judge calls, and an endpoint judge's own counts (`usage`)."""
+        usage = self.judge.usage() if hasattr(self.judge, "usage") else {}
+        return {"requests": dict(self.requests), "items": dict(self.items), "judge_calls": self.calls, "usage": usage}
 
     def _count(self, requests: list[tuple]) -> list[int]:
         sizes = [len(r[1]) for r in requests]

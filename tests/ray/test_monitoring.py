@@ -54,7 +54,8 @@ def monitored_run(ray_local, embedded_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
     cfg = load_config(None, [f"run.output_dir={out}", "run.name=monitored", "sampler.num_actors=1",
                              "train.num_workers=1", "train.micro_batch_size=16", "train.max_steps=4",
-                             "eval.prompts=8", "metrics.tensorboard=true"])
+                             "eval.prompts=8", "metrics.tensorboard=true",
+                             "eval.judge={function: 'online_dpo.judges.rule:distinct_words', num_cpus: 0.1}"])
     scraper = Scraper(port)
     scraper.start()
     summary = train(RunPlan.from_config(cfg), ConsoleLog())
@@ -72,6 +73,7 @@ def test_every_metric_reaches_prometheus_with_a_plausible_value(monitored_run):
             values.setdefault(name, []).append(v)
     missing = [n for n in list(METRICS) + [SAMPLER_VERSION] if "ray_" + n not in values]
     assert not missing, f"not exported: {missing}"
+    assert all('run_id="monitored-' in tags for (name, tags) in seen if 'run="monitored"' in tags)
     last = {n: vs[-1] for n, vs in values.items()}
     assert 0 < last["ray_online_dpo_train_loss"] < 5
     assert last["ray_online_dpo_train_step"] == 4 and last["ray_online_dpo_policy_version"] == 2  # sync every 2
