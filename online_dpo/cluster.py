@@ -57,15 +57,6 @@ def on_loopback(address: str) -> bool:
     return address.removeprefix("ray://").startswith(("127.", "localhost"))
 
 
-def _token_if_any() -> None:
-    """Send this machine's Ray token (~/.ray/auth_token) when joining a cluster by its address."""
-    try:
-        from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
-    except ImportError:
-        return
-    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
-
-
 def use_loopback() -> None:
     """Keep a local cluster on 127.0.0.1 (this process and the ones it starts)."""
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
@@ -135,9 +126,8 @@ def connect(namespace: str, num_cpus: float | None = None, dashboard: bool = Tru
     address = existing_address()
     env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
     if address:
-        if on_loopback(address):   # a driver joining a loopback cluster must see itself on 127.0.0.1 too
-            use_loopback()
-        _token_if_any()   # as Ray does for "auto": a cluster started with a token on this machine asks for it
+        if address == "auto" and on_loopback(address):   # this machine's `online-dpo up` cluster: the
+            use_loopback()                                  # driver must see itself on 127.0.0.1 too
         try:
             ray.init(address=address, namespace=namespace, log_to_driver=log_to_driver,
                      runtime_env=env)

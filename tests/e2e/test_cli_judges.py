@@ -41,7 +41,9 @@ def stop(proc: subprocess.Popen, sig=signal.SIGTERM) -> None:
 def test_two_runs_share_one_endpoint_judge_deployment_and_eval_judge_reports_beside_it(tmp_path, embedded_model):
     port, gcs = free_port(), free_port()
     temp = tempfile.mkdtemp(prefix="odj-", dir="/tmp")   # short: Ray's socket paths
-    env = {**os.environ, "RAY_ADDRESS": f"127.0.0.1:{gcs}", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}   # loopback
+    # every process of the cluster and every driver on 127.0.0.1 (one node); no token on this loopback test cluster
+    env = {**os.environ, "RAY_ADDRESS": f"127.0.0.1:{gcs}", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+           "RAY_AUTH_MODE": "disabled"}
     server = spawn("serve", embedded_model, "--set", f"serve.port={port}", "--set", "serve.dtype=float32",
                    "--set", "serve.num_cpus=0.5")
     head = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "ray"), "start", "--head", "--block",
@@ -63,7 +65,8 @@ def test_two_runs_share_one_endpoint_judge_deployment_and_eval_judge_reports_bes
             served.stdout[-2000:] + served.stderr[-2000:]
         common = ["--set", "judge.kind=deployment", "--set", "judge.function=null", "--set", "judge.app=shared-judge",
                   "--set", "judge.num_cpus=0.1", "--set", "train.max_steps=2", "--set", "eval.prompts=8",
-                  "--set", "train.num_workers=1", "--set", "sync.mode=sync", "--set", "sync.every_steps=2"]
+                  "--set", "train.num_workers=1", "--set", "train.batch_size=16", "--set", "sampler.max_new_tokens=24",
+                  "--set", "sync.mode=sync", "--set", "sync.every_steps=2"]   # small: every sample is a request
         # run 0 evaluates after step 1 too (no sync yet: the baseline's responses again, which the cache answers),
         # and with eval.judge beside the shared one
         extra = [["--set", "eval.every_steps=1", "--set",
@@ -89,7 +92,7 @@ def test_two_runs_share_one_endpoint_judge_deployment_and_eval_judge_reports_bes
     usage = stats["usage"]   # the endpoint judge inside it: requests made, the cache hit, tokens counted
     assert usage["requests"] > 0 and usage["cache_hits"] >= 8 and usage["prompt_tokens"] > 0, usage
     summaries = [json.loads(next((tmp_path / str(i)).glob("*/summary.json")).read_text()) for i in range(2)]
-    assert all(s["steps"] == 2 and s["reward_after"] is not None and s["pairs_log"]["trained"] == 64
+    assert all(s["steps"] == 2 and s["reward_after"] is not None and s["pairs_log"]["trained"] == 32
                for s in summaries)
     indep = summaries[0]["eval_judge"]   # eval.judge: VADER's held-out figures beside the shared judge's
     assert indep["reward_before"] is not None and indep["win_rate"] is not None and "eval.judge: reward" in outs[0]
