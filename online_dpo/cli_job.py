@@ -1,4 +1,5 @@
-"""`online-dpo train --job`: a local run submitted through Ray's Job Submission API, its log streamed back.
+"""`online-dpo train` as a Ray job (on the `up` cluster, or with --job): a local run submitted through Ray's
+Job Submission API, its log streamed back.
 
 The command starts (or joins) the cluster as usual, then submits itself as a
 Ray job: the same command line, run by Ray in this directory with
@@ -36,8 +37,8 @@ def dashboard_url() -> str:
 
 
 def entrypoint(argv: list[str]) -> str:
-    """The job's command: this command line, minus --job, in this directory, with this Python."""
-    args = [a for a in argv if a != "--job"]
+    """The job's command: this command line, minus --job / --no-job, in this directory, with this Python."""
+    args = [a for a in argv if a not in ("--job", "--no-job")]
     return f"cd {shlex.quote(os.getcwd())} && exec {shlex.quote(sys.executable)} -m online_dpo.cli {shlex.join(args)}"
 
 
@@ -65,6 +66,9 @@ def run_as_job(argv: list[str], name: str, say) -> int:
     """Submit `online-dpo <argv>` as a Ray job, stream its log to stdout until it ends; its exit code."""
     from ray.job_submission import JobSubmissionClient
 
+    from .run_stats import LAUNCHED_AT, launched_at
+
+    os.environ.setdefault(LAUNCHED_AT, str(launched_at()))   # the job's start-up counts from this command's
     client = JobSubmissionClient(dashboard_url())
     env = {k: v for k, v in os.environ.items() if k.startswith(("ONLINE_DPO_", "HF_", "VLLM_"))}
     job = client.submit_job(entrypoint=entrypoint(argv), submission_id=f"online-dpo-{name}-{int(time.time())}",

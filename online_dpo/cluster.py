@@ -11,6 +11,7 @@ Ray resolves its node address from the network interface unless clusters are
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 
@@ -80,11 +81,19 @@ SERVE_ENV = {
 }
 
 
+LOCAL_ENV = {
+    # Ray Train's preemption watcher polls for nodes being drained; a one-node local cluster has
+    # none to drain, and the watcher is one more actor process to start before the first step.
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+}
+
+
 def serve_defaults() -> None:
-    """Ray Serve settings for the cluster this process starts (a user's own values win). Serve's
-    controller, proxy and replicas read them when they start, so they must be in the environment
-    of the process that starts the cluster; on a cluster of your own, export them before `ray start`."""
-    for k, v in SERVE_ENV.items():
+    """Ray Serve (and one-node Ray Train) settings for the cluster this process starts (a user's own
+    values win). Serve's controller, proxy and replicas read them when they start, so they must be in
+    the environment of the process that starts the cluster; on a cluster of your own, export them
+    before `ray start`."""
+    for k, v in {**SERVE_ENV, **LOCAL_ENV}.items():
         os.environ.setdefault(k, v)
 
 
@@ -156,7 +165,8 @@ def shutdown(started: bool, grace: float = 0.3) -> None:
 
 
 def end_processes(procs: list, grace: float, terminate: bool = False) -> None:
-    """Wait `grace` seconds for `procs` to exit (after a SIGTERM each, with `terminate`), then kill the rest."""
+    """Wait `grace` seconds for `procs` to exit (after a SIGTERM each, with `terminate`), then kill the rest.
+    A zombie has exited already (only its parent has not reaped it): it is not waited for."""
     if not procs:
         return
     import psutil
@@ -167,12 +177,25 @@ def end_processes(procs: list, grace: float, terminate: bool = False) -> None:
         except psutil.Error:
             pass
     _, alive = psutil.wait_procs(procs, timeout=grace)
+    alive = [p for p in alive if not _zombie(p)]
     for proc in alive:
         try:
             proc.kill()
         except psutil.Error:
             pass
-    psutil.wait_procs(alive, timeout=10)
+    deadline = time.time() + 10
+    while alive and time.time() < deadline:
+        _, alive = psutil.wait_procs(alive, timeout=0.1)
+        alive = [p for p in alive if not _zombie(p)]
+
+
+def _zombie(proc) -> bool:
+    import psutil
+
+    try:
+        return proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return True
 
 
 def local_processes() -> list:
@@ -230,7 +253,7 @@ def up(num_cpus: int | None, env: dict[str, str], metrics_export_ms: int | None,
     cmd += [f"--num-cpus={num_cpus}"] if num_cpus else []
     cmd += ["--system-config", json.dumps({"metrics_report_interval_ms": metrics_export_ms})] if metrics_export_ms else []
     loopback = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}   # every part of it on 127.0.0.1 (one node)
-    proc = subprocess.run(cmd, env={**os.environ, **SERVE_ENV, **env, **loopback}, capture_output=True, text=True,
+    proc = subprocess.run(cmd, env={**SERVE_ENV, **LOCAL_ENV, **os.environ, **env, **loopback}, capture_output=True, text=True,
                           timeout=180)
     if proc.returncode != 0:
         raise RunFailed(f"`ray start` failed: {last_line_of(proc.stderr or proc.stdout)}")
@@ -255,6 +278,19 @@ def _answers(address: str) -> bool:
 def up_state() -> Path:
     root = os.environ.get("ONLINE_DPO_HOME") or Path.home() / ".cache" / "online-dpo"
     return Path(root) / "cluster.json"
+
+
+def joined_up() -> bool:
+    """Whether this process is connected to the cluster `online-dpo up` started on this machine."""
+    import json
+
+    from ray._private import worker
+
+    try:
+        session = json.loads(up_state().read_text())["session"]
+        return worker.global_worker.node is not None and worker.global_worker.node.session_name == session
+    except (OSError, ValueError, KeyError, AttributeError):
+        return False
 
 
 def down(grace: float = 10.0) -> bool:

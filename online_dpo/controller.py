@@ -56,19 +56,17 @@ class Controller:
         plan = self.plan
         if not self.resume:
             self.run_dir.write_config(plan.config_yaml)
-        source, heldout = load_prompts(plan.data)   # bad rows are found here, before any actor starts
-        self.report.info(f"prompts: {len(source.prompts)} train, {len(heldout)} held-out"
-                         + (f"; skipped {source.skipped_text}" if source.skipped else ""))
-        self.stats.skipped = source.skipped
         self.topo, self.gang = start_actors(plan, self.run_dir, lambda event: self.report.actor_event(
             event, self.step, self.stats.restart_counts(self.topo)))   # a sampler or judge died, or is back
         topo = self.topo
-        self.held_out = HeldOut(topo.samplers, topo.judges, topo.evaluators, heldout, plan.eval.sampling,
-                                self.report.evaluation, self.report.info)
+        self.stats.mark("actors_started")
         try:
+            source, heldout = prompts(plan.data, self.stats, self.report)   # while the actors start
+            self.held_out = HeldOut(topo.samplers, topo.judges, topo.evaluators, heldout, plan.eval.sampling,
+                                    self.report.evaluation, self.report.info)
             topo.wait_ready()
             self.report.info(f"actors up: {len(topo.samplers.handles)} sampler(s), {len(topo.judges.handles)} "
-                             f"judge(s) ({time.time() - self.stats.start_time:.0f}s)")
+                             f"judge(s) ({self.stats.mark('actors_up'):.0f}s after launch)")
             topo.form_weight_group()
             start_serving(topo, plan.serve, self.report)
             result = self.run_loop(make_rollouts(plan.rollouts, topo.samplers, topo.judges, source, self.report.record))
@@ -84,9 +82,10 @@ class Controller:
         self.rollouts = rollouts
         if not self.resume:
             self.stats.baseline = self.held_out(None, 0, None, 0)
+            self.stats.mark("baseline_eval")
             rollouts.start()   # sample from the starting weights while the gang starts
         start = self.gang.wait_start()
-        self.report.info(f"learner up ({time.time() - self.stats.start_time:.0f}s)")
+        self.report.info(f"learner up ({self.stats.mark('learner_up'):.0f}s after launch)")
         if self.resume:
             resume_from(start, self.run_dir, self.rollouts, self.stats, self.plan, self.pairs)
             self.report.info(f"resumed at step {start.step} (policy version {start.version}) from {start.checkpoint}"
@@ -281,6 +280,16 @@ def waiting_on(pending, rollouts) -> str:
     """What a stalled run waits on: the gang's step in flight, and the sampler and judge calls."""
     held = [f"step {pending[0][0].step} on the learner"] if pending else []
     return ", ".join(held + rollouts.outstanding())
+
+
+def prompts(data, stats: RunStats, report: Reporter):
+    """The run's prompts, loaded while the actors start (bad data stops them, with the reason)."""
+    source, heldout = load_prompts(data)
+    stats.mark("prompts")
+    report.info(f"prompts: {len(source.prompts)} train, {len(heldout)} held-out"
+                + (f"; skipped {source.skipped_text}" if source.skipped else ""))
+    stats.skipped = source.skipped
+    return source, heldout
 
 
 def start_actors(plan: RunPlan, run_dir: RunDir, on_actor_event) -> tuple[Topology, Gang]:

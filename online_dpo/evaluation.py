@@ -43,6 +43,7 @@ class HeldOut:
             return {}
         if result:
             result["seconds"] = round(time.time() - start, 3)
+            result["time"] = round(start, 3)   # when it began (Unix time): a time-to-quality curve needs it
             self.report(result, step)
         return result
 

@@ -8,19 +8,38 @@ summary still counts the restarts and syncs of the process before it.
 from __future__ import annotations
 
 import collections
+import os
 import statistics
 import time
 
 from .evaluation import summary
 
+LAUNCHED_AT = "ONLINE_DPO_LAUNCHED_AT"   # set by `train --job` for its job: when the user's command started
 KL_WINDOW = 5   # steps the KL guard averages over
 RATE_WINDOW = 10   # steps the live throughput (pairs per second) is measured over
 NONFINITE_STEPS = 3   # this many skipped (non-finite) steps in a row stop the run
 
 
+def launched_at() -> float:
+    """When the user's command started: this process's start (Linux: its age, from /proc), or the
+    submitting command's for a job (LAUNCHED_AT)."""
+    if os.environ.get(LAUNCHED_AT):
+        return float(os.environ[LAUNCHED_AT])
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])   # start time, clock ticks after boot
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):   # not Linux: count from the controller's start
+        return time.time()
+
+
 class RunStats:
     def __init__(self):
         self.start_time = time.time()
+        self.launched = min(launched_at(), self.start_time)
+        self.marks: dict[str, float] = {"cluster": self.start_time - self.launched}   # phase -> s since launch
         self.train_start: float | None = None
         self.train_end: float | None = None
         self.last_result = time.time()      # when the learner last answered
@@ -34,6 +53,18 @@ class RunStats:
         self.last_train: dict = {}
         self.baseline: dict = {}             # the held-out evaluation of the starting policy
         self.skipped: dict[str, int] = {}    # prompt rows left out when the data loaded, by reason
+
+    # ------------------------------------------------------------ start-up
+
+    def mark(self, phase: str) -> float:
+        """Note that start-up `phase` is done (the first time only); seconds since launch."""
+        self.marks.setdefault(phase, round(time.time() - self.launched, 2))
+        return self.marks[phase]
+
+    def startup(self) -> dict:
+        """summary.json's start-up figures: the first step's time since launch, and each phase's end."""
+        marks = {k: round(v, 2) for k, v in self.marks.items()}
+        return {"first_step_seconds": marks.get("first_step"), "startup_seconds": marks}
 
     # ------------------------------------------------------------ while training
 
@@ -61,6 +92,7 @@ class RunStats:
             self.totals["sync_bytes"] += metrics["sync_bytes"]
             self.totals["syncs"] += 1
         self.finished.append((time.time(), metrics["pairs"]))
+        self.mark("first_step")
         record = {"kind": "train", **metrics, **self.lags.pop(metrics["step"], {}), **self.rate(),
                   "reward_mean": rollouts.latest.get("reward_mean"),
                   **{k: v for k, v in rollouts.latest.items() if k.startswith("objective/")},
@@ -129,7 +161,7 @@ class RunStats:
         extra = {**extra, "learner_restarts": self.learner_restarts, "steps_lost": self.steps_lost,
                  "sync_bytes_per_version": round(self.totals["sync_bytes"] / syncs) if syncs else None,
                  "learner_peak_rss_mib": self.last_train.get("peak_rss_mib"), "prompts_skipped": self.skipped,
-                 "steps_skipped_nonfinite": self.totals["skipped_steps"],
+                 "steps_skipped_nonfinite": self.totals["skipped_steps"], **self.startup(),
                  **self.pipeline(rollouts, len(topo.samplers.handles))}
         restarts = {**topo.restarts(), "learner": {"restarts": self.learner_restarts,
                                                    "restart_seconds": self.learner_restart_seconds}}

@@ -29,7 +29,7 @@ def test_shipped_configs_validate(path):
 def test_default_is_first_and_embedded():
     cfg = load_config()  # no path: the embedded default
     assert cfg.model.policy == "embedded:reviews" and cfg.judge.kind == "rule"
-    assert cfg.sampler.num_actors == 1 and cfg.train.num_workers == 2
+    assert cfg.sampler.num_actors == 1 and cfg.train.num_workers == 1
     assert cfg.sync.mode == "async" and cfg.sync.max_policy_lag >= 1
 
 

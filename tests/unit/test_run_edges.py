@@ -1,5 +1,5 @@
 """Small edges of a run, without Ray: how a run ended, which clusters are on loopback, the job's command
-line, a shared judge's config, and an endpoint judge's counts in a rollout record."""
+line, a shared judge's config, an endpoint judge's counts in a rollout record, and the start-up figures."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from online_dpo.cluster import on_loopback
 from online_dpo.config import ConfigError, load_config
 from online_dpo.controller import stop_kind
 from online_dpo.rollout import usage_sums
+from online_dpo.run_stats import LAUNCHED_AT, RunStats, launched_at
 from online_dpo.types import Labels
 
 
@@ -33,6 +34,30 @@ def test_the_job_runs_this_command_line_here_without_job():
     cmd = entrypoint(["train", "configs/a b.yaml", "--job", "--set", "train.beta=0.2"])
     assert cmd.startswith(f"cd {os.getcwd()}") and f"exec {sys.executable} -m online_dpo.cli train" in cmd
     assert "'configs/a b.yaml'" in cmd and "--job" not in cmd and "train.beta=0.2" in cmd
+    assert "--no-job" not in entrypoint(["train", "--no-job"])
+
+
+def test_start_up_counts_from_the_launch_and_each_phase_once(monkeypatch):
+    import time
+
+    age = time.time() - launched_at()
+    assert 0 <= age < 600   # this process's age, from /proc: the test process started before this line
+    monkeypatch.setenv(LAUNCHED_AT, str(time.time() - 5))   # a job: counts from the submitting command
+    stats = RunStats()
+    assert 4.9 <= stats.marks["cluster"] < 7
+    first = stats.mark("actors_up")
+    assert stats.mark("actors_up") == first and 5 <= first < 7
+    stats.training()
+    stats.step_done({"step": 1, "pairs": 32, "step_seconds": 0.1, "wait_seconds": 0.0}, FakeRollouts(), 1)
+    out = stats.startup()
+    assert out["first_step_seconds"] == out["startup_seconds"]["first_step"] >= first
+    assert list(out["startup_seconds"]) == ["cluster", "actors_up", "first_step"]
+
+
+class FakeRollouts:
+    latest: dict = {}
+    busy: dict = {}
+    stale = 0
 
 
 def test_a_shared_judge_is_named_by_its_app():
