@@ -40,7 +40,8 @@ def query(base: str, expr: str) -> list:
 
 def test_every_dashboard_metric_reaches_prometheus_with_the_final_evaluation(tmp_path, embedded_model):
     """`online-dpo up` with the monitor's settings, two runs of one config joining it (one series each, by
-    run_id), every metric of the dashboard in Prometheus, then `online-dpo down`."""
+    run_id; the first a Ray job, as runs on `up` are by default, the second not), every metric of the
+    dashboard in Prometheus, then `online-dpo down`."""
     env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
            "ONLINE_DPO_MONITOR": str(tmp_path / "monitor.json")}
     port = free_port()
@@ -58,8 +59,8 @@ def test_every_dashboard_metric_reaches_prometheus_with_the_final_evaluation(tmp
                             capture_output=True, text=True, timeout=300)
         assert up.returncode == 0 and "a local Ray cluster is up" in up.stdout, up.stdout + up.stderr
         runs = []
-        for steps in (4, 2):   # eval.judge: its metrics are on the dashboard too
-            runs.append(subprocess.run(cli + ["train", ENSEMBLE, "--set", "run.name=monitored-e2e",
+        for steps, job in ((4, []), (2, ["--no-job"])):   # eval.judge: its metrics are on the dashboard too
+            runs.append(subprocess.run(cli + ["train", ENSEMBLE, *job, "--set", "run.name=monitored-e2e",
                                               "--set", f"run.output_dir={tmp_path / 'runs'}",
                                               "--set", f"train.max_steps={steps}", "--set", "eval.prompts=8",
                                               "--set", "eval.judge={function: 'online_dpo.judges.rule:distinct_words', "
@@ -67,6 +68,8 @@ def test_every_dashboard_metric_reaches_prometheus_with_the_final_evaluation(tmp
                                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600))
             assert runs[-1].returncode == 0, runs[-1].stdout[-3000:] + runs[-1].stderr[-3000:]
         assert "joined the Ray cluster" in runs[0].stdout and f"Prometheus at http://127.0.0.1:{port}" in runs[0].stdout
+        # on the `up` cluster a run is a Ray job by default (its log on the Jobs page); --no-job is not
+        assert "submitted as Ray job" in runs[0].stdout and "submitted as Ray job" not in runs[1].stdout
         base = f"http://127.0.0.1:{port}"
         names = sorted(set(re.findall(r"(ray_online_dpo_\w+)\{", DASHBOARD.read_text())))
         missing = [n for n in names if not query(base, f'last_over_time({n}{{run="monitored-e2e"}}[15m])')]

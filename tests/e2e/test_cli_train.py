@@ -43,6 +43,11 @@ def test_default_run_improves_held_out_reward(default_run):
     # progress lines: step, pairs, reward, loss, version, pairs/s
     assert "step   60/60" in stdout and "pairs/s" in stdout and " v30 " in stdout
     assert summary["mode"] == "async" and summary["ties_dropped"] > 0 and "identical_dropped" in summary
+    # start-up, counted from the command's launch: each phase after the one it waits for
+    phases = summary["startup_seconds"]
+    assert 0 < phases["cluster"] <= phases["actors_started"] <= phases["prompts"] <= phases["first_step"]
+    assert phases["actors_up"] <= phases["first_step"] and phases["learner_up"] <= phases["first_step"]
+    assert summary["first_step_seconds"] == phases["first_step"] < summary["wall_seconds"] + phases["cluster"]
     # concise by default: step lines and a few notes, no engine logs
     assert len(stdout.splitlines()) < 80 and "vllm" not in stdout.lower(), stdout
 
@@ -118,7 +123,7 @@ def test_validate_every_shipped_config():
 def test_dry_run_prints_the_plan_and_refuses_more_gpus_than_exist():
     ok = run_cli("train", "--dry-run", timeout=120)
     assert ok.returncode == 0 and "result: fits" in ok.stdout
-    assert "sampler  1 x {CPU 0.4}" in ok.stdout and "trainer  2 x {CPU 0.4}" in ok.stdout
+    assert "sampler  1 x {CPU 0.4}" in ok.stdout and "trainer  1 x {CPU 0.4}" in ok.stdout
     # the embedded policy: 0.91M parameters x 20 bytes (weights, gradients, AdamW moments, reference)
     assert "learner memory: 0.91M parameters (0.91M trained) -> 17.4 MiB per worker" in ok.stdout
     bad = run_cli("train", "--dry-run", "--set", "sampler.num_gpus=64", timeout=120)
