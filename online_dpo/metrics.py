@@ -163,7 +163,7 @@ class ExternalLoggers:
         kind = record.get("kind")
         step = record.get("step") or record.get("round") or record.get("policy_version") or 0
         scalars = {f"{kind}/{k}": v for k, v in record.items()
-                   if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "kind"}
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("kind", "time")}
         if self.tb is not None:
             for k, v in scalars.items():
                 self.tb.add_scalar(k, v, step)
