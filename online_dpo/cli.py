@@ -150,7 +150,7 @@ def cmd_train(args) -> int:
     if monitor:
         console.info(f"metrics go to the monitor's Prometheus at {monitor['prometheus']}")
     # a job by default on the `up` cluster, whose dashboard outlives the run; a cluster of the run's own
-    # goes away with it, so there the job's page would too, and its driver costs ~4 s more to start
+    # goes away with it, so there the job's page would too, and its driver is one more process to start
     as_job = not in_job() and (args.job if args.job is not None else not started and joined_up())
     try:
         if as_job:

@@ -23,7 +23,7 @@ import collections
 import json
 import time
 
-from .data import load_prompts
+from .data import DataError, load_prompts
 from .errors import RunFailed
 from .evaluation import HeldOut
 from .gang import Gang
@@ -283,8 +283,13 @@ def waiting_on(pending, rollouts) -> str:
 
 
 def prompts(data, stats: RunStats, report: Reporter):
-    """The run's prompts, loaded while the actors start (bad data stops them, with the reason)."""
-    source, heldout = load_prompts(data)
+    """The run's prompts, loaded while the actors start (bad data stops them: the reason is said at once,
+    and again as the run's error once they are down, which takes until the gang has started)."""
+    try:
+        source, heldout = load_prompts(data)
+    except DataError as e:
+        report.info(f"the prompts cannot be used: {e}; stopping the actors that were starting")
+        raise
     stats.mark("prompts")
     report.info(f"prompts: {len(source.prompts)} train, {len(heldout)} held-out"
                 + (f"; skipped {source.skipped_text}" if source.skipped else ""))

@@ -39,7 +39,7 @@ class RunStats:
     def __init__(self):
         self.start_time = time.time()
         self.launched = min(launched_at(), self.start_time)
-        self.marks: dict[str, float] = {"cluster": self.start_time - self.launched}   # phase -> s since launch
+        self.marks = {"cluster": round(self.start_time - self.launched, 2)}   # start-up phase -> s since launch
         self.train_start: float | None = None
         self.train_end: float | None = None
         self.last_result = time.time()      # when the learner last answered
@@ -63,8 +63,7 @@ class RunStats:
 
     def startup(self) -> dict:
         """summary.json's start-up figures: the first step's time since launch, and each phase's end."""
-        marks = {k: round(v, 2) for k, v in self.marks.items()}
-        return {"first_step_seconds": marks.get("first_step"), "startup_seconds": marks}
+        return {"first_step_seconds": self.marks.get("first_step"), "startup_seconds": dict(self.marks)}
 
     # ------------------------------------------------------------ while training
 
