@@ -191,7 +191,6 @@ def run_ours(out: Path, steps: int, every: int, overrides: list[str]) -> dict:
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     evals = [r for r in records if r.get("kind") == "eval"]
     mid = sum(e["seconds"] for e in evals[1:-1])   # periodic ones: the first and last are the default's own
-    train_first = next((r for r in records if r.get("kind") == "train"), {})
     checkpoints = {int(p.name.removeprefix("step-")): p / "policy" for p in (run_dir / "ray").glob("*/step-*")}
     policies = {k: str(checkpoints[k]) for k in FRONTIER if k in checkpoints}
     return {"process_seconds": wall - mid, "train_seconds": s["train_seconds"] - mid, "pairs": s["pairs"],
@@ -199,19 +198,22 @@ def run_ours(out: Path, steps: int, every: int, overrides: list[str]) -> dict:
             "startup_seconds": s.get("startup_seconds"), "evals": [{"step": e["step"], "reward": e["reward"],
                                                                     "time": e["time"], "seconds": e["seconds"]}
                                                                    for e in evals],
-            "policies": policies, "summary": {k: v for k, v in s.items() if not k.startswith("samples")},
-            "first_train_record": train_first.get("step")}
+            "policies": policies, "summary": {k: v for k, v in s.items() if not k.startswith("samples")}}
+
+
+def curve(run: dict) -> dict[int, tuple[float, float]]:
+    """A run's own held-out evaluations: step -> (reward, seconds since launch less the periodic
+    evaluations before it; the step-0 one runs while the learner starts, so it is not taken out)."""
+    spent, out = 0.0, {}
+    for e in sorted(run["evals"], key=lambda e: e["time"]):
+        out[e["step"]] = (e["reward"], e["time"] - run["launched"] - spent)
+        spent += e["seconds"] if e["step"] > 0 else 0.0
+    return out
 
 
 def time_to(run: dict, target: float) -> float | None:
-    """Seconds from launch, less the periodic evaluations before it, at which the held-out reward first
-    reaches `target` (None: never)."""
-    spent = 0.0
-    for e in sorted(run["evals"], key=lambda e: e["time"]):
-        if e["step"] > 0 and e["reward"] >= target:
-            return e["time"] - run["launched"] - spent
-        spent += e["seconds"] if e["step"] > 0 else 0.0
-    return None
+    """When the held-out reward first reaches `target` (curve's clock; None: never)."""
+    return next((t for step, (reward, t) in sorted(curve(run).items()) if step > 0 and reward >= target), None)
 
 
 # ---------------------------------------------------------------- one evaluator for both
@@ -291,14 +293,7 @@ def frontier_table(initial: dict, trl: dict, ours: dict) -> str:
 
 def curve_table(trl: dict, ours: dict) -> str:
     """Each system's own periodic held-out reward by step, with its time since launch (evaluations out)."""
-    def points(run):
-        spent, out = 0.0, {}
-        for e in sorted(run["evals"], key=lambda e: e["time"]):
-            out[e["step"]] = (e["reward"], e["time"] - run["launched"] - spent)
-            spent += e["seconds"] if e["step"] > 0 else 0.0
-        return out
-
-    a, b = points(trl), points(ours)
+    a, b = curve(trl), curve(ours)
     lines = ["| step | TRL reward | TRL at (s) | online-dpo reward | online-dpo at (s) |", "| --- | --- | --- | --- | --- |"]
     for step in sorted(set(a) | set(b)):
         cells = [f"{p[0]:+.3f} | {p[1]:.1f}" if p else "- | -" for p in (a.get(step), b.get(step))]
