@@ -185,6 +185,7 @@ class LearnerSpec:
     max_steps: int = 100          # the length of the learning-rate schedule
     strategy: str = "ddp"         # ddp | fsdp (sharding.py)
     logprob_chunk: int | None = None   # LM head in chunks of this many positions (no full fp32 logits)
+    pack_sequences: bool = True   # run the model on sequences packed into rows, not padded (sequences.Packing)
     checkpoint_every_layers: int = 0   # recompute every k-th decoder layer in backward (0: off)
     liger_kernels: bool = False   # Liger's fused RMSNorm, SwiGLU, RoPE and linear cross-entropy (CUDA)
     seed: int = 0

@@ -53,11 +53,12 @@ class Worker:
         checkpoint_layers(self.lm, spec.checkpoint_every_layers)
         self.tokenizer = AutoTokenizer.from_pretrained(spec.policy, trust_remote_code=spec.trust_remote_code)
         pad_id = self.lm.config.pad_token_id
-        self.model = self.strategy.wrap(SequenceScorer(self.lm, spec.logprob_chunk, head), device)
+        packed = spec.pack_sequences and packs(self.lm, len(self.tokenizer), rank)
+        self.model = self.strategy.wrap(SequenceScorer(self.lm, spec.logprob_chunk, head, packed), device)
         if spec.lora:   # the reference is the same model with its adapters off: no second copy
             reference = AdaptersOff(self.lm, getattr(self.model, "module", self.model))
         else:
-            reference = SequenceScorer(self.load(spec.reference), spec.logprob_chunk, head)
+            reference = SequenceScorer(self.load(spec.reference), spec.logprob_chunk, head, packed)
             reference = self.strategy.wrap_frozen(reference.eval().requires_grad_(False), device)
         self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=spec.lr,
                                            weight_decay=spec.weight_decay)
@@ -128,6 +129,20 @@ class Worker:
         gathered, optim = self._gathered(), self.strategy.optim_state(self.model, self.optimizer)
         return checkpoint.report(self.rank, step, lambda d: checkpoint.save(
             d, self.lm, gathered, self.tokenizer, optim, self.scheduler, state, controller))
+
+
+def packs(lm, vocab: int, rank: int) -> bool:
+    """Whether the policy scores packed sequences as it scores them padded (checked once, on the CPU
+    copy before placement); a model that does not is trained padded, and rank 0 says so."""
+    from .sequences import packing_agrees
+
+    if packing_agrees(lm, min(vocab, lm.config.vocab_size)):
+        return True
+    if rank == 0:
+        print(f"[online-dpo] {type(lm).__name__} scores packed sequences differently from padded ones "
+              f"(its attention ignores position ids): training on padded sequences; set "
+              f"train.pack_sequences: false to skip this check", flush=True)
+    return False
 
 
 def _peak_rss_mib() -> float:

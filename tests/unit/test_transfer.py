@@ -63,7 +63,16 @@ def test_checksums_cover_vllms_fused_tensors_and_name_a_corrupted_one():
     assert check(expected, engine) == (4, ["model.norm.weight"])
     # an engine in another dtype holds the cast tensor
     half = expected_digests(tensors_of(state(), torch.bfloat16, tied=True), torch.float32)
-    assert half["model.norm.weight"] == digest(s["model.norm.weight"].to(torch.bfloat16).to(torch.float32))
+    assert half["model.norm.weight"] == (digest(s["model.norm.weight"].to(torch.bfloat16).to(torch.float32)),)
+    # a bf16 engine on CPU keeps small GEMMs' biases in float32 (the cast value, widened)
+    biases = {f"model.layers.0.self_attn.{p}_proj.bias": torch.randn(8 if p == "q" else 4) for p in "qkv"}
+    expected = expected_digests({**weights, **biases}, torch.bfloat16)
+    engine = {"dp0:pp0:pcp0:tp0:model.norm.weight": digest(s["model.norm.weight"].to(torch.bfloat16)),
+              "dp0:pp0:pcp0:tp0:model.layers.0.self_attn.qkv_proj.bias":
+                  digest(torch.cat(list(biases.values())).to(torch.bfloat16).float())}
+    assert check(expected, engine) == (2, [])
+    engine["dp0:pp0:pcp0:tp0:model.norm.weight"] = digest(s["model.norm.weight"])   # not cast: wrong
+    assert check(expected, engine) == (2, ["model.norm.weight"])
 
 
 def engine_side(inbox, outbox):
