@@ -104,6 +104,8 @@ class TrainConfig(Section):
     strategy: Literal["ddp", "fsdp"] = Field("ddp", description="ddp: a copy per worker; fsdp: FSDP2 shards it all")
     logprob_chunk: int | None = Field(None, gt=0, description="LM head in chunks of this many positions")
     pack_sequences: bool = Field(True, description="run the model on sequences packed end to end, not padded")
+    attention: Literal["eager", "sdpa", "flash_attention_2", "flex_attention"] | None = Field(
+        None, description="transformers' attn_implementation for the learner's policy and reference")
     checkpoint_every_layers: int = Field(0, ge=0, description="recompute every k-th decoder layer in backward")
     liger_kernels: bool = Field(False, description="Liger's fused Triton kernels; needs train.use_gpu")
     max_steps: int = Field(100, gt=0)

@@ -13,11 +13,13 @@ import torch
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_causal_lm(path: str, dtype: torch.dtype, trust_remote_code: bool = False):
-    """A causal LM with dropout off: DPO's log-prob ratios must not carry dropout noise."""
+def load_causal_lm(path: str, dtype: torch.dtype, trust_remote_code: bool = False, attention: str | None = None):
+    """A causal LM with dropout off: DPO's log-prob ratios must not carry dropout noise. `attention`:
+    transformers' `attn_implementation` (None: its default)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    extra = {"attn_implementation": attention} if attention else {}
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code, **extra)
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0

@@ -154,7 +154,7 @@ def learner_spec(cfg: Config, policy: str, transport: str, files: str) -> Learne
                        warmup_steps=t.warmup_steps, weight_decay=t.weight_decay, grad_clip=t.grad_clip,
                        batch_size=t.batch_size, micro_batch_size=t.micro_batch_size,
                        micro_batch_tokens=t.micro_batch_tokens, max_steps=t.max_steps, strategy=t.strategy,
-                       logprob_chunk=t.logprob_chunk, pack_sequences=t.pack_sequences, checkpoint_every_layers=t.checkpoint_every_layers,
+                       logprob_chunk=t.logprob_chunk, pack_sequences=t.pack_sequences, attention=t.attention, checkpoint_every_layers=t.checkpoint_every_layers,
                        liger_kernels=t.liger_kernels, seed=cfg.run.seed if t.seed is None else t.seed,
                        num_threads=threads(t.num_cpus_per_worker, t.num_threads),
                        trust_remote_code=cfg.model.trust_remote_code,

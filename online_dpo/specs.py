@@ -186,6 +186,7 @@ class LearnerSpec:
     strategy: str = "ddp"         # ddp | fsdp (sharding.py)
     logprob_chunk: int | None = None   # LM head in chunks of this many positions (no full fp32 logits)
     pack_sequences: bool = True   # run the model on sequences packed into rows, not padded (sequences.Packing)
+    attention: str | None = None  # transformers' attn_implementation for policy and reference (None: its default)
     checkpoint_every_layers: int = 0   # recompute every k-th decoder layer in backward (0: off)
     liger_kernels: bool = False   # Liger's fused RMSNorm, SwiGLU, RoPE and linear cross-entropy (CUDA)
     seed: int = 0

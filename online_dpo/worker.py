@@ -73,7 +73,7 @@ class Worker:
     def load(self, path: str):
         from .sequences import use_liger_kernels
 
-        lm = load_causal_lm(path, torch.float32, self.spec.trust_remote_code)
+        lm = load_causal_lm(path, torch.float32, self.spec.trust_remote_code, self.spec.attention)
         if self.spec.liger_kernels:
             use_liger_kernels(lm)
         return lm

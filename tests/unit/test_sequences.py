@@ -78,6 +78,53 @@ def test_chunked_log_probs_match_full_logits_values_and_gradients():
         assert (p.grad - q.grad).abs().max().item() < 1e-4, name
 
 
+def test_packing_lays_sequences_end_to_end_and_back():
+    from online_dpo.sequences import Packing
+
+    ids, attn, _ = pack([[5, 6, 7], [8], [9, 9]], [[1, 2, 3, 4], [3], [4]], pad_id=0)   # lengths 7, 2, 3
+    packing = Packing(attn)   # rows of width 7: [seq 0], [seq 2, seq 1]
+    assert packing.rows == 2 and packing.saves
+    assert packing.pack(ids).tolist() == [[5, 6, 7, 1, 2, 3, 4], [9, 9, 4, 8, 3, 0, 0]]
+    assert packing.positions.tolist() == [[0, 1, 2, 3, 4, 5, 6], [0, 1, 2, 0, 1, 0, 0]]   # restart per sequence
+    back = packing.unpack(packing.pack(ids).unsqueeze(-1)).squeeze(-1)
+    assert (back * attn).tolist() == (ids * attn).tolist()
+    wide = Packing(attn, width=12)   # wider rows: everything in one
+    assert wide.rows == 1 and wide.pack(ids)[0, :12].tolist() == [5, 6, 7, 1, 2, 3, 4, 9, 9, 4, 8, 3]
+    assert not Packing(torch.ones(2, 4, dtype=torch.long)).saves   # full rows: nothing to gain
+
+
+def test_packed_scoring_matches_padded_values_and_gradients():
+    """The decoder on packed rows and the LM head on response positions only give what the padded
+    full-logits path gives, for the full and chunked heads, summed or averaged."""
+    from online_dpo.sequences import SequenceScorer, packing_agrees
+
+    lm = tiny_lm()
+    assert packing_agrees(lm, 50)
+    ids, attn, resp = pack([[5, 6, 7, 8], [9], [9, 4], [3]], [[1, 2, 3], [4, 10, 11, 12, 13, 14], [7], [8, 8]],
+                           pad_id=0)
+    padded = SequenceScorer(tiny_lm())
+    for packed in (SequenceScorer(tiny_lm(), packed=True), SequenceScorer(tiny_lm(), chunk=3, packed=True)):
+        for average in (False, True):
+            assert (padded(ids, attn, resp, average) - packed(ids, attn, resp, average)).abs().max() < 1e-4
+        padded.zero_grad()
+        padded(ids, attn, resp).sum().backward()
+        packed(ids, attn, resp).sum().backward()
+        for (name, p), q in zip(padded.named_parameters(), packed.parameters()):
+            assert (p.grad - q.grad).abs().max().item() < 1e-4, name
+
+
+def test_a_model_that_ignores_position_ids_is_not_packed():
+    """Packing relies on position ids to mask attention within each sequence; a model whose attention
+    does not see them scores packed rows differently, and the check says so."""
+    from online_dpo.sequences import packing_agrees
+
+    lm = tiny_lm()
+    decoder = lm.get_decoder()
+    forward = decoder.forward
+    decoder.forward = lambda **kw: forward(**{k: v for k, v in kw.items() if k != "position_ids"})
+    assert not packing_agrees(lm, 50)
+
+
 def test_recomputed_layers_give_the_same_gradients():
     """Selective activation checkpointing (sharding.checkpoint_layers) changes memory, not results;
     the recompute must not see a KV cache filled by the first pass."""
