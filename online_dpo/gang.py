@@ -40,11 +40,10 @@ class Gang(threading.Thread):
         # checkpoint, notices a dead worker, and returns from fit() after the last step.
         os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
         from ray.train import CheckpointConfig, FailureConfig, RunConfig
-        from ray.train.torch import TorchTrainer
 
         from .worker import train_loop
 
-        trainer = TorchTrainer(
+        trainer = trainer_class()(
             train_loop, train_loop_config={"spec": self.spec, "broker": self.broker, "store": self.store},
             scaling_config=self.scaling(),
             run_config=RunConfig(name=self.run_name, storage_path=self.storage,
@@ -125,3 +124,18 @@ class Gang(threading.Thread):
         from ray.train import Checkpoint
 
         return Checkpoint(f"{self.storage.rstrip('/')}/{self.run_name}/step-{step:06d}")
+
+
+def trainer_class():
+    """Ray Train's TorchTrainer without its dataset manager: an actor (a process, ~1.6 CPU-seconds to
+    start, on cores the vLLM engine is starting on) that serves Ray Datasets shards, and a gang of
+    ours is given none (its orders come through the broker)."""
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+
+    class Trainer(TorchTrainer):
+        def _create_default_callbacks(self):
+            callbacks = super()._create_default_callbacks()
+            return callbacks if self.datasets else [c for c in callbacks if not isinstance(c, DatasetsCallback)]
+
+    return Trainer
