@@ -68,3 +68,4 @@ def test_close_releases_the_learner_and_every_waiter():
         with pytest.raises(asyncio.TimeoutError):
             await Broker().next(1, 0.01)
     run(scenario())
+
