@@ -252,7 +252,7 @@ class Topology:
         published as `serial`; a line saying what was compared. A mismatch fails the run."""
         import ray
 
-        from .transfer import check
+        from .checksums import check
 
         if self.workers_per_sampler > 1:
             return "not compared: tensor-parallel engines hold shards, not the trainer's tensors"

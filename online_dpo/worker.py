@@ -110,7 +110,8 @@ class Worker:
 
     def publish(self, version: int, store):
         """(handle, seconds, checksums or None): the version published; rank 0 only."""
-        from .transfer import expected_digests, tensors_of
+        from .checksums import expected_digests
+        from .transfer import tensors_of
         from .weight_sync import publish
 
         weights = self.weights()

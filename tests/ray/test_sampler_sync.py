@@ -15,7 +15,8 @@ import torch
 from online_dpo.engine import EngineSpec, engine_env
 from online_dpo.sampler import MAX_CONCURRENCY, Sampler
 from online_dpo.sequences import SequenceScorer, pack, token_logprobs
-from online_dpo.transfer import check, expected_digests, tensors_of
+from online_dpo.checksums import check, expected_digests
+from online_dpo.transfer import tensors_of
 from online_dpo.weight_sync import PolicyStore, publish
 
 TOL = 2e-3

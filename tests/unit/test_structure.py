@@ -130,6 +130,18 @@ def test_the_loss_imports_neither_ray_nor_vllm():
     assert "ray" not in out and "vllm" not in out, out
 
 
+def test_the_driver_never_imports_vllm():
+    """The driver's modules, the checked sync's comparison included, leave vLLM to the actors (importing
+    it costs ~5 CPU-seconds, once spent mid-run by the first checked sync)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, online_dpo.cli, online_dpo.controller, online_dpo.topology, online_dpo.gang, "
+            "online_dpo.checksums; print('vllm' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False", out
+
+
 # Waits whose deadline lives elsewhere: a torch collective's Work.wait() times out by its process group's
 # own timeout (transfer.open_group sets it).
 WAITS_WITH_DEADLINES_ELSEWHERE = {("online_dpo.transfer", "work.wait()")}

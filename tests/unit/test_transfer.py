@@ -9,8 +9,8 @@ from dataclasses import asdict
 
 import torch
 
-from online_dpo.transfer import (EMPTY, GlooTrainerEngine, GlooTrainerInitInfo, Meta, check, digest,
-                                 expected_digests, pack, stored, tensors_of, unpack, unstored)
+from online_dpo.checksums import EMPTY, check, digest, expected_digests
+from online_dpo.transfer import GlooTrainerEngine, GlooTrainerInitInfo, Meta, pack, stored, tensors_of, unpack, unstored
 
 
 def state() -> dict:
