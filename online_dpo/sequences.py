@@ -190,7 +190,7 @@ class Packing:
         return ids.view(self.rows, self.width)
 
     def unpack(self, packed: torch.Tensor) -> torch.Tensor:
-        """[rows, T, ...] -> [B, T, ...] (padding positions hold a copy of some real one)."""
+        """[rows, width, ...] -> [B, T, ...] (padding positions hold a copy of some real one)."""
         return packed.reshape(self.rows * self.width, *packed.shape[2:])[self.where]
 
 
