@@ -22,10 +22,13 @@ def digest(t: torch.Tensor) -> str:
 
 
 def digests_as_held(t: torch.Tensor, dtype: torch.dtype) -> tuple[str, ...]:
-    """A tensor's checksums as an engine in `dtype` may hold it: cast to `dtype`, or also, below float32,
-    cast and then widened to float32 (vLLM on CPU keeps a bf16 engine's small-GEMM biases in float32)."""
+    """A tensor's checksums as an engine in `dtype` may hold it: cast to `dtype`, or, below float32, also
+    in float32, as sent or cast first: vLLM on CPU keeps a bf16 engine's small-GEMM biases in float32
+    (rounded to bf16 at load, and loaded as sent by a reload)."""
     cast = t.to(dtype)
-    return (digest(cast),) if dtype == torch.float32 else (digest(cast), digest(cast.float()))
+    if dtype == torch.float32:
+        return (digest(cast),)
+    return tuple(dict.fromkeys((digest(cast), digest(cast.float()), digest(t.float()))))
 
 
 def expected_digests(tensors: dict, dtype: torch.dtype) -> dict[str, tuple[str, ...]]:

@@ -99,7 +99,8 @@ class TrainConfig(Section):
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float | None = Field(1.0, gt=0)
     batch_size: int = Field(32, gt=0, description="pairs per optimizer step, all workers together")
-    micro_batch_size: int = Field(8, gt=0, description="pairs per worker per forward pass")
+    micro_batch_size: int | None = Field(8, gt=0, description="pairs per worker per forward pass; null: a "
+                                                              "worker's whole share of the batch in one pass")
     micro_batch_tokens: int | None = Field(None, gt=0, description="size micro-batches by padded tokens instead")
     strategy: Literal["ddp", "fsdp"] = Field("ddp", description="ddp: a copy per worker; fsdp: FSDP2 shards it all")
     logprob_chunk: int | None = Field(None, gt=0, description="LM head in chunks of this many positions")
@@ -115,14 +116,14 @@ class TrainConfig(Section):
 
     @model_validator(mode="after")
     def _divides(self):
-        per_pass = self.num_workers * self.micro_batch_size
+        per_pass = self.num_workers * (self.micro_batch_size or self.batch_size // self.num_workers)
         if self.batch_size % self.num_workers:
             raise ValueError(f"train.batch_size ({self.batch_size}) must be a multiple of train.num_workers "
                              f"({self.num_workers})")
         if self.liger_kernels and not self.use_gpu:
             raise ValueError("train.liger_kernels needs train.use_gpu: true (Liger's kernels are Triton, CUDA "
                              "only); set train.liger_kernels: false on CPU")
-        if self.micro_batch_tokens is None and self.batch_size % per_pass:
+        if self.micro_batch_tokens is None and self.micro_batch_size and self.batch_size % per_pass:
             raise ValueError(
                 f"train.batch_size ({self.batch_size}) must be a multiple of train.num_workers x "
                 f"train.micro_batch_size ({self.num_workers} x {self.micro_batch_size} = {per_pass}); "

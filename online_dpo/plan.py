@@ -152,7 +152,7 @@ def learner_spec(cfg: Config, policy: str, transport: str, files: str) -> Learne
                        label_smoothing=t.label_smoothing, simpo_gamma=t.simpo_gamma,
                        length_penalty=t.length_penalty, lr=t.lr, lr_schedule=t.lr_schedule,
                        warmup_steps=t.warmup_steps, weight_decay=t.weight_decay, grad_clip=t.grad_clip,
-                       batch_size=t.batch_size, micro_batch_size=t.micro_batch_size,
+                       batch_size=t.batch_size, micro_batch_size=t.micro_batch_size or t.batch_size // t.num_workers,
                        micro_batch_tokens=t.micro_batch_tokens, max_steps=t.max_steps, strategy=t.strategy,
                        logprob_chunk=t.logprob_chunk, pack_sequences=t.pack_sequences, attention=t.attention, checkpoint_every_layers=t.checkpoint_every_layers,
                        liger_kernels=t.liger_kernels, seed=cfg.run.seed if t.seed is None else t.seed,

@@ -40,6 +40,16 @@ def test_overrides(tmp_path):
     assert cfg.sampler.engine == {"enable_prefix_caching": True}
 
 
+def test_a_null_micro_batch_is_one_pass_for_any_batch_size():
+    """The default config's one pass per step follows the batch: overriding batch_size needs no other change."""
+    from online_dpo.plan import RunPlan
+
+    for batch in (16, 32, 48):
+        cfg = load_config(None, [f"train.batch_size={batch}"])
+        assert cfg.train.micro_batch_size is None
+        assert RunPlan.from_config(cfg).learner.micro_batch_size == batch // cfg.train.num_workers
+
+
 BAD = {
     "unknown key": (MINIMAL + "train:\n  lrr: 0.1\n", ["train.lrr", "unknown key", "lr"]),
     "unknown section": (MINIMAL + "trainer: {}\n", ["trainer", "unknown key"]),

@@ -71,7 +71,10 @@ def test_checksums_cover_vllms_fused_tensors_and_name_a_corrupted_one():
               "dp0:pp0:pcp0:tp0:model.layers.0.self_attn.qkv_proj.bias":
                   digest(torch.cat(list(biases.values())).to(torch.bfloat16).float())}
     assert check(expected, engine) == (2, [])
-    engine["dp0:pp0:pcp0:tp0:model.norm.weight"] = digest(s["model.norm.weight"])   # not cast: wrong
+    # ... and, reloaded, as sent (a float32 wire into its float32 bias)
+    engine["dp0:pp0:pcp0:tp0:model.layers.0.self_attn.qkv_proj.bias"] = digest(torch.cat(list(biases.values())))
+    assert check(expected, engine) == (2, [])
+    engine["dp0:pp0:pcp0:tp0:model.norm.weight"] = digest(s["model.norm.weight"].to(torch.bfloat16) + 1)
     assert check(expected, engine) == (2, ["model.norm.weight"])
 
 
