@@ -116,7 +116,7 @@ class TrainConfig(Section):
 
     @model_validator(mode="after")
     def _divides(self):
-        per_pass = self.num_workers * (self.micro_batch_size or self.batch_size // self.num_workers)
+        per_pass = self.num_workers * (self.micro_batch_size or 0)
         if self.batch_size % self.num_workers:
             raise ValueError(f"train.batch_size ({self.batch_size}) must be a multiple of train.num_workers "
                              f"({self.num_workers})")
