@@ -141,7 +141,7 @@ def packs(lm, vocab: int, rank: int) -> bool:
         return True
     if rank == 0:
         print(f"[online-dpo] {type(lm).__name__} scores packed sequences differently from padded ones "
-              f"(its attention ignores position ids): training on padded sequences; set "
+              f"(its attention or LM head does not follow packed rows): training on padded sequences; set "
               f"train.pack_sequences: false to skip this check", flush=True)
     return False
 
