@@ -231,6 +231,10 @@ def dashboard_note() -> str | None:
     return f"Ray dashboard: {url} (it asks for a token: `ray get-auth-token` prints it)"
 
 
+RAY_CLIENT_SERVER = "ray.util.client.server"   # `ray start` leaves it running; its command line names the GCS, not the session
+DASHBOARD_START_SECONDS = 60   # `ray start` returns before the dashboard answers
+
+
 def up(num_cpus: int | None, env: dict[str, str], metrics_export_ms: int | None, dashboard_port: int = 8265) -> str:
     """`online-dpo up`: a local cluster that outlives the runs (`ray start --head` on 127.0.0.1, with Serve's
     settings, and a monitor's where one runs). Runs and `serve` on this machine join it; returns the
@@ -257,10 +261,25 @@ def up(num_cpus: int | None, env: dict[str, str], metrics_export_ms: int | None,
                           timeout=180)
     if proc.returncode != 0:
         raise RunFailed(f"`ray start` failed: {last_line_of(proc.stderr or proc.stdout)}")
+    if not _wait_until_answers(f"127.0.0.1:{dashboard_port}", DASHBOARD_START_SECONDS):
+        raise RunFailed(f"the dashboard did not answer on 127.0.0.1:{dashboard_port} within {DASHBOARD_START_SECONDS}s "
+                        "of `ray start`: see /tmp/ray/session_latest/logs/dashboard.log, then `online-dpo down`")
     session = Path("/tmp/ray/session_latest").resolve().name
     up_state().parent.mkdir(parents=True, exist_ok=True)
     up_state().write_text(json.dumps({"session": session, "address": Path(ADDRESS_FILE).read_text().strip()}))
     return f"http://127.0.0.1:{dashboard_port}"
+
+
+def _wait_until_answers(address: str, seconds: float) -> bool:
+    """Whether something listens at host:port within `seconds` (the dashboard: a run submits jobs through it)."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while not _answers(address):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
 
 
 def _answers(address: str) -> bool:
@@ -295,19 +314,22 @@ def joined_up() -> bool:
 
 def down(grace: float = 10.0) -> bool:
     """`online-dpo down`: stop the cluster `up` started, and only it: the processes of its session (GCS,
-    raylet, dashboard, agents) and their descendants (workers). False when none was up."""
+    raylet, dashboard, agents), the Ray Client server it started, and their descendants (workers). False when
+    none was up."""
     import json
 
     import psutil
 
     try:
-        session = json.loads(up_state().read_text())["session"]
+        state = json.loads(up_state().read_text())
+        session, client = state["session"], f"--address={state.get('address')}"
     except (OSError, ValueError, KeyError):
         return False
     procs = []
     for proc in psutil.process_iter(["cmdline"]):
         try:
-            if any(session in arg for arg in proc.info["cmdline"] or []):
+            cmdline = proc.info["cmdline"] or []
+            if any(session in arg for arg in cmdline) or (RAY_CLIENT_SERVER in cmdline and client in cmdline):
                 procs += [proc] + proc.children(recursive=True)
         except psutil.Error:
             continue

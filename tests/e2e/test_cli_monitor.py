@@ -16,7 +16,10 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+import psutil
 import pytest
+
+from online_dpo.cluster import up_state
 
 ROOT = Path(__file__).resolve().parents[2]
 # the default plus an ensemble judge, so the per-objective series on the dashboard are emitted too
@@ -80,6 +83,12 @@ def test_every_dashboard_metric_reaches_prometheus_with_the_final_evaluation(tmp
         by_run = {s["metric"]["run_id"]: float(s["value"][1]) for s in steps}
         dirs = sorted(p.name for p in (tmp_path / "runs").iterdir())
         assert sorted(by_run) == dirs and sorted(by_run.values()) == [2.0, 4.0], by_run   # two series, by run_id
+        state = json.loads(up_state().read_text())
+        down, up = subprocess.run(cli + ["down"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180), None
+        assert down.returncode == 0, down.stdout + down.stderr
+        left = [p.pid for p in psutil.process_iter(["cmdline"])
+                if any(state["session"] in a or a == f"--address={state['address']}" for a in p.info["cmdline"] or [])]
+        assert not left, f"processes of the up cluster left after down (the Ray Client server among them?): {left}"
     finally:
         if up is not None:
             subprocess.run(cli + ["down"], cwd=ROOT, env=env, capture_output=True, timeout=180)
