@@ -37,6 +37,15 @@ def node_ip() -> str:
     return "127.0.0.1"
 
 
+def one_machine() -> bool:
+    """Whether every node of the connected cluster is on this machine: its GCS listens on loopback, so
+    no other machine can join it (and every node sees the driver's files)."""
+    from ray._private import worker
+
+    node = worker.global_worker.node
+    return node is not None and loopback(node.gcs_address.rpartition(":")[0])
+
+
 def existing_address() -> str | None:
     if os.environ.get("RAY_ADDRESS"):
         return os.environ["RAY_ADDRESS"]

@@ -38,6 +38,8 @@ from .signals import Interrupted, Stop
 from .topology import Topology
 from .types import Closed, Restarted, StepOrder
 
+FIT_START_SECONDS = 60   # the driver waits this long at most for the gang's thread to start fit()
+
 
 class Controller:
     def __init__(self, plan: RunPlan, run_dir: RunDir, console: ConsoleLog, tracker: Tracker, resume: bool = False,
@@ -308,6 +310,10 @@ def start_actors(plan: RunPlan, run_dir: RunDir, on_actor_event) -> tuple[Topolo
     storage = plan.gang.storage or str(run_dir.path / "ray")
     gang = Gang(plan.gang, plan.learner, topo.broker, topo.store, storage, run_dir.path.name)
     gang.start()   # the gang starts while the engines build
+    # The learner's chain (Ray Train's controller, then the workers) is the longest to the first step:
+    # the driver's other work (the prompts) waits until the gang's thread has its imports done and
+    # fit() started, rather than share the interpreter with it (1.5-2 s sooner to the learner's hello).
+    gang.fitting.wait(timeout=FIT_START_SECONDS)
     return topo, gang
 
 

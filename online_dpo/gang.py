@@ -30,27 +30,21 @@ class Gang(threading.Thread):
         self.storage, self.run_name = storage, name
         self.result, self.error = None, None
         self.hellos = 0   # hellos seen: the incarnation the next order is for
+        self.fitting = threading.Event()   # set as fit() starts: Ray Train's controller is on its way
 
     def run(self) -> None:
-        import os
-
         import ray
 
-        # Ray Train's controller polls the workers this often (default 2 s): how soon it records a
-        # checkpoint, notices a dead worker, and returns from fit() after the last step.
-        os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-        from ray.train import CheckpointConfig, FailureConfig, RunConfig
-
-        from .worker import train_loop
-
-        trainer = trainer_class()(
-            train_loop, train_loop_config={"spec": self.spec, "broker": self.broker, "store": self.store},
-            scaling_config=self.scaling(),
-            run_config=RunConfig(name=self.run_name, storage_path=self.storage,
-                                 failure_config=FailureConfig(max_failures=self.gang.max_failures),
-                                 checkpoint_config=CheckpointConfig(num_to_keep=self.gang.keep_checkpoints)))
         try:
-            self.result = trainer.fit()
+            trainer = self.trainer()
+        except BaseException as e:   # surfaced by the controller
+            self.error = e
+            trainer = None
+        finally:
+            self.fitting.set()
+        try:
+            if trainer is not None:
+                self.result = trainer.fit()
         except BaseException as e:  # surfaced by the controller
             self.error = e
         finally:
@@ -58,6 +52,24 @@ class Gang(threading.Thread):
                 ray.get(self.broker.close.remote("the learner stopped"), timeout=10)
             except Exception:
                 pass
+
+    def trainer(self):
+        import os
+
+        # Ray Train's controller polls the workers this often (default 2 s): how soon it records a
+        # checkpoint, notices a dead worker, and returns from fit() after the last step.
+        os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+        from ray.train import CheckpointConfig, FailureConfig, RunConfig
+
+        from .cluster import one_machine
+        from .worker import train_loop
+
+        return trainer_class(one_machine())(
+            train_loop, train_loop_config={"spec": self.spec, "broker": self.broker, "store": self.store},
+            scaling_config=self.scaling(),
+            run_config=RunConfig(name=self.run_name, storage_path=self.storage,
+                                 failure_config=FailureConfig(max_failures=self.gang.max_failures),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=self.gang.keep_checkpoints)))
 
     def scaling(self):
         """Ray Train's ScalingConfig from the gang's ask."""
@@ -126,16 +138,43 @@ class Gang(threading.Thread):
         return Checkpoint(f"{self.storage.rstrip('/')}/{self.run_name}/step-{step:06d}")
 
 
-def trainer_class():
-    """Ray Train's TorchTrainer without its dataset manager: an actor (a process, ~1.6 CPU-seconds to
-    start, on cores the vLLM engine is starting on) that serves Ray Datasets shards, and a gang of
-    ours is given none (its orders come through the broker)."""
+def trainer_class(one_machine: bool = False):
+    """Ray Train's TorchTrainer without what a gang of ours does not use. Each left-out helper is an
+    actor, a process of ~1.5 CPU-seconds to start, on cores the vLLM engine is starting on:
+    - the dataset manager, which serves Ray Datasets shards: a gang is given none (its orders come
+      through the broker);
+    - with `one_machine` (every node on this machine's loopback: a local or `up` cluster):
+      - the placement-group cleaner, which removes the gang's placement group should Ray Train's
+        controller die while the driver lives (ours then fails the run, and the job's end removes it);
+      - the autoscaling coordinator, which relays the gang's resource request to an autoscaler (no
+        autoscaler can add a node to a cluster on loopback); Ray Train's controller waits for it."""
     from ray.train.torch import TorchTrainer
     from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+    from ray.train.v2._internal.execution.scaling_policy.fixed import FixedScalingPolicy
+
+    class FixedWithoutAutoscaler(FixedScalingPolicy):   # pickled by value for Ray Train's controller
+        def after_controller_start(self, train_run_context):
+            self._requester_id = f"train-{train_run_context.run_id}"
+
+        def _maybe_send_resource_request(self):
+            pass
+
+        def _send_resource_request(self):
+            pass
+
+        def _cancel_resource_request(self):
+            pass
 
     class Trainer(TorchTrainer):
         def _create_default_callbacks(self):
             callbacks = super()._create_default_callbacks()
-            return callbacks if self.datasets else [c for c in callbacks if not isinstance(c, DatasetsCallback)]
+            return [c for c in callbacks if not (isinstance(c, DatasetsCallback) and not self.datasets)
+                    and not (isinstance(c, PlacementGroupCleanerCallback) and one_machine)]
+
+        def _initialize_and_run_controller(self, **kwargs):
+            if one_machine:
+                kwargs["scaling_policy"] = FixedWithoutAutoscaler(self.scaling_config)
+            return super()._initialize_and_run_controller(**kwargs)
 
     return Trainer

@@ -193,11 +193,12 @@ class Topology:
 
         from .artifacts import start_file_server
         from .broker import Broker
+        from .cluster import one_machine
         from .judges.actor import JudgeActor
         from .sampler import MAX_CONCURRENCY, Sampler
         from .weight_sync import PolicyStore
 
-        files = start_file_server(names.files)
+        files = None if one_machine() else start_file_server(names.files)   # every node sees the model paths
         sampler_actors = [ray.remote(Sampler).options(
             name=names.actor(f"sampler-{i}"), max_restarts=samplers.max_restarts, runtime_env={"env_vars": samplers.env},
             max_concurrency=MAX_CONCURRENCY, **samplers.ask.actor_options()).remote(samplers.spec, f"sampler-{i}", samplers.on_gpu, run_name, run_id)

@@ -49,8 +49,9 @@ def build_engine(spec: ServerSpec, on_gpu: bool):
     from vllm import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    from ..engine import engine_kwargs, lora_kwargs
+    from ..engine import engine_kwargs, freeze_imports, lora_kwargs
 
+    freeze_imports()
     return AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs(
         spec.model, spec.dtype, spec.max_model_len, spec.gpu_memory_utilization, spec.engine, on_gpu,
         spec.file_server, "gloo", **lora_kwargs(spec.lora_rank))))
