@@ -53,7 +53,7 @@ def transfer(versions: int) -> dict:
     from online_dpo.weight_sync import PolicyStore, publish
 
     use_loopback()
-    env = dict(engine_env(1, 1, False, "quiet"), PYTHONPATH=str(ROOT / "bench"))
+    env = dict(engine_env(1, False, "quiet"), PYTHONPATH=str(ROOT / "bench"))
     ray.init(num_cpus=6, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": env})
     import legacy_collective as legacy

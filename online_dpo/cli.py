@@ -139,8 +139,14 @@ def cmd_train(args) -> int:
     monitor = attached()
     if monitor and not existing_address():   # the dashboard process inherits these
         os.environ.update(ray_env(monitor))
+    warm = None
+    if not existing_address() and not args.job:   # a local cluster's start leaves the cores time for them
+        from .warm import warm_imports
+        warm = warm_imports()
     started = connect(namespace=f"online-dpo-{plan.name}-{int(time.time())}", log_to_driver=plan.log_level != "quiet",
                       metrics_export_ms=EXPORT_SECONDS * 1000 if monitor else None)
+    if warm is not None:
+        warm.finish()   # before this thread imports any of it (two threads in one module's import can clash)
     stop = Stop()
     stop.install()   # after ray.init(): Ray's own SIGTERM handler aborts the process
     console.info("started a local Ray cluster on 127.0.0.1" if started else "joined the Ray cluster")

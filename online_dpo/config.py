@@ -71,7 +71,7 @@ class SamplerConfig(Placed):
     top_p: float = Field(1.0, gt=0, le=1)
     max_new_tokens: int = Field(64, gt=0)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    kv_cache_gib: int = Field(1, ge=1, description="CPU KV cache in GiB (VLLM_CPU_KVCACHE_SPACE)")
+    kv_cache_gib: float = Field(1.0, gt=0, description="CPU KV cache in GiB (vLLM's kv_cache_memory_bytes; zero-filled at start)")
     max_model_len: int | None = Field(None, gt=0)
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
     logprobs: bool = Field(False, description="return the sampler's per-token log-probs (costs ~25% speed)")
@@ -184,7 +184,7 @@ class ServeConfig(Placed):
     default_max_tokens: int = Field(128, ge=1)
     api_key_env: str | None = Field(None, description="environment variable holding the API key")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    kv_cache_gib: int = Field(1, ge=1)
+    kv_cache_gib: float = Field(1.0, gt=0, description="CPU KV cache in GiB per replica")
     max_model_len: int | None = Field(None, gt=0)
     poll_seconds: float = Field(0.5, gt=0, description="how often replicas look for a new policy version")
     max_drain_seconds: float = Field(30.0, gt=0, description="a load aborts requests still running after this")

@@ -17,7 +17,7 @@ from __future__ import annotations
 from .specs import EngineSpec
 
 
-def engine_env(num_threads: int, kv_cache_gib: int, on_gpu: bool, log_level: str,
+def engine_env(num_threads: int, on_gpu: bool, log_level: str,
                in_process: bool = True) -> dict[str, str]:
     """Environment for a process that builds a vLLM engine (set before vllm is imported).
 
@@ -32,15 +32,17 @@ def engine_env(num_threads: int, kv_cache_gib: int, on_gpu: bool, log_level: str
     }
     if not on_gpu:
         env.update({"VLLM_ENABLE_V1_MULTIPROCESSING": "0" if in_process else "1",
-                    "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib),
                     "VLLM_CPU_OMP_THREADS_BIND": "nobind"})
     return env
 
 
 def engine_kwargs(model: str, dtype: str, max_model_len: int | None, gpu_memory_utilization: float,
-                  extra: dict, on_gpu: bool, file_server=None, transfer: str | None = None, **more) -> dict:
+                  extra: dict, on_gpu: bool, file_server=None, transfer: str | None = None,
+                  kv_cache_gib: float = 1.0, **more) -> dict:
     """vLLM engine arguments shared by samplers, LLM judges and serve replicas; `transfer`: the
-    weight-transfer backend of an engine that follows the policy (transfer.py)."""
+    weight-transfer backend of an engine that follows the policy (transfer.py). On CPU the KV cache
+    is `kv_cache_gib` (vLLM zero-fills it while it starts: 1 GiB cost the embedded default's sampler
+    ~1-2 s of its start-up on 2 cores, where its 64 sequences need 32 MiB)."""
     from .artifacts import local_model
 
     kwargs = dict(model=local_model(model, file_server), dtype=dtype, **more)
@@ -55,6 +57,7 @@ def engine_kwargs(model: str, dtype: str, max_model_len: int | None, gpu_memory_
         kwargs["gpu_memory_utilization"] = gpu_memory_utilization
     else:
         kwargs["enforce_eager"] = True
+        kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
     kwargs.update(extra)
     return kwargs
 
@@ -83,6 +86,6 @@ def build_llm(spec: EngineSpec, on_gpu: bool):
 
     freeze_imports()
     return LLM(**engine_kwargs(spec.model, spec.dtype, spec.max_model_len, spec.gpu_memory_utilization,
-                               spec.extra, on_gpu, spec.file_server, spec.transfer, seed=spec.seed,
+                               spec.extra, on_gpu, spec.file_server, spec.transfer, spec.kv_cache_gib, seed=spec.seed,
                                tensor_parallel_size=spec.tensor_parallel_size,
                                trust_remote_code=spec.trust_remote_code, **lora_kwargs(spec.lora_rank)))

@@ -38,7 +38,7 @@ def judge_group(cfg: Config, files: str, evaluation: bool = False, caller: str =
     kind, section = ("eval-judge", "eval.judge") if evaluation else ("judge", "judge")
     ask = Ask(kind, j.num_actors, resources(j.num_cpus, j.num_gpus, j.resources), dict(j.node_labels),
               fields=f"{section}.num_actors / num_cpus / num_gpus / resources / node_labels")
-    env = engine_env(threads(j.num_cpus, None), cfg.sampler.kv_cache_gib, j.num_gpus > 0, cfg.run.log_level)
+    env = engine_env(threads(j.num_cpus, None), j.num_gpus > 0, cfg.run.log_level)
     return GroupSpec(kind, ask, j.max_restarts, env, judge_spec(j, files, caller), j.num_gpus > 0,
                      cfg.run.call_timeout, section=section)
 
@@ -85,6 +85,6 @@ def shared_judge(path: str, overrides: list[str]) -> tuple[JudgeSpec, dict]:
         raise ConfigError("judge.kind is 'deployment' in this config: `judge serve` needs the judge itself "
                           "(rule, reward_model, llm, ensemble, constitutional or openai)")
     check_rules(cfg)
-    env = engine_env(threads(j.num_cpus, None), cfg.sampler.kv_cache_gib, j.num_gpus > 0, cfg.run.log_level)
+    env = engine_env(threads(j.num_cpus, None), j.num_gpus > 0, cfg.run.log_level)
     return judge_spec(j), {"num_cpus": j.num_cpus, "num_gpus": j.num_gpus, "resources": dict(j.resources),
                            "runtime_env": {"env_vars": env}}

@@ -92,6 +92,7 @@ class EngineSpec:
     tensor_parallel_size: int = 1
     max_model_len: int | None = None
     gpu_memory_utilization: float = 0.85
+    kv_cache_gib: float = 1.0   # the KV cache on CPU
     seed: int = 0
     trust_remote_code: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
@@ -283,6 +284,7 @@ class ServerSpec:
     max_n: int = 16
     max_request_tokens: int = 65536     # prompts x n x max_tokens per request
     gpu_memory_utilization: float = 0.85
+    kv_cache_gib: float = 1.0            # the KV cache on CPU
     engine: dict[str, Any] = field(default_factory=dict)
     lora_rank: int | None = None      # model.lora runs: serve the base model with the policy's adapter
     adapter_dir: str | None = None    # a LoRA run's final adapter (PEFT format) to start from

@@ -54,7 +54,7 @@ def build_engine(spec: ServerSpec, on_gpu: bool):
     freeze_imports()
     return AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs(
         spec.model, spec.dtype, spec.max_model_len, spec.gpu_memory_utilization, spec.engine, on_gpu,
-        spec.file_server, "gloo", **lora_kwargs(spec.lora_rank))))
+        spec.file_server, "gloo", spec.kv_cache_gib, **lora_kwargs(spec.lora_rank))))
 
 
 async def abort_all(engine) -> None:

@@ -20,7 +20,7 @@ def groups():
 
 def start(ray, **options):
     actor = ray.remote(JudgeActor).options(
-        num_cpus=1, runtime_env={"env_vars": engine_env(1, 1, False, "quiet")}).remote(JudgeSpec(**options))
+        num_cpus=1, runtime_env={"env_vars": engine_env(1, False, "quiet")}).remote(JudgeSpec(**options))
     ray.get(actor.ready.remote())
     return actor
 

@@ -56,7 +56,7 @@ def lora_dpo_steps(peft, tok, prompt_ids, steps: int) -> None:
 
 def start_sampler(ray, model: str, name: str, threads: int = 1, lora_rank: int | None = None, max_restarts: int = 0):
     actor = ray.remote(Sampler).options(
-        num_cpus=1, max_concurrency=MAX_CONCURRENCY, max_restarts=max_restarts, runtime_env={"env_vars": engine_env(threads, 1, False, "quiet")}
+        num_cpus=1, max_concurrency=MAX_CONCURRENCY, max_restarts=max_restarts, runtime_env={"env_vars": engine_env(threads, False, "quiet")}
     ).remote(EngineSpec(model=model, dtype="float32", lora_rank=lora_rank, transfer="gloo"), name)
     ray.get(actor.ready.remote())
     return actor
