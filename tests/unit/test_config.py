@@ -230,3 +230,19 @@ def test_resume_may_extend_and_tune_the_run_and_config_yaml_records_it(tmp_path)
     assert text.splitlines()[:2] == ["# resumed at step 40, changing " + "; ".join(changes),
                                      "# resumed at step 90, changing train.max_steps: 500 -> 600"]
     assert text.endswith("train: {max_steps: 600}\n")
+
+
+def test_the_kv_cache_size_reaches_vllm_as_bytes_and_takes_fractions(tmp_path):
+    """sampler.kv_cache_gib (the default config: 1/8 GiB) is vLLM's kv_cache_memory_bytes on CPU, not
+    its whole-GiB environment variable; serve.kv_cache_gib the same for replicas."""
+    from online_dpo.engine import engine_kwargs
+
+    plan = RunPlan.from_config(load_config(None, ["serve.enabled=true", "serve.kv_cache_gib=0.25"]))
+    spec = plan.samplers.spec
+    assert spec.kv_cache_gib == 0.125 and "VLLM_CPU_KVCACHE_SPACE" not in plan.samplers.env
+    kwargs = engine_kwargs(spec.model, spec.dtype, None, 0.9, {}, on_gpu=False, kv_cache_gib=spec.kv_cache_gib)
+    assert kwargs["kv_cache_memory_bytes"] == 128 << 20
+    assert plan.serve.spec.kv_cache_gib == 0.25
+    assert "kv_cache_memory_bytes" not in engine_kwargs(spec.model, "auto", None, 0.9, {}, on_gpu=True)
+    with pytest.raises(ConfigError, match="kv_cache_gib"):
+        load_config(None, ["sampler.kv_cache_gib=0"])

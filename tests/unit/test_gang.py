@@ -39,3 +39,18 @@ def test_on_one_machine_the_gang_needs_no_cleaner_and_no_autoscaler(monkeypatch)
     policy.before_controller_abort()
     from ray import cloudpickle
     assert type(cloudpickle.loads(cloudpickle.dumps(policy))).__name__ == "FixedWithoutAutoscaler"
+
+
+def test_the_drivers_heavy_imports_are_done_in_a_thread_the_driver_then_waits_for():
+    """warm.py imports Ray Train, torch (worker.py) and transformers' tokenizer in a thread; finish() returns
+    once they are all in sys.modules (a fresh interpreter: this one has them already)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom online_dpo.warm import MODULES, warm_imports\n"
+            "assert not any(m in sys.modules for m in MODULES)\n"
+            "w = warm_imports(); w.finish()\n"
+            "assert not w.is_alive() and all(m in sys.modules for m in MODULES), sorted(set(MODULES) - set(sys.modules))\n"
+            "print('WARM-OK')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "WARM-OK" in proc.stdout, proc.stderr[-2000:]
