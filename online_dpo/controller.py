@@ -39,6 +39,7 @@ from .topology import Topology
 from .types import Closed, Restarted, StepOrder
 
 FIT_START_SECONDS = 60   # the driver waits this long at most for the gang's thread to start fit()
+RENDER_SECONDS = 900     # a sampler renders and tokenizes the run's prompts within this
 
 
 class Controller:
@@ -63,12 +64,12 @@ class Controller:
         topo = self.topo
         self.stats.mark("actors_started")
         try:
-            source, heldout = prompts(plan.data, self.stats, self.report)   # while the actors start
-            self.held_out = HeldOut(topo.samplers, topo.judges, topo.evaluators, heldout, plan.eval.sampling,
-                                    self.report.evaluation, self.report.info)
             topo.wait_ready()
             self.report.info(f"actors up: {len(topo.samplers.handles)} sampler(s), {len(topo.judges.handles)} "
                              f"judge(s) ({self.stats.mark('actors_up'):.0f}s after launch)")
+            source, heldout = prompts(plan.data, self.stats, self.report, topo.samplers)
+            self.held_out = HeldOut(topo.samplers, topo.judges, topo.evaluators, heldout, plan.eval.sampling,
+                                    self.report.evaluation, self.report.info)
             topo.form_weight_group()
             start_serving(topo, plan.serve, self.report)
             result = self.run_loop(make_rollouts(plan.rollouts, topo.samplers, topo.judges, source, self.report.record))
@@ -284,13 +285,26 @@ def waiting_on(pending, rollouts) -> str:
     return ", ".join(held + rollouts.outstanding())
 
 
-def prompts(data, stats: RunStats, report: Reporter):
-    """The run's prompts, loaded while the actors start (bad data stops them: the reason is said at once,
-    and again as the run's error once they are down, which takes until the gang has started)."""
+def prompts(data, stats: RunStats, report: Reporter, samplers):
+    """The run's prompts: the rows read here, rendered and tokenized by a sampler (whose engine has the
+    policy's tokenizer and knows its context). Bad data stops the actors: the reason is said at once,
+    and again as the run's error once they are down."""
+    import ray
+
+    sampler = samplers.handles[samplers.wait_live()[0]]
+
+    def on_sampler(method: str, *args):
+        try:
+            return ray.get(getattr(sampler, method).remote(*args), timeout=RENDER_SECONDS)
+        except ray.exceptions.RayTaskError as e:   # a DataError raised there (no chat template) is the data's
+            if isinstance(e.cause, DataError):
+                raise e.cause from None
+            raise
+
     try:
-        source, heldout = load_prompts(data)
+        source, heldout = load_prompts(data, lambda *args: on_sampler("render_prompts", *args), on_sampler("context"))
     except DataError as e:
-        report.info(f"the prompts cannot be used: {e}; stopping the actors that were starting")
+        report.info(f"the prompts cannot be used: {e}; stopping the actors")
         raise
     stats.mark("prompts")
     report.info(f"prompts: {len(source.prompts)} train, {len(heldout)} held-out"
@@ -311,8 +325,8 @@ def start_actors(plan: RunPlan, run_dir: RunDir, on_actor_event) -> tuple[Topolo
     gang = Gang(plan.gang, plan.learner, topo.broker, topo.store, storage, run_dir.path.name)
     gang.start()   # the gang starts while the engines build
     # The learner's chain (Ray Train's controller, then the workers) is the longest to the first step:
-    # the driver's other work (the prompts) waits until the gang's thread has its imports done and
-    # fit() started, rather than share the interpreter with it (1.5-2 s sooner to the learner's hello).
+    # the driver's other work waits until the gang's thread has fit() started, rather than share the
+    # interpreter with it.
     gang.fitting.wait(timeout=FIT_START_SECONDS)
     return topo, gang
 

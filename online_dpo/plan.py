@@ -79,7 +79,7 @@ class RunPlan:
         return cls(
             name=cfg.run.name, names=names, output_dir=cfg.run.output_dir, log_level=cfg.run.log_level,
             check_resources=cfg.run.check_resources, config_yaml=dump(cfg), config=cfg.model_dump(mode="json"),
-            models=model_names(cfg), data=data_spec(cfg, policy), samplers=samplers, judges=judges,
+            models=model_names(cfg), data=data_spec(cfg), samplers=samplers, judges=judges,
             evaluators=evaluators, pairs_log=cfg.pairs.log,
             learner=learner_spec(cfg, policy, transport, names.files), gang=gang, rollouts=rollout_spec(cfg),
             schedule=Schedule(cfg.train.max_steps, cfg.sync.every_steps, cfg.checkpoint.every_steps,
@@ -194,7 +194,7 @@ def rollout_spec(cfg: Config) -> RolloutSpec:
                        max_lag=0 if cfg.sync.mode == "sync" else cfg.sync.max_policy_lag)
 
 
-def data_spec(cfg: Config, policy: str) -> DataSpec:
+def data_spec(cfg: Config) -> DataSpec:
     d, s = cfg.data, cfg.sampler
     if s.max_model_len is not None and d.max_prompt_tokens + s.max_new_tokens > s.max_model_len:
         raise ConfigError(f"data.max_prompt_tokens ({d.max_prompt_tokens}) + sampler.max_new_tokens "
@@ -204,7 +204,7 @@ def data_spec(cfg: Config, policy: str) -> DataSpec:
                     prompt_field=d.prompt_field, format=d.format, system_prompt=d.system_prompt,
                     max_prompt_tokens=d.max_prompt_tokens, max_new_tokens=s.max_new_tokens,
                     max_model_len=s.max_model_len, shuffle=d.shuffle, seed=cfg.run.seed,
-                    eval_prompts=cfg.eval.prompts, tokenizer=policy, trust_remote_code=cfg.model.trust_remote_code)
+                    eval_prompts=cfg.eval.prompts)
 
 
 def serve_plan(s: ServeConfig, model: str, served_name: str, log_level: str = "quiet", lora_rank: int | None = None,

@@ -67,6 +67,17 @@ class Sampler:
     def policy_version(self) -> int:
         return self.weights.version
 
+    def context(self) -> int:
+        """The engine's context length (sampler.max_model_len, else the model's)."""
+        return self.llm.llm_engine.model_config.max_model_len
+
+    def render_prompts(self, rows: list, fmt: str, system_prompt: str | None) -> list[list[int]]:
+        """The run's prompt rows rendered and tokenized with the engine's tokenizer (data.renderer): the
+        driver reads the rows and filters them, and never loads a tokenizer itself."""
+        from .data import renderer
+
+        return renderer(self.llm.get_tokenizer())(rows, fmt, system_prompt)
+
     def generate(self, prompt_ids: list[list[int]], prompts: list[str], *, n: int, temperature: float,
                  top_p: float = 1.0, max_tokens: int = 64, seed: int | None = None,
                  weights: WeightsHandle | None = None, logprobs: bool = False) -> SampleBatch:

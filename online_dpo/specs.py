@@ -250,12 +250,10 @@ class DataSpec:
     system_prompt: str | None = None
     max_prompt_tokens: int = 256
     max_new_tokens: int = 64             # the sampler's: a prompt leaves it room in the context
-    max_model_len: int | None = None     # the sampler's context (None: the model's own)
+    max_model_len: int | None = None     # sampler.max_model_len (None: the model's own context)
     shuffle: bool = True
     seed: int = 0
     eval_prompts: int = 64
-    tokenizer: str = ""        # the policy's directory or hub id
-    trust_remote_code: bool = False
 
 
 @dataclass(frozen=True)

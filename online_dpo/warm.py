@@ -3,9 +3,10 @@
 Starting a local cluster keeps the driver waiting ~3 s on the cluster's processes
 (GCS, raylet, dashboard) with the cores only partly busy. The driver's own heavy
 imports come right after: Ray Train and torch for the gang (worker.py's loop is
-pickled from here), then transformers' tokenizer for the prompts. Done during that
-wait, they are no longer between the cluster and Ray Train's controller, which
-starts the learner's chain, the longest to the first step.
+pickled from here). Done during that wait, they are no longer between the
+cluster and Ray Train's controller, which starts the learner's chain, the
+longest to the first step. (The driver loads no tokenizer: a sampler renders
+the prompts, data.py.)
 
 The caller waits for the thread (`finish`) before it imports anything itself: two
 threads inside one module's import can see it half-made (transformers' lazy
@@ -17,7 +18,7 @@ from __future__ import annotations
 import importlib
 import threading
 
-MODULES = ("ray.train.torch", "online_dpo.worker", "transformers.models.auto.tokenization_auto")
+MODULES = ("ray.train.torch", "online_dpo.worker")
 FINISH_SECONDS = 120   # far above the ~3 s these take on 2 cores
 
 
