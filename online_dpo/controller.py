@@ -23,7 +23,7 @@ import collections
 import json
 import time
 
-from .data import DataError, load_prompts
+from .data import DataError, load_prompts, read_prompts
 from .errors import RunFailed
 from .evaluation import HeldOut
 from .gang import Gang
@@ -64,10 +64,11 @@ class Controller:
         topo = self.topo
         self.stats.mark("actors_started")
         try:
+            rows = read(plan.data, self.report)   # while the actors start
             topo.wait_ready()
             self.report.info(f"actors up: {len(topo.samplers.handles)} sampler(s), {len(topo.judges.handles)} "
                              f"judge(s) ({self.stats.mark('actors_up'):.0f}s after launch)")
-            source, heldout = prompts(plan.data, self.stats, self.report, topo.samplers)
+            source, heldout = prompts(plan.data, rows, self.stats, self.report, topo.samplers)
             self.held_out = HeldOut(topo.samplers, topo.judges, topo.evaluators, heldout, plan.eval.sampling,
                                     self.report.evaluation, self.report.info)
             topo.form_weight_group()
@@ -285,10 +286,19 @@ def waiting_on(pending, rollouts) -> str:
     return ", ".join(held + rollouts.outstanding())
 
 
-def prompts(data, stats: RunStats, report: Reporter, samplers):
-    """The run's prompts: the rows read here, rendered and tokenized by a sampler (whose engine has the
-    policy's tokenizer and knows its context). Bad data stops the actors: the reason is said at once,
-    and again as the run's error once they are down."""
+def read(data, report: Reporter):
+    """The run's prompt rows, read here while the actors start (a source that cannot be read stops them:
+    the reason is said at once, and again as the run's error once they are down)."""
+    try:
+        return read_prompts(data)
+    except DataError as e:
+        report.info(f"the prompts cannot be read: {e}; stopping the actors that were starting")
+        raise
+
+
+def prompts(data, rows, stats: RunStats, report: Reporter, samplers):
+    """The run's prompts: its rows rendered and tokenized by a sampler (whose engine has the policy's
+    tokenizer and knows its context), then filtered here. Bad data stops the actors, as in `read`."""
     import ray
 
     sampler = samplers.handles[samplers.wait_live()[0]]
@@ -302,7 +312,8 @@ def prompts(data, stats: RunStats, report: Reporter, samplers):
             raise
 
     try:
-        source, heldout = load_prompts(data, lambda *args: on_sampler("render_prompts", *args), on_sampler("context"))
+        source, heldout = load_prompts(data, rows, lambda *args: on_sampler("render_prompts", *args),
+                                       on_sampler("context"))
     except DataError as e:
         report.info(f"the prompts cannot be used: {e}; stopping the actors")
         raise

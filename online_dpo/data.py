@@ -174,34 +174,54 @@ class PromptSource:
         self.order = self._order(self.epoch)
 
 
-def load_splits(source: str, split: str, eval_source: str | None, eval_split: str, field: str, render_rows,
-                fmt: str, system_prompt: str | None, max_tokens: int, eval_prompts: int,
-                skipped: dict | None = None, limit: str = "data.max_prompt_tokens"
-                ) -> tuple[list[Prompt], list[Prompt]]:
-    """Train prompts and held-out prompts, never overlapping.
+@dataclass(frozen=True)
+class Rows:
+    """A run's prompt rows as read, before rendering: the training split's, and the held-out ones
+    (None: the first `eval_prompts` usable training prompts are held out instead)."""
+    train: list
+    heldout: list | None
 
-    Held-out prompts come from `eval_source` when given, the embedded default's
+
+def read_rows(source: str, split: str, eval_source: str | None, eval_split: str, field: str) -> Rows:
+    """The rows of the training and held-out splits, never overlapping.
+
+    Held-out rows come from `eval_source` when given, the embedded default's
     held-out split, or the source's `eval_split` on the hub; a local file (which
     has no splits) or a hub dataset without that split gives up its first
-    `eval_prompts` prompts instead.
+    prompts instead (`Rows.heldout` None).
     """
-    def read(src, spl):
-        return prepare(load_rows(src, spl, field), render_rows, fmt, system_prompt, max_tokens, skipped, limit)
-
-    train = read(source, split)
+    train = load_rows(source, split, field)
     if eval_source:
-        return train, read(eval_source, eval_split)[:eval_prompts]
+        return Rows(train, load_rows(eval_source, eval_split, field))
     if source == EMBEDDED:
-        return train, read(source, "heldout")[:eval_prompts]
+        return Rows(train, load_rows(source, "heldout", field))
     if not Path(source).expanduser().exists():
         try:
-            return train, read(source, eval_split)[:eval_prompts]
+            return Rows(train, load_rows(source, eval_split, field))
         except DataError:
             pass  # no such split: hold out part of the training split
+    return Rows(train, None)
+
+
+def prepare_rows(rows: Rows, render_rows, fmt: str, system_prompt: str | None, max_tokens: int, eval_prompts: int,
+                 skipped: dict | None = None, limit: str = "data.max_prompt_tokens") -> tuple[list[Prompt], list[Prompt]]:
+    """Train prompts and (at most `eval_prompts`) held-out prompts from read rows (see `prepare`)."""
+    train = prepare(rows.train, render_rows, fmt, system_prompt, max_tokens, skipped, limit)
+    if rows.heldout is not None:
+        return train, prepare(rows.heldout, render_rows, fmt, system_prompt, max_tokens, skipped, limit)[:eval_prompts]
     if eval_prompts >= len(train):
         raise DataError(f"data.source has {len(train)} prompts, too few to hold out eval.prompts "
                         f"({eval_prompts}) and train on the rest; lower eval.prompts or set data.eval_source")
     return train[eval_prompts:], train[:eval_prompts]
+
+
+def load_splits(source: str, split: str, eval_source: str | None, eval_split: str, field: str, render_rows,
+                fmt: str, system_prompt: str | None, max_tokens: int, eval_prompts: int,
+                skipped: dict | None = None, limit: str = "data.max_prompt_tokens"
+                ) -> tuple[list[Prompt], list[Prompt]]:
+    """Train prompts and held-out prompts, never overlapping: `read_rows`, then `prepare_rows`."""
+    return prepare_rows(read_rows(source, split, eval_source, eval_split, field), render_rows, fmt, system_prompt,
+                        max_tokens, eval_prompts, skipped, limit)
 
 
 def prompt_limit(spec, context: int | None) -> tuple[int, str]:
@@ -214,16 +234,21 @@ def prompt_limit(spec, context: int | None) -> tuple[int, str]:
     return spec.max_prompt_tokens, "data.max_prompt_tokens"
 
 
-def load_prompts(spec, render_rows, context: int | None) -> tuple[PromptSource, list[Prompt]]:
-    """The run's prompt source and held-out prompts (a DataSpec), rendered by `render_rows` (the policy's
-    tokenizer) and fitted to the sampler's `context`; unusable rows are skipped and counted
+def read_prompts(spec) -> Rows:
+    """The run's prompt rows (a DataSpec), read where the run starts: a source that cannot be read, or
+    a missing column, is a DataError before any engine is up."""
+    return read_rows(spec.source, spec.split, spec.eval_source, spec.eval_split, spec.prompt_field)
+
+
+def load_prompts(spec, rows: Rows, render_rows, context: int | None) -> tuple[PromptSource, list[Prompt]]:
+    """The run's prompt source and held-out prompts from its read rows, rendered by `render_rows` (the
+    policy's tokenizer) and fitted to the sampler's `context`; unusable rows are skipped and counted
     (`PromptSource.skipped`)."""
     skipped: dict[str, list[int]] = {}
     limit, fields = prompt_limit(spec, context)
-    train, heldout = load_splits(spec.source, spec.split, spec.eval_source, spec.eval_split, spec.prompt_field,
-                                 render_rows, spec.format, spec.system_prompt, limit, spec.eval_prompts, skipped,
-                                 fields)
+    train, heldout = prepare_rows(rows, render_rows, spec.format, spec.system_prompt, limit, spec.eval_prompts,
+                                  skipped, fields)
     source = PromptSource(train, seed=spec.seed, shuffle=spec.shuffle)
-    source.skipped = {why: len(rows) for why, rows in skipped.items()}
+    source.skipped = {why: len(nums) for why, nums in skipped.items()}
     source.skipped_text = describe_skipped(skipped)
     return source, heldout

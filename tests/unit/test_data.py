@@ -117,3 +117,19 @@ def test_rows_are_rendered_in_one_call_and_only_the_usable_ones():
 
     kept = prepare(["ab", "", 7, "cd"], render_rows, "plain", None, 64)
     assert calls == [["ab", "cd"]] and [p.ids for p in kept] == [tuple(b"ab"), tuple(b"cd")]
+
+
+def test_rows_are_read_without_a_tokenizer_and_bad_sources_fail_there(tmp_path):
+    """read_rows (the driver, while the engines start) needs no tokenizer: a missing column fails there; a
+    local file holds out its first prompts once they are rendered (Rows.heldout None)."""
+    from online_dpo.data import prepare_rows, read_rows
+
+    src = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"prompt {i}"} for i in range(6)])
+    with pytest.raises(DataError, match="data.prompt_field 'text' is not a column"):
+        read_rows(src, "train", None, "test", "text")
+    rows = read_rows(src, "train", None, "test", "prompt")
+    assert rows.heldout is None and len(rows.train) == 6
+    train, heldout = prepare_rows(rows, BYTES, "plain", None, 64, 2)
+    assert [p.text for p in heldout] == ["prompt 0", "prompt 1"] and len(train) == 4
+    embedded = read_rows("embedded:reviews", "train", None, "test", "prompt")
+    assert embedded.heldout and not set(embedded.heldout) & set(embedded.train)
