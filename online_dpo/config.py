@@ -71,7 +71,7 @@ class SamplerConfig(Placed):
     top_p: float = Field(1.0, gt=0, le=1)
     max_new_tokens: int = Field(64, gt=0)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    kv_cache_gib: float = Field(1.0, gt=0, description="CPU KV cache in GiB (vLLM's kv_cache_memory_bytes; zero-filled at start)")
+    kv_cache_gib: float = Field(1.0, gt=0, description="CPU KV cache in GiB (vLLM's kv_cache_memory_bytes)")
     max_model_len: int | None = Field(None, gt=0)
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
     logprobs: bool = Field(False, description="return the sampler's per-token log-probs (costs ~25% speed)")

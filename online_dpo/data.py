@@ -204,7 +204,8 @@ def read_rows(source: str, split: str, eval_source: str | None, eval_split: str,
 
 
 def prepare_rows(rows: Rows, render_rows, fmt: str, system_prompt: str | None, max_tokens: int, eval_prompts: int,
-                 skipped: dict | None = None, limit: str = "data.max_prompt_tokens") -> tuple[list[Prompt], list[Prompt]]:
+                 skipped: dict | None = None, limit: str = "data.max_prompt_tokens"
+                 ) -> tuple[list[Prompt], list[Prompt]]:
     """Train prompts and (at most `eval_prompts`) held-out prompts from read rows (see `prepare`)."""
     train = prepare(rows.train, render_rows, fmt, system_prompt, max_tokens, skipped, limit)
     if rows.heldout is not None:
@@ -213,15 +214,6 @@ def prepare_rows(rows: Rows, render_rows, fmt: str, system_prompt: str | None, m
         raise DataError(f"data.source has {len(train)} prompts, too few to hold out eval.prompts "
                         f"({eval_prompts}) and train on the rest; lower eval.prompts or set data.eval_source")
     return train[eval_prompts:], train[:eval_prompts]
-
-
-def load_splits(source: str, split: str, eval_source: str | None, eval_split: str, field: str, render_rows,
-                fmt: str, system_prompt: str | None, max_tokens: int, eval_prompts: int,
-                skipped: dict | None = None, limit: str = "data.max_prompt_tokens"
-                ) -> tuple[list[Prompt], list[Prompt]]:
-    """Train prompts and held-out prompts, never overlapping: `read_rows`, then `prepare_rows`."""
-    return prepare_rows(read_rows(source, split, eval_source, eval_split, field), render_rows, fmt, system_prompt,
-                        max_tokens, eval_prompts, skipped, limit)
 
 
 def prompt_limit(spec, context: int | None) -> tuple[int, str]:

@@ -86,6 +86,7 @@ def build_llm(spec: EngineSpec, on_gpu: bool):
 
     freeze_imports()
     return LLM(**engine_kwargs(spec.model, spec.dtype, spec.max_model_len, spec.gpu_memory_utilization,
-                               spec.extra, on_gpu, spec.file_server, spec.transfer, spec.kv_cache_gib, seed=spec.seed,
+                               spec.extra, on_gpu, spec.file_server, spec.transfer, spec.kv_cache_gib,
+                               seed=spec.seed,
                                tensor_parallel_size=spec.tensor_parallel_size,
                                trust_remote_code=spec.trust_remote_code, **lora_kwargs(spec.lora_rank)))

@@ -136,9 +136,9 @@ def sampler_group(cfg: Config, policy: str, files: str, transport: str) -> Group
     on_gpu = s.num_gpus > 0
     spec = EngineSpec(model=policy, dtype=s.dtype, tensor_parallel_size=s.tensor_parallel_size,
                       max_model_len=s.max_model_len, gpu_memory_utilization=s.gpu_memory_utilization,
-                      kv_cache_gib=s.kv_cache_gib, seed=cfg.run.seed, trust_remote_code=cfg.model.trust_remote_code, extra=dict(s.engine),
-                      lora_rank=lora_rank(cfg), file_server=files, transfer=transfer_backend(cfg, transport),
-                      in_flight_updates=cfg.sync.in_flight)
+                      kv_cache_gib=s.kv_cache_gib, seed=cfg.run.seed, trust_remote_code=cfg.model.trust_remote_code,
+                      extra=dict(s.engine), lora_rank=lora_rank(cfg), file_server=files,
+                      transfer=transfer_backend(cfg, transport), in_flight_updates=cfg.sync.in_flight)
     ask = Ask("sampler", s.num_actors, resources(s.num_cpus, s.num_gpus * s.tensor_parallel_size, s.resources),
               dict(s.node_labels), fields="sampler.num_actors / num_cpus / num_gpus / resources / node_labels")
     env = engine_env(threads(s.num_cpus, s.num_threads), on_gpu, cfg.run.log_level)
@@ -227,7 +227,8 @@ def serve_plan(s: ServeConfig, model: str, served_name: str, log_level: str = "q
                       default_max_tokens=s.default_max_tokens, api_key_env=s.api_key_env, api_key_sha256=key,
                       max_request_tokens=s.max_request_tokens,
                       poll_seconds=s.poll_seconds, max_drain_seconds=s.max_drain_seconds,
-                      max_body_bytes=s.max_body_bytes, max_n=s.max_n, kv_cache_gib=s.kv_cache_gib, engine=dict(s.engine), lora_rank=lora_rank,
+                      max_body_bytes=s.max_body_bytes, max_n=s.max_n, kv_cache_gib=s.kv_cache_gib,
+                      engine=dict(s.engine), lora_rank=lora_rank,
                       adapter_dir=adapter_dir, file_server=file_server,
                       store_name=names.store if names else "policy-store")
     start = s.min_replicas if s.min_replicas is not None else s.num_replicas   # replicas at deploy time

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from online_dpo.data import DataError, Prompt, PromptSource, load_splits, prepare, renderer
+from online_dpo.data import DataError, Prompt, PromptSource, prepare, prepare_rows, read_rows, renderer
 
 
 class ByteTokenizer:
@@ -20,6 +20,13 @@ class ByteTokenizer:
 
 
 BYTES = renderer(ByteTokenizer())   # render_rows with it, as a sampler renders with its engine's tokenizer
+
+
+def load_splits(source, split, eval_source, eval_split, field, render_rows, fmt, system_prompt, max_tokens,
+                eval_prompts):
+    """Train and held-out prompts as a run makes them: rows read, then rendered and filtered."""
+    return prepare_rows(read_rows(source, split, eval_source, eval_split, field), render_rows, fmt, system_prompt,
+                        max_tokens, eval_prompts)
 
 
 def write_jsonl(path, rows):
@@ -122,8 +129,6 @@ def test_rows_are_rendered_in_one_call_and_only_the_usable_ones():
 def test_rows_are_read_without_a_tokenizer_and_bad_sources_fail_there(tmp_path):
     """read_rows (the driver, while the engines start) needs no tokenizer: a missing column fails there; a
     local file holds out its first prompts once they are rendered (Rows.heldout None)."""
-    from online_dpo.data import prepare_rows, read_rows
-
     src = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"prompt {i}"} for i in range(6)])
     with pytest.raises(DataError, match="data.prompt_field 'text' is not a column"):
         read_rows(src, "train", None, "test", "text")
