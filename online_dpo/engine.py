@@ -42,7 +42,7 @@ def engine_kwargs(model: str, dtype: str, max_model_len: int | None, gpu_memory_
     """vLLM engine arguments shared by samplers, LLM judges and serve replicas; `transfer`: the
     weight-transfer backend of an engine that follows the policy (transfer.py). On CPU the KV cache
     is `kv_cache_gib` (vLLM zero-fills it while it starts: 1 GiB cost the embedded default's sampler
-    ~1-2 s of its start-up on 2 cores, where its 64 sequences need 32 MiB)."""
+    1-3 s of its start-up on 2 cores, where its 64 sequences need 32 MiB)."""
     from .artifacts import local_model
 
     kwargs = dict(model=local_model(model, file_server), dtype=dtype, **more)
