@@ -159,11 +159,21 @@ def connect(namespace: str, num_cpus: float | None = None, dashboard: bool = Tru
     # workers Ray prestarts for the first driver (one per CPU) do not match the job's and sit idle while
     # new ones start for the broker and the policy store (2 processes, ~1.3 CPU-seconds at start-up).
     os.environ.update(env["env_vars"])
-    system = {"metrics_report_interval_ms": metrics_export_ms} if metrics_export_ms else None
     ray.init(num_cpus=num_cpus, namespace=namespace, include_dashboard=dashboard,
              dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
-             log_to_driver=log_to_driver, _system_config=system)
+             log_to_driver=log_to_driver, _system_config=system_config(metrics_export_ms))
     return True
+
+
+def system_config(metrics_export_ms: int | None = None) -> dict:
+    """Ray's settings for a cluster started here. The raylet connects to its own object store, which it
+    starts in a thread, and retries every `raylet_client_connect_timeout_milliseconds` (1000 by default):
+    on 2 cores about one start in two lost that second. Retried every 50 ms, as many times more (the
+    same 10 s for a worker that cannot reach its raylet). `metrics_export_ms`: a monitor's export period."""
+    config = {"raylet_client_connect_timeout_milliseconds": 50, "raylet_client_num_connect_attempts": 200}
+    if metrics_export_ms:
+        config["metrics_report_interval_ms"] = metrics_export_ms
+    return config
 
 
 def shutdown(started: bool, grace: float = 0.05) -> None:
@@ -287,7 +297,7 @@ def up(num_cpus: int | None, env: dict[str, str], metrics_export_ms: int | None,
     cmd = [ray, "start", "--head", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
            f"--dashboard-port={dashboard_port}", "--disable-usage-stats"]
     cmd += [f"--num-cpus={num_cpus}"] if num_cpus else []
-    cmd += ["--system-config", json.dumps({"metrics_report_interval_ms": metrics_export_ms})] if metrics_export_ms else []
+    cmd += ["--system-config", json.dumps(system_config(metrics_export_ms))]
     loopback = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}   # every part of it on 127.0.0.1 (one node)
     proc = subprocess.run(cmd, env={**SERVE_ENV, **LOCAL_ENV, **os.environ, **env, **loopback}, capture_output=True, text=True,
                           timeout=180)

@@ -36,6 +36,21 @@ def engine_env(num_threads: int, on_gpu: bool, log_level: str,
     return env
 
 
+def use_env(env: dict[str, str] | None) -> None:
+    """Apply engine_env in this actor's process, before it imports torch or vLLM. An actor created with
+    the variables as a runtime_env needs a process of its own, started when it is created; without one
+    it takes a worker Ray started with the cluster (the embedded default's sampler is up ~1 s sooner on
+    2 cores). Torch, if a reused worker imported it already, gets its thread count here."""
+    import os
+    import sys
+
+    if not env:
+        return
+    os.environ.update(env)
+    if "torch" in sys.modules and "OMP_NUM_THREADS" in env:
+        sys.modules["torch"].set_num_threads(int(env["OMP_NUM_THREADS"]))
+
+
 def engine_kwargs(model: str, dtype: str, max_model_len: int | None, gpu_memory_utilization: float,
                   extra: dict, on_gpu: bool, file_server=None, transfer: str | None = None,
                   kv_cache_gib: float = 1.0, **more) -> dict:
@@ -71,22 +86,15 @@ def lora_kwargs(rank: int | None) -> dict:
     return {"enable_lora": True, "max_loras": 1, "max_lora_rank": min(r for r in VLLM_LORA_RANKS if r >= rank)}
 
 
-def freeze_imports() -> None:
-    """Move every object alive now (the imported modules of torch, transformers, vLLM, Ray) out of the
-    garbage collector's sight before an engine is built: vLLM collects the whole heap 5 times while it
-    starts (after loading weights, before freezing its own), 0.8 s of a 2-core sampler's start-up on the
-    embedded default. Nothing frozen here would be garbage: these objects live as long as the process."""
-    import gc
-
-    gc.freeze()
-
-
 def build_llm(spec: EngineSpec, on_gpu: bool):
-    from vllm import LLM
+    """vLLM's offline engine; its import and build with the garbage collector paused (gc_pause.py)."""
+    from .gc_pause import paused_gc
 
-    freeze_imports()
-    return LLM(**engine_kwargs(spec.model, spec.dtype, spec.max_model_len, spec.gpu_memory_utilization,
-                               spec.extra, on_gpu, spec.file_server, spec.transfer, spec.kv_cache_gib,
-                               seed=spec.seed,
-                               tensor_parallel_size=spec.tensor_parallel_size,
-                               trust_remote_code=spec.trust_remote_code, **lora_kwargs(spec.lora_rank)))
+    with paused_gc():   # frozen once imported: vLLM's own full collections while it builds skip them
+        from vllm import LLM
+    with paused_gc():
+        return LLM(**engine_kwargs(spec.model, spec.dtype, spec.max_model_len, spec.gpu_memory_utilization,
+                                   spec.extra, on_gpu, spec.file_server, spec.transfer, spec.kv_cache_gib,
+                                   seed=spec.seed,
+                                   tensor_parallel_size=spec.tensor_parallel_size,
+                                   trust_remote_code=spec.trust_remote_code, **lora_kwargs(spec.lora_rank)))

@@ -35,8 +35,11 @@ class Gang(threading.Thread):
     def run(self) -> None:
         import ray
 
+        from .gc_pause import paused_gc
+
         try:
-            trainer = self.trainer()
+            with paused_gc():   # Ray Train's and torch's imports, unless warm.py did them
+                trainer = self.trainer()
         except BaseException as e:   # surfaced by the controller
             self.error = e
             trainer = None
@@ -62,10 +65,9 @@ class Gang(threading.Thread):
         from ray.train import CheckpointConfig, FailureConfig, RunConfig
 
         from .cluster import one_machine
-        from .worker import train_loop
 
         return trainer_class(one_machine())(
-            train_loop, train_loop_config={"spec": self.spec, "broker": self.broker, "store": self.store},
+            learner_loop, train_loop_config={"spec": self.spec, "broker": self.broker, "store": self.store},
             scaling_config=self.scaling(),
             run_config=RunConfig(name=self.run_name, storage_path=self.storage,
                                  failure_config=FailureConfig(max_failures=self.gang.max_failures),
@@ -136,6 +138,16 @@ class Gang(threading.Thread):
         from ray.train import Checkpoint
 
         return Checkpoint(f"{self.storage.rstrip('/')}/{self.run_name}/step-{step:06d}")
+
+
+def learner_loop(config: dict) -> None:
+    """Ray Train's train_loop_per_worker: worker.train_loop, imported (torch and the learner's modules)
+    with the garbage collector paused (gc_pause.py). The driver pickles only this function."""
+    from .gc_pause import paused_gc
+
+    with paused_gc():
+        from .worker import train_loop
+    train_loop(config)
 
 
 def trainer_class(one_machine: bool = False):

@@ -26,7 +26,7 @@ import os
 import threading
 import time
 
-from .engine import build_llm
+from .engine import build_llm, use_env
 from .specs import EngineSpec
 from .types import Completion, SampleBatch, SampleGroup
 from .weight_sync import EngineWeights, WeightsHandle
@@ -36,7 +36,8 @@ MAX_CONCURRENCY = 4   # generate, receive, and the probes beside them
 
 class Sampler:
     def __init__(self, spec: EngineSpec, name: str = "sampler", on_gpu: bool = False, run: str = "run",
-                 run_id: str = ""):
+                 run_id: str = "", env: dict[str, str] | None = None):
+        use_env(env)   # engine_env, before vLLM's import
         self.name, self.in_flight = name, spec.in_flight_updates
         self.llm = build_llm(spec, on_gpu)
         self.weights = EngineWeights(spec.transfer)

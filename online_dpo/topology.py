@@ -199,13 +199,16 @@ class Topology:
         from .weight_sync import PolicyStore
 
         files = None if one_machine() else start_file_server(names.files)   # every node sees the model paths
+        # The environments go in as arguments, not runtime_envs: so the actors can take the workers Ray
+        # started with the cluster (engine.use_env).
         sampler_actors = [ray.remote(Sampler).options(
-            name=names.actor(f"sampler-{i}"), max_restarts=samplers.max_restarts, runtime_env={"env_vars": samplers.env},
-            max_concurrency=MAX_CONCURRENCY, **samplers.ask.actor_options()).remote(samplers.spec, f"sampler-{i}", samplers.on_gpu, run_name, run_id)
+            name=names.actor(f"sampler-{i}"), max_restarts=samplers.max_restarts, max_concurrency=MAX_CONCURRENCY,
+            **samplers.ask.actor_options()).remote(samplers.spec, f"sampler-{i}", samplers.on_gpu, run_name, run_id,
+                                                   env=samplers.env)
             for i in range(samplers.ask.count)]
         groups = {g.kind: ActorGroup(g.kind, [ray.remote(JudgeActor).options(
-            name=names.actor(f"{g.kind}-{i}"), max_restarts=g.max_restarts, runtime_env={"env_vars": g.env},
-            **g.ask.actor_options()).remote(g.spec, name=f"{g.kind}-{i}") for i in range(g.ask.count)],
+            name=names.actor(f"{g.kind}-{i}"), max_restarts=g.max_restarts, **g.ask.actor_options()).remote(
+                g.spec, name=f"{g.kind}-{i}", env=g.env) for i in range(g.ask.count)],
             g.max_restarts, g.restarts_field, g.call_timeout) for g in (judges, evaluators) if g is not None}
         broker = ray.remote(Broker).options(name=names.actor("broker"), num_cpus=0, **OWN_PLACEMENT).remote()
         store = ray.remote(PolicyStore).options(name=names.store, num_cpus=0, **OWN_PLACEMENT).remote()

@@ -2,8 +2,8 @@
 
 Starting a local cluster keeps the driver waiting ~3 s on the cluster's processes
 (GCS, raylet, dashboard) with the cores only partly busy. The driver's own heavy
-imports come right after: Ray Train and torch for the gang (worker.py's loop is
-pickled from here). Done during that wait, they are no longer between the
+imports come right after: Ray Train and torch for the gang (the learner's own
+modules are imported by the workers, gang.learner_loop). Done during that wait, they are no longer between the
 cluster and Ray Train's controller, which starts the learner's chain, the
 longest to the first step. (The driver loads no tokenizer: a sampler renders
 the prompts, data.py.)
@@ -18,7 +18,7 @@ from __future__ import annotations
 import importlib
 import threading
 
-MODULES = ("ray.train.torch", "online_dpo.worker")
+MODULES = ("ray.train.torch",)
 FINISH_SECONDS = 120   # far above the ~3 s these take on 2 cores
 
 
@@ -29,11 +29,14 @@ class Warm(threading.Thread):
         super().__init__(name="warm-imports", daemon=True)
 
     def run(self) -> None:
-        for name in MODULES:
-            try:
-                importlib.import_module(name)
-            except Exception:
-                return
+        from .gc_pause import paused_gc
+
+        with paused_gc():
+            for name in MODULES:
+                try:
+                    importlib.import_module(name)
+                except Exception:
+                    return
 
     def finish(self) -> None:
         self.join(timeout=FINISH_SECONDS)

@@ -11,9 +11,14 @@ from .base import PointwiseJudge
 
 
 class JudgeActor:
-    def __init__(self, spec: JudgeSpec, name: str = "judge"):
+    def __init__(self, spec: JudgeSpec, name: str = "judge", env: dict[str, str] | None = None):
+        from ..engine import use_env
+        from ..gc_pause import paused_gc
+
+        use_env(env)   # engine_env, before the judge's imports
         self.name, self.margin = name, spec.margin
-        self.judge = build_judge(spec)
+        with paused_gc():
+            self.judge = build_judge(spec)
 
     def ready(self) -> dict:
         return {"name": self.name, "pid": os.getpid(), "pointwise": self.pointwise()}

@@ -46,15 +46,16 @@ def bind_internal_grpc_to_node_ip() -> None:
 
 
 def build_engine(spec: ServerSpec, on_gpu: bool):
-    from vllm import AsyncEngineArgs
-    from vllm.v1.engine.async_llm import AsyncLLM
+    from ..engine import engine_kwargs, lora_kwargs
+    from ..gc_pause import paused_gc
 
-    from ..engine import engine_kwargs, freeze_imports, lora_kwargs
-
-    freeze_imports()
-    return AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs(
-        spec.model, spec.dtype, spec.max_model_len, spec.gpu_memory_utilization, spec.engine, on_gpu,
-        spec.file_server, "gloo", spec.kv_cache_gib, **lora_kwargs(spec.lora_rank))))
+    with paused_gc():   # frozen once imported: vLLM's own full collections while it builds skip them
+        from vllm import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+    with paused_gc():
+        return AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs(
+            spec.model, spec.dtype, spec.max_model_len, spec.gpu_memory_utilization, spec.engine, on_gpu,
+            spec.file_server, "gloo", spec.kv_cache_gib, **lora_kwargs(spec.lora_rank))))
 
 
 async def abort_all(engine) -> None:
