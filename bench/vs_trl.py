@@ -21,7 +21,9 @@ Figures:
   `--eval-every` steps (one sample per held-out prompt at T=1, VADER: TRL with
   HF generate in its process, ours with its own `eval.every_steps`); the time
   since launch, less earlier evaluations, at which the held-out reward first
-  reaches TRL's final one;
+  reaches TRL's final one, and the same from each one's training start (TRL:
+  `trainer.train()` called; ours: the learner up, just before its first
+  step), which the last row divides by TRL's training wall;
 - a frontier: the policies at 20, 40 and 60 steps of the same run (a constant
   learning rate after warm-up, so step k of a 60-step run is a k-step run),
   scored by one evaluator in this process, with transformers: one sample per
@@ -156,7 +158,7 @@ def trl_worker(out: str, steps: int, threads: int, every: int) -> None:
     trainer.train()
     train_wall = time.time() - start
     with open(os.path.join(out, "trl.json"), "w") as f:
-        json.dump({"train_seconds": train_wall, "pairs": steps * BATCH, "evals": held.evals,
+        json.dump({"train_seconds": train_wall, "train_started": start, "pairs": steps * BATCH, "evals": held.evals,
                    "saving_seconds": held.saving}, f)
 
 
@@ -170,7 +172,7 @@ def run_trl(out: Path, steps: int, threads: int, every: int) -> dict:
     info = json.loads((out / "trl.json").read_text())
     spent = sum(e["seconds"] for e in info["evals"]) + info["saving_seconds"]
     return {"process_seconds": wall - spent, "train_seconds": info["train_seconds"] - spent, "pairs": info["pairs"],
-            "launched": start, "evals": info["evals"],
+            "launched": start, "train_started": info["train_started"], "evals": info["evals"],
             "policies": {k: str(out / f"step-{k}") for k in FRONTIER if (out / f"step-{k}").exists()}}
 
 
@@ -194,7 +196,8 @@ def run_ours(out: Path, steps: int, every: int, overrides: list[str]) -> dict:
     checkpoints = {int(p.name.removeprefix("step-")): p / "policy" for p in (run_dir / "ray").glob("*/step-*")}
     policies = {k: str(checkpoints[k]) for k in FRONTIER if k in checkpoints}
     return {"process_seconds": wall - mid, "train_seconds": s["train_seconds"] - mid, "pairs": s["pairs"],
-            "launched": start, "first_step_seconds": s.get("first_step_seconds"),
+            "launched": start, "train_started": start + s["startup_seconds"]["learner_up"],
+            "first_step_seconds": s.get("first_step_seconds"),
             "startup_seconds": s.get("startup_seconds"), "evals": [{"step": e["step"], "reward": e["reward"],
                                                                     "time": e["time"], "seconds": e["seconds"]}
                                                                    for e in evals],
@@ -211,9 +214,12 @@ def curve(run: dict) -> dict[int, tuple[float, float]]:
     return out
 
 
-def time_to(run: dict, target: float) -> float | None:
-    """When the held-out reward first reaches `target` (curve's clock; None: never)."""
-    return next((t for step, (reward, t) in sorted(curve(run).items()) if step > 0 and reward >= target), None)
+def time_to(run: dict, target: float, from_training: bool = False) -> float | None:
+    """When the held-out reward first reaches `target` (curve's clock; None: never). `from_training`: from
+    the run's training start (TRL: `trainer.train()` called; ours: the learner up, just before the first
+    step) instead of its launch."""
+    t = next((t for step, (reward, t) in sorted(curve(run).items()) if step > 0 and reward >= target), None)
+    return t - (run["train_started"] - run["launched"]) if t is not None and from_training else t
 
 
 # ---------------------------------------------------------------- one evaluator for both
@@ -269,7 +275,9 @@ def speed_table(trl: dict, ours: dict) -> str:
     rows = [
         ("training wall (s)", trl["train_seconds"], ours["train_seconds"]),
         ("whole process wall (s)", trl["process_seconds"], ours["process_seconds"]),
-        (f"time to TRL's final held-out reward ({target:+.3f}) (s)", time_to(trl, target), time_to(ours, target)),
+        (f"time to TRL's final held-out reward ({target:+.3f}), from launch (s)", time_to(trl, target),
+         time_to(ours, target)),
+        ("the same, from each one's training start (s)", time_to(trl, target, True), time_to(ours, target, True)),
         ("pairs / s (training)", trl["pairs"] / trl["train_seconds"], ours["pairs"] / ours["train_seconds"]),
     ]
     lines = ["| | TRL | online-dpo | online-dpo / TRL |", "| --- | --- | --- | --- |"]
@@ -277,6 +285,10 @@ def speed_table(trl: dict, ours: dict) -> str:
         ratio = f"{b / a:.2f}" if a and b is not None and name.endswith("(s)") else ""
         lines.append(f"| {name} | {fmt(a)} | {fmt(b)} | {ratio} |")
     lines.append(f"| first step after launch (s) | | {fmt(ours['first_step_seconds'])} | |")
+    reach = time_to(ours, target, True)
+    if reach is not None:
+        lines.append(f"| online-dpo's time to TRL's final reward from its training start / TRL's training wall | | | "
+                     f"{reach / trl['train_seconds']:.2f} |")
     return "\n".join(lines)
 
 
