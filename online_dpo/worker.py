@@ -25,9 +25,9 @@ from dataclasses import asdict, replace
 import torch
 
 from . import checkpoint
+from .gc_pause import paused_gc
 from .model import DTYPES, AdaptersOff, adapter_config, load_causal_lm, lora_model
 from .sequences import SequenceScorer
-from .gc_pause import paused_gc
 from .specs import LearnerSpec
 from .step import DPOStep, lr_lambda
 from .types import LearnerStart, StepDone, StepOrder
@@ -205,9 +205,7 @@ def train_loop(config: dict) -> None:
             worker.restore(folder)
     loop = OrderLoop(worker, config["broker"], config["store"], state)
     if rank == 0 and spec.weights_transport == "collective":
-        if spec.transfer == "gloo":   # samplers load from the store until the group forms
-            loop.syncer_due = True    # started after the first step
-        else:
+        with paused_gc():   # vLLM's import
             loop.start_syncer()
     weights = worker.publish(state["policy_version"], loop.store)[0] if found else None
     if rank == 0:
@@ -224,12 +222,8 @@ class OrderLoop:
     def __init__(self, worker: Worker, broker, store, state: dict):
         self.worker, self.broker, self.store = worker, broker, store
         self.step, self.pairs = state["step"], state["pairs"]
-        self.syncer_due = False   # rank 0 with sync.transport collective, until the syncer starts
 
     def start_syncer(self) -> None:
-        """Rank 0: vLLM's trainer side. On CPU (`gloo`) it starts once the first step is done: importing
-        vLLM is 1.3 s of a 2-core learner's start, the longest chain to the first step, and until the
-        weight group forms (in the syncer's thread) versions go through the policy store."""
         import ray
 
         from .syncer import Syncer
@@ -250,10 +244,6 @@ class OrderLoop:
             result = self.save_now(order) if not order.pairs else self.take(order, time.time() - waited)
             if w.rank == 0:
                 self.broker.done.remote(order.step, result)
-            if self.syncer_due:
-                self.syncer_due = False
-                with paused_gc():   # vLLM's import
-                    self.start_syncer()
 
     def save_now(self, order: StepOrder) -> StepDone:
         """A checkpoint of the step just taken, outside the schedule (the controller stops early)."""
