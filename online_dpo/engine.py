@@ -38,9 +38,9 @@ def engine_env(num_threads: int, on_gpu: bool, log_level: str,
 
 def use_env(env: dict[str, str] | None) -> None:
     """Apply engine_env in this actor's process, before it imports torch or vLLM. An actor created with
-    the variables as a runtime_env needs a process of its own, started when it is created; without one
-    it takes a worker Ray started with the cluster (the embedded default's sampler is up ~1 s sooner on
-    2 cores). Torch, if a reused worker imported it already, gets its thread count here."""
+    the variables as a runtime_env needs a process of its own; without one it can take a worker Ray
+    started with the cluster (one process fewer to start). Torch, if a reused worker imported it
+    already, gets its thread count here."""
     import os
     import sys
 

@@ -7,11 +7,11 @@ grows, though nothing an import makes is garbage. Measured on 2 cores
 torch + transformers + vLLM's transfer modules 4.7 / 3.8 (a learner), Ray
 Train + torch 2.0 / 1.6 (the driver).
 
-At the end of the outermost block every object alive is frozen (`gc.freeze`:
-out of the collector's sight for good; these live as long as the process,
-and vLLM collects the whole heap 5 times while an engine starts) and the
-collector is back on. Blocks nest and may overlap across threads: the
-collector comes back when the last one ends.
+At the end of each block every object alive is frozen (`gc.freeze`: out of
+the collector's sight for good; these live as long as the process, and vLLM
+collects the whole heap 5 times while an engine starts, so an engine is
+built in a second block, after its import's). Blocks nest and may overlap
+across threads: the collector comes back on when the last one ends.
 """
 
 from __future__ import annotations
@@ -39,7 +39,6 @@ def paused_gc():
     finally:
         with _lock:
             _depth -= 1
-            if _depth == 0:
-                gc.freeze()
-                if _was_enabled:
-                    gc.enable()
+            gc.freeze()
+            if _depth == 0 and _was_enabled:
+                gc.enable()

@@ -3,9 +3,10 @@
 Starting a local cluster keeps the driver waiting ~3 s on the cluster's processes
 (GCS, raylet, dashboard) with the cores only partly busy. The driver's own heavy
 imports come right after: Ray Train and torch for the gang (the learner's own
-modules are imported by the workers, gang.learner_loop). Done during that wait, they are no longer between the
-cluster and Ray Train's controller, which starts the learner's chain, the
-longest to the first step. (The driver loads no tokenizer: a sampler renders
+modules are imported by the workers, gang.learner_loop), with the garbage
+collector paused (gc_pause.py). Done during that wait, they are no longer
+between the cluster and Ray Train's controller, which starts the learner's
+chain, the longest to the first step. (The driver loads no tokenizer: a sampler renders
 the prompts, data.py.)
 
 The caller waits for the thread (`finish`) before it imports anything itself: two

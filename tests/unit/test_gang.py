@@ -42,7 +42,7 @@ def test_on_one_machine_the_gang_needs_no_cleaner_and_no_autoscaler(monkeypatch)
 
 
 def test_the_drivers_heavy_imports_are_done_in_a_thread_the_driver_then_waits_for():
-    """warm.py imports Ray Train and torch (worker.py) in a thread; finish() returns
+    """warm.py imports Ray Train and torch in a thread; finish() returns
     once they are all in sys.modules (a fresh interpreter: this one has them already)."""
     import subprocess
     import sys

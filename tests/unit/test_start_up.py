@@ -41,7 +41,10 @@ def test_nested_and_overlapping_blocks_turn_it_back_on_only_after_the_last(colle
         with paused_gc():
             thread.start()
             assert inside.wait(10)
+            made = [[i] for i in range(1000)]
+            frozen = gc.get_freeze_count()
         assert not gc.isenabled()
+        assert gc.get_freeze_count() >= frozen + 1000 and made   # an inner block's end freezes too
     assert not gc.isenabled()   # the other thread's block is still open
     leave.set()
     thread.join(10)
