@@ -76,6 +76,8 @@ class SamplerConfig(Placed):
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
     logprobs: bool = Field(False, description="return the sampler's per-token log-probs (costs ~25% speed)")
     prompts_per_call: int | None = Field(None, gt=0, description="async: prompts per sampler request")
+    calls_in_flight: int = Field(1, ge=1, le=4, description="async: requests each sampler runs at once, batched "
+                                                            "together in its engine (needs sync.in_flight)")
     max_restarts: int = Field(3, ge=0, description="Ray restarts of a crashed sampler")
     engine: dict[str, Any] = Field(default_factory=dict, description="extra vllm.LLM arguments")
 

@@ -188,9 +188,14 @@ def eval_sampling(cfg: Config) -> Sampling:
 
 def rollout_spec(cfg: Config) -> RolloutSpec:
     s, batch = cfg.sampler, cfg.train.batch_size
+    if s.calls_in_flight > 1 and not cfg.sync.in_flight:
+        raise ConfigError(f"sampler.calls_in_flight: {s.calls_in_flight} overlaps a sampler's requests, so there is "
+                          "no gap between batches for an update to wait for: set sync.in_flight: true, or "
+                          "sampler.calls_in_flight: 1")
     return RolloutSpec(mode=cfg.sync.mode, sampling=train_sampling(cfg), seed=cfg.run.seed,
                        capacity=cfg.sync.buffer_pairs or 2 * batch,
                        prompts_per_call=s.prompts_per_call or max(4, batch // max(1, s.num_actors)),
+                       calls_in_flight=s.calls_in_flight,
                        max_lag=0 if cfg.sync.mode == "sync" else cfg.sync.max_policy_lag)
 
 

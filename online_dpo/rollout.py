@@ -75,6 +75,7 @@ class Rollouts:
         self.round = 0
         self.counts = collections.Counter()   # prompts, completions, pairs, ties, identical
         self.busy = collections.Counter()     # sampler index -> seconds generating or loading
+        self.busy_until: dict[int, float] = {}   # sampler index -> when its latest counted call ended
         self.latest: dict = {}
         self.recent: collections.deque = collections.deque(maxlen=BAD_WINDOW)   # for judge_health
 
@@ -85,6 +86,13 @@ class Rollouts:
         kwargs = dict(self.sampling, seed=self.seed * 1_000_003 + self.round * 7919 + 10_000 * chunk,
                       weights=weights)
         return ([list(p.ids) for p in prompts], [p.text for p in prompts]), kwargs
+
+    def count_busy(self, i: int, batch: SampleBatch) -> None:
+        """Sampler i's busy seconds: the union of its calls' spans (sampler.calls_in_flight overlaps them)."""
+        end = batch.ended or time.time()
+        start = max(end - batch.seconds - batch.load_seconds, self.busy_until.get(i, 0.0))
+        self.busy[i] += max(0.0, end - start)
+        self.busy_until[i] = max(end, self.busy_until.get(i, 0.0))
 
     def record(self, batches: list[SampleBatch], labels: list[Labels], judge_seconds: float) -> dict:
         comps = [c for b in batches for g in b.groups for c in g.completions]
@@ -204,7 +212,7 @@ class LockStep(Rollouts):
         calls = [self.request(c, i, self.weights) for i, c in enumerate(chunks) if c]
         batches = self.samplers.run("generate", calls)
         for i, b in enumerate(batches):
-            self.busy[i] += b.seconds + b.load_seconds
+            self.count_busy(i, b)
         t = time.time()
         labels = self.label(batches)
         pairs = [p for lb in labels for p in lb.pairs]
@@ -226,7 +234,7 @@ class Pipelined(Rollouts):
 
     def __init__(self, spec: RolloutSpec, *args):
         super().__init__(spec, *args)
-        self.prompts_per_call = spec.prompts_per_call
+        self.prompts_per_call, self.calls_in_flight = spec.prompts_per_call, spec.calls_in_flight
         self.keep_rate = 0.5
         self.error: BaseException | None = None
         self.stopping = threading.Event()
@@ -282,16 +290,16 @@ class Pipelined(Rollouts):
         while not self.stopping.is_set():
             self._resend_overdue(sampling, self.samplers)
             self._resend_overdue(judging, self.judges)
-            busy = {call.actor for call, *_ in sampling.values()}
+            busy = collections.Counter(call.actor for call, *_ in sampling.values())
             for i in self.samplers.live():
-                if i in busy or not self.room():
-                    continue
-                prompts = self.source.next_batch(self.prompts_per_call)
-                call = self.samplers.send("generate", *self.request(prompts, i, self.weights), actor=i)
-                self.round += 1
-                sampling[call.ref] = (call, prompts, self.epoch)
-                self.inflight_prompts += len(prompts)
-                self.asked_since_take += len(prompts)
+                while busy[i] < self.calls_in_flight and self.room():
+                    busy[i] += 1
+                    prompts = self.source.next_batch(self.prompts_per_call)
+                    call = self.samplers.send("generate", *self.request(prompts, i, self.weights), actor=i)
+                    self.round += 1
+                    sampling[call.ref] = (call, prompts, self.epoch)
+                    self.inflight_prompts += len(prompts)
+                    self.asked_since_take += len(prompts)
             refs = list(sampling) + list(judging)
             if not refs:
                 time.sleep(0.01)
@@ -317,7 +325,7 @@ class Pipelined(Rollouts):
         if not done:   # its sampler died: the same seeded request went to a live one
             sampling[out.ref] = (out, prompts, epoch)
             return
-        self.busy[call.actor] += out.seconds + out.load_seconds
+        self.count_busy(call.actor, out)
         self._judge(out, judging, epoch, time.time())
 
     def _judge(self, batch: SampleBatch, judging: dict, epoch: int, started: float) -> None:

@@ -13,7 +13,13 @@ Weights arrive through vLLM's weight-transfer API only (transfer.py):
 The actor is threaded, so an update can land while a batch runs: every engine
 step holds the engine lock, and `receive` takes it between two steps (vLLM's
 "keep" pause: running requests stay, and go on with the new weights). With
-`sync.in_flight: false` an update waits for the batch to finish instead. A
+`sync.in_flight: false` an update waits for the batch to finish instead.
+
+Requests can overlap (`sampler.calls_in_flight`): each `generate` adds its
+prompts to the one engine and steps it, one step at a time under the engine
+lock, until its own requests are done; a step advances every running request,
+so a request's first tokens ride on the last steps of the one before it
+(continuous batching across requests; fewer, fuller steps per pair). A
 request that names a pushed version the sampler does not hold yet waits for
 it (weight_sync.RECEIVE_SECONDS). A sampler that Ray restarted after a crash
 comes back with the starting weights; the trainer sends it the current
@@ -22,6 +28,7 @@ version when the weight group re-forms.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -31,7 +38,7 @@ from .specs import EngineSpec
 from .types import Completion, SampleBatch, SampleGroup
 from .weight_sync import EngineWeights, WeightsHandle
 
-MAX_CONCURRENCY = 4   # generate, receive, and the probes beside them
+MAX_CONCURRENCY = 6   # generates (sampler.calls_in_flight), receive, and the probes beside them
 
 
 class Sampler:
@@ -42,21 +49,31 @@ class Sampler:
         self.llm = build_llm(spec, on_gpu)
         self.weights = EngineWeights(spec.transfer)
         self.batch = threading.Lock()    # one generate (or score) at a time
-        self.engine = threading.Lock()   # one engine step, or one weight update, at a time
-        self.finished: dict[str, int] = {}   # request id -> the version when it finished
-        step = self.llm.llm_engine.step
-        self.llm.llm_engine.step = lambda: self._step(step)
+        self.engine = TurnLock()         # one engine step, or one weight update, at a time, in turn
+        self.done: dict[str, tuple] = {}   # request id -> (its finished output, the version then)
         self.gauge, self.tags = _version_gauge(), {"run": run, "run_id": run_id or run, "sampler": name}
         self._report_version()
 
-    def _step(self, step):
+    def _run(self, inputs: list, params) -> list:
+        """[(output, version when it finished)] for `inputs`, in order: added to the engine, which this
+        thread steps (and any other generate in flight beside it) until they are all done."""
         with self.engine:
-            outputs = step()
-            version = self.weights.version
-        for out in outputs:
-            if out.finished:
-                self.finished[out.request_id] = version
-        return outputs
+            added = self.llm.enqueue(inputs, params, lora_request=self.weights.lora, use_tqdm=False)
+        ids = [rid.rsplit("-", 1)[0] for rid in added]   # vLLM's internal ids: "<request id>-<suffix>"
+        want, outs = set(ids), {}
+        while want:
+            with self.engine:
+                for rid in want & self.done.keys():
+                    outs[rid] = self.done.pop(rid)
+                want -= outs.keys()
+                if want:
+                    finished = [o for o in self.llm.llm_engine.step() if o.finished]
+                    self.done.update((o.request_id, (o, self.weights.version)) for o in finished)
+        return [outs[rid] for rid in ids]
+
+    def _generating(self):
+        """Updates in flight: generates overlap; otherwise one at a time (updates wait between them)."""
+        return contextlib.nullcontext() if self.in_flight else self.batch
 
     def _report_version(self) -> None:
         if self.gauge is not None:
@@ -89,34 +106,31 @@ class Sampler:
         from vllm import SamplingParams, TokensPrompt
 
         load_seconds = self.load_weights(weights) if self.weights.wants(weights) else 0.0
-        with self.batch:
+        with self._generating():
             start, version = time.time(), self.weights.version
             params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
                                      logprobs=0 if logprobs else None, seed=None if seed is None else seed + i)
                       for i in range(len(prompt_ids))]
-            inputs = [TokensPrompt(prompt_token_ids=list(ids)) for ids in prompt_ids]
-            outs = self.llm.generate(inputs, params, use_tqdm=False, lora_request=self.weights.lora)
+            outs = self._run([TokensPrompt(prompt_token_ids=list(ids)) for ids in prompt_ids], params)
         groups = []
-        for raw, ids, out in zip(prompts, prompt_ids, outs):
-            end = self.finished.pop(out.request_id, version)
+        for raw, ids, (out, end) in zip(prompts, prompt_ids, outs):
             comps = tuple(
                 Completion(token_ids=tuple(c.token_ids), text=c.text,
                            finish_reason=c.finish_reason or "length", policy_version=version, end_version=end,
                            logprobs=tuple(next(iter(d.values())).logprob for d in (c.logprobs or [])))
                 for c in out.outputs)
             groups.append(SampleGroup(prompt=raw, prompt_ids=tuple(ids), completions=comps))
-        return SampleBatch(groups=tuple(groups), version=version, seconds=time.time() - start,
-                           load_seconds=load_seconds)
+        ended = time.time()
+        return SampleBatch(groups=tuple(groups), version=version, seconds=ended - start, load_seconds=load_seconds,
+                           ended=ended)
 
     def score_tokens(self, prompt_ids: list[int], response_ids: list[int]) -> list[float]:
         """vLLM's log-prob of each response token given the prompt (for parity checks)."""
         from vllm import SamplingParams, TokensPrompt
 
         seq = list(prompt_ids) + list(response_ids)
-        with self.batch:
-            out = self.llm.generate([TokensPrompt(prompt_token_ids=seq)], SamplingParams(max_tokens=1, prompt_logprobs=0),
-                                    use_tqdm=False, lora_request=self.weights.lora)[0]
-        self.finished.pop(out.request_id, None)
+        with self._generating():
+            out = self._run([TokensPrompt(prompt_token_ids=seq)], [SamplingParams(max_tokens=1, prompt_logprobs=0)])[0][0]
         lps = out.prompt_logprobs[len(prompt_ids):]
         return [d[tok].logprob for d, tok in zip(lps, response_ids)]
 
@@ -154,6 +168,26 @@ class Sampler:
                 seconds = self.weights.load(self.llm, handle)
         self._report_version()
         return seconds
+
+
+class TurnLock:
+    """A lock taken in the order it was asked for. A thread that steps the engine in a loop would take a
+    plain `threading.Lock` straight back after releasing it, so a generate that wants to add its requests,
+    or an update that wants to land between two steps, could wait for the whole batch."""
+
+    def __init__(self):
+        self.turns = threading.Condition()
+        self.next = self.serving = 0
+
+    def __enter__(self):
+        with self.turns:
+            mine, self.next = self.next, self.next + 1
+            self.turns.wait_for(lambda: self.serving == mine)
+
+    def __exit__(self, *exc):
+        with self.turns:
+            self.serving += 1
+            self.turns.notify_all()
 
 
 def _version_gauge():

@@ -235,6 +235,7 @@ class RolloutSpec:
     seed: int
     capacity: int              # pairs the buffer holds
     prompts_per_call: int      # async: prompts per sampler request
+    calls_in_flight: int       # async: requests each sampler runs at once (sampler.py)
     max_lag: int               # versions a training pair may lag behind the learner (0 in lock step)
 
 

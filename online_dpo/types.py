@@ -89,6 +89,7 @@ class SampleBatch:
     version: int                # the policy version every completion came from
     seconds: float              # generating
     load_seconds: float = 0.0   # loading new weights first
+    ended: float = 0.0          # wall clock when the call ended (overlapping calls' busy time is their union)
 
 
 @dataclass(frozen=True)

@@ -127,6 +127,23 @@ def test_trainer_logprobs_match_vllm_samples(ray_local, sampler, hf):
             assert (ours - theirs).abs().max().item() < TOL
 
 
+def test_overlapping_requests_share_the_engine_and_each_gets_its_own(ray_local, sampler, hf):
+    """Two requests in flight on one sampler (sampler.calls_in_flight): the short one, sent while the long
+    one runs, is stepped with it and comes back first; each gets its own prompts' completions."""
+    _, tok = hf
+    long_ids, short_ids = tok(PROMPT)["input_ids"], tok("The battery")["input_ids"]
+    running = sampler.generate.remote([long_ids] * 768, [PROMPT] * 768, n=2, temperature=1.0, max_tokens=200, seed=5)
+    time.sleep(0.1)
+    short = sampler.generate.remote([short_ids] * 3, ["The battery"] * 3, n=2, temperature=1.0, max_tokens=4, seed=6)
+    first, _ = ray_local.wait([running, short], num_returns=1, timeout=120)
+    assert first == [short], "the short request waited for the long one"
+    short, long = ray_local.get(short), ray_local.get(running, timeout=120)
+    assert [g.prompt_ids for g in short.groups] == [tuple(short_ids)] * 3
+    assert all(len(g.completions) == 2 and all(len(c.token_ids) <= 4 for c in g.completions) for g in short.groups)
+    assert [g.prompt for g in long.groups] == [PROMPT] * 768
+    assert max(len(c.token_ids) for g in long.groups for c in g.completions) > 4
+
+
 def test_weight_sync_changes_sampler_to_trainer_weights(ray_local, sampler, hf, embedded_model, store):
     _, tok = hf
     prompt = tok(PROMPT)["input_ids"]

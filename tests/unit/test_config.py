@@ -200,6 +200,14 @@ def test_prompt_and_answer_must_fit_the_sampler_context(tmp_path):
         RunPlan.from_config(cfg)
 
 
+def test_overlapping_sampler_requests_need_updates_in_flight(tmp_path):
+    cfg = load_config(write(tmp_path, MINIMAL), ["sampler.calls_in_flight=2", "sync.in_flight=false"])
+    with pytest.raises(ConfigError, match="sampler.calls_in_flight: 2 .* set sync.in_flight: true"):
+        RunPlan.from_config(cfg)
+    ok = load_config(write(tmp_path, MINIMAL), ["sampler.calls_in_flight=2"])
+    assert RunPlan.from_config(ok).rollouts.calls_in_flight == 2
+
+
 @pytest.mark.parametrize("override,field", [("model.policy=Qwen/Qwen2.5-0.5B", "model.policy"),
                                             ("sync.every_steps=3", "sync.every_steps"),
                                             ("train.beta=0.5", "train.beta"),

@@ -65,3 +65,18 @@ def test_schedule_syncs_every_n_steps_and_at_the_end():
     assert [p.evaluate for p in plans] == [False, True, False, True, False, True, False]  # not at the end
     assert plans[-1].final and not any(p.final for p in plans[:-1])
     assert [s.steps_left_in_version(k) for k in range(1, 8)] == [3, 2, 1, 3, 2, 1, 1]
+
+
+def test_a_samplers_busy_time_is_the_union_of_its_overlapping_calls():
+    import collections
+
+    from online_dpo.rollout import Rollouts
+    from online_dpo.types import SampleBatch
+
+    r = Rollouts.__new__(Rollouts)
+    r.busy, r.busy_until = collections.Counter(), {}
+    r.count_busy(0, SampleBatch((), 0, seconds=2.0, ended=102.0))            # 100-102
+    r.count_busy(0, SampleBatch((), 0, seconds=1.5, load_seconds=0.5, ended=103.0))   # 101-103: 1 s more
+    r.count_busy(0, SampleBatch((), 0, seconds=1.0, ended=105.0))            # 104-105, after a gap
+    r.count_busy(1, SampleBatch((), 0, seconds=0.5, ended=103.0))
+    assert r.busy == {0: 4.0, 1: 0.5}
