@@ -156,33 +156,73 @@ class Packing:
     sees padded. `pack` builds the rows' ids, `unpack` takes per-position outputs back to [B, T, ...].
 
     On the default's pairs (prompts of ~10 tokens, responses of 5-48) padding is ~30% of the padded
-    positions, and the learner's matmuls scale with positions."""
+    positions, and the learner's matmuls scale with positions.
 
-    def __init__(self, attention_mask: torch.Tensor, width: int = 0):
-        width = max(width, attention_mask.shape[1])
-        lengths = attention_mask.sum(-1).tolist()
+    With `paired`, sequence b and sequence b + B/2 (a pair's chosen and rejected response after the
+    same prompt) share their common prefix: it is laid out once, and the second sequence's own tokens
+    follow the first's in the same row. `mask` is then the rows' attention (each token sees its own
+    sequence's earlier tokens, the shared prefix included), which transformers takes as given; every
+    token still sees what it sees padded, and the prompt is run once per pair instead of twice."""
+
+    def __init__(self, attention_mask: torch.Tensor, width: int = 0, paired: torch.Tensor | None = None):
+        n, device = attention_mask.shape[0], attention_mask.device
+        lengths = attention_mask.sum(-1)
+        groups = [[i] for i in range(n)] if paired is None else [[i, i + n // 2] for i in range(n // 2)]
+        shared = torch.zeros(n, dtype=torch.long, device=device)   # the pair's common prefix, laid out once
+        jump = torch.zeros(n, dtype=torch.long, device=device)     # a second's own tokens follow the first's
+        if paired is not None:
+            shared[:n // 2], shared[n // 2:], jump[n // 2:] = paired, paired, lengths[:n // 2] - paired
+        span = (lengths[:n // 2] + lengths[n // 2:] - paired).tolist() if paired is not None else lengths.tolist()
+        width = max(width, attention_mask.shape[1], max(span, default=0))
         used: list[int] = []   # tokens per row so far
-        row, start = [0] * len(lengths), [0] * len(lengths)
-        for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-            r = next((r for r, n in enumerate(used) if n + lengths[i] <= width), len(used))
+        base = [0] * n
+        for k in sorted(range(len(groups)), key=lambda k: -span[k]):
+            r = next((r for r, m in enumerate(used) if m + span[k] <= width), len(used))
             if r == len(used):
                 used.append(0)
-            row[i], start[i] = r, used[r]
-            used[r] += lengths[i]
-        device = attention_mask.device
+            for i in groups[k]:
+                base[i] = r * width + used[r]
+            used[r] += span[k]
         t = torch.arange(attention_mask.shape[1], device=device)
-        self.valid = t[None, :] < torch.tensor(lengths, device=device)[:, None]   # [B, T]
-        where = (torch.tensor(row, device=device) * width + torch.tensor(start, device=device))[:, None] + t[None, :]
+        self.valid = t[None, :] < lengths[:, None]   # [B, T]
+        own = t[None, :] >= shared[:, None]           # past the shared prefix: the sequence's own tokens
+        where = torch.tensor(base, device=device)[:, None] + t[None, :] + own * jump[:, None]
         self.where = where.where(self.valid, torch.zeros_like(where))   # padding reads position 0 (masked later)
-        self.rows, self.width = len(used), width
+        self.rows, self.width, self.n = len(used), width, n
         positions = torch.zeros(self.rows * width, dtype=torch.long, device=device)
-        positions[self.where[self.valid]] = t.expand(len(lengths), -1)[self.valid]
+        positions[self.where[self.valid]] = t.expand(n, -1)[self.valid]
         self.positions = positions.view(self.rows, width)   # a padding position is a sequence of its own
+        self.attention = None if paired is None else self._attention(groups, own)
+
+    def _attention(self, groups: list, own: torch.Tensor) -> torch.Tensor:
+        """[rows, 1, width, width] bool, True where a query position (row) may see a key position (column):
+        the same pair, not later, and the shared prefix or its own sequence's tokens. A padding position
+        sees itself only."""
+        n, size, device = self.n, self.rows * self.width, self.valid.device
+        pair = torch.full((size,), -1, dtype=torch.long, device=device)
+        branch = torch.zeros(size, dtype=torch.long, device=device)   # 0: the shared prefix
+        index = torch.arange(n, device=device)
+        pair_of = (index % (n // 2)).expand(self.valid.shape[1], -1).t()
+        pair[self.where[self.valid]] = pair_of[self.valid]
+        mine = self.valid & own
+        branch[self.where[mine]] = (1 + index // (n // 2)).expand(self.valid.shape[1], -1).t()[mine]
+        pair, branch, pos = (x.view(self.rows, 1, self.width) for x in (pair, branch, self.positions))
+        q = lambda x: x.transpose(1, 2)   # noqa: E731 (query along dim 1, key along dim 2)
+        sees = (q(pair) == pair) & (q(pair) >= 0) & (pos <= q(pos)) & ((branch == 0) | (branch == q(branch)))
+        sees |= torch.eye(self.width, dtype=torch.bool, device=device) & (q(pair) < 0)
+        return sees.unsqueeze(1)
 
     @property
     def saves(self) -> bool:
-        """Whether packing leaves fewer rows than sequences."""
-        return self.rows < self.valid.shape[0]
+        """Whether packing leaves fewer rows than sequences (or lays shared prefixes out once)."""
+        return self.rows < self.valid.shape[0] or self.attention is not None
+
+    def mask(self, kind: str, dtype: torch.dtype) -> torch.Tensor | None:
+        """The rows' attention mask as `kind` of attention takes it: sdpa a bool mask, eager an additive one."""
+        if self.attention is None or kind == "sdpa":
+            return self.attention
+        return torch.zeros(self.attention.shape, dtype=dtype, device=self.attention.device).masked_fill_(
+            ~self.attention, torch.finfo(dtype).min)
 
     def pack(self, input_ids: torch.Tensor, pad_id: int = 0) -> torch.Tensor:
         ids = torch.full((self.rows * self.width,), pad_id, dtype=input_ids.dtype, device=input_ids.device)
@@ -194,20 +234,33 @@ class Packing:
         return packed.reshape(self.rows * self.width, *packed.shape[2:])[self.where]
 
 
+def common_prefixes(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B/2]: how many leading tokens sequence b and sequence b + B/2 have in common (within both)."""
+    half = input_ids.shape[0] // 2
+    same = (input_ids[:half] == input_ids[half:]) & attention_mask[:half].bool() & attention_mask[half:].bool()
+    return same.long().cumprod(-1).sum(-1)
+
+
+SHARED_PREFIX_ATTENTION = ("eager", "sdpa")   # attention implementations that take Packing's own mask
+
+
 def packing_agrees(lm, vocab: int, tolerance: float = 1e-3) -> bool:
-    """Whether `lm` scores packed sequences as it scores them padded (transformers models with
-    packed-sequence masks do; a model whose attention ignores position ids does not)."""
+    """Whether `lm` scores packed sequences as it scores them padded, pairs with a shared prefix
+    included (transformers models with packed-sequence masks do; a model whose attention ignores
+    position ids or a given mask does not)."""
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(1, vocab, (3, 12), generator=g)
-    attention = torch.tensor([[1] * 12, [1] * 5 + [0] * 7, [1] * 6 + [0] * 6])
+    ids = torch.randint(1, vocab, (4, 12), generator=g)
+    ids[2, :4] = ids[0, :4]   # pairs (0, 2) and (1, 3): a shared prefix of 4 tokens, and of none
+    attention = torch.tensor([[1] * 12, [1] * 5 + [0] * 7, [1] * 6 + [0] * 6, [1] * 9 + [0] * 3])
     response = attention.clone()
     response[:, :2] = 0
     device = next(lm.parameters()).device
     ids, attention, response = ids.to(device), attention.to(device), response.to(device)
     with torch.no_grad():
-        padded = SequenceScorer(lm)(ids, attention, response)
-        packed = SequenceScorer(lm, packed=True)(ids, attention, response)
-    return bool(torch.allclose(padded.float(), packed.float(), atol=tolerance, rtol=tolerance))
+        padded = SequenceScorer(lm)(ids, attention, response).float()
+        packed = SequenceScorer(lm, packed=True)(ids, attention, response).float()
+        paired = SequenceScorer(lm, packed=True)(ids, attention, response, paired=True).float()
+    return all(torch.allclose(padded, x, atol=tolerance, rtol=tolerance) for x in (packed, paired))
 
 
 class SequenceScorer(torch.nn.Module):
@@ -220,18 +273,22 @@ class SequenceScorer(torch.nn.Module):
     Liger's fused linear cross-entropy (`fused_sequence_logprobs`). With
     `packed`, the decoder runs on the sequences packed into rows (`Packing`)
     whenever that leaves fewer rows; the heads read its hidden states
-    unpacked, and "full" runs the LM head on response positions only."""
+    unpacked, and "full" runs the LM head on response positions only. With
+    `paired` (sequence b and b + B/2 are a pair's two responses), a packed
+    pair's common prefix runs once, under eager or sdpa attention (others
+    take no given mask)."""
 
     def __init__(self, lm, chunk: int | None = None, head: str | None = None, packed: bool = False):
         super().__init__()
         self.lm, self.chunk, self.packed = lm, chunk, packed
         self.head = head or ("full" if chunk is None else "chunked")
 
-    def forward(self, input_ids, attention_mask, response_mask, average: bool = False):
-        packing = Packing(attention_mask, ROW_TOKENS) if self.packed else None
+    def forward(self, input_ids, attention_mask, response_mask, average: bool = False, paired: bool = False):
+        packing = self.packing(input_ids, attention_mask, paired) if self.packed else None
         if packing is not None and packing.saves:
+            mask = packing.mask(self.lm.config._attn_implementation, next(self.lm.parameters()).dtype)
             rows = self.lm.get_decoder()(input_ids=packing.pack(input_ids), position_ids=packing.positions,
-                                         use_cache=False)
+                                         attention_mask=mask, use_cache=False)
             hidden = packing.unpack(rows.last_hidden_state)
             if self.head == "full":
                 return response_logprobs(hidden, self.lm.get_output_embeddings(), input_ids, response_mask, average)
@@ -245,3 +302,9 @@ class SequenceScorer(torch.nn.Module):
         if self.head == "liger":
             return fused_sequence_logprobs(hidden, weight, input_ids, response_mask, average)
         return chunked_sequence_logprobs(hidden, weight, input_ids, response_mask, self.chunk, average)
+
+    def packing(self, input_ids, attention_mask, paired: bool) -> Packing:
+        kind = self.lm.config._attn_implementation
+        if paired and input_ids.shape[0] % 2 == 0 and kind in SHARED_PREFIX_ATTENTION:
+            return Packing(attention_mask, ROW_TOKENS, common_prefixes(input_ids, attention_mask))
+        return Packing(attention_mask, ROW_TOKENS)

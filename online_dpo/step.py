@@ -59,7 +59,7 @@ class DPOStep:
         ctx = (torch.autocast(self.device.type, dtype=self.autocast) if self.autocast
                else contextlib.nullcontext())
         with ctx:
-            lp = scorer(ids, attn, resp, average=self.spec.loss in LENGTH_AVERAGED)
+            lp = scorer(ids, attn, resp, average=self.spec.loss in LENGTH_AVERAGED, paired=True)
         return lp[:len(pairs)], lp[len(pairs):]
 
     def micro_batches(self, shard: list) -> list[list]:

@@ -2,6 +2,8 @@
 
 import math
 
+import pytest
+
 import torch
 
 from online_dpo.sequences import pack, sequence_logprobs, token_logprobs
@@ -111,6 +113,54 @@ def test_packed_scoring_matches_padded_values_and_gradients():
         packed(ids, attn, resp).sum().backward()
         for (name, p), q in zip(padded.named_parameters(), packed.parameters()):
             assert (p.grad - q.grad).abs().max().item() < 1e-4, name
+
+
+def test_a_pairs_common_prefix_is_laid_out_once():
+    """Sequences b and b + B/2 share their common prefix: the second's own tokens follow the first's in
+    the same row, and each token sees the shared prefix and its own sequence only."""
+    from online_dpo.sequences import Packing, common_prefixes
+
+    ids, attn, _ = pack([[5, 6], [7], [5, 6], [8]], [[1, 2], [3], [1, 4, 4], [3]], pad_id=0)
+    shared = common_prefixes(ids, attn)
+    assert shared.tolist() == [3, 0]   # [5, 6, 1] in common; [7, 3] and [8, 3] nothing
+    packing = Packing(attn, paired=shared)   # width 5: [5 6 1 2 | 4 4] is too wide, so width 6
+    assert packing.width == 6 and packing.rows == 2
+    assert packing.pack(ids).tolist() == [[5, 6, 1, 2, 4, 4], [7, 3, 8, 3, 0, 0]]
+    assert packing.positions.tolist() == [[0, 1, 2, 3, 3, 4], [0, 1, 0, 1, 0, 0]]
+    back = packing.unpack(packing.pack(ids).unsqueeze(-1)).squeeze(-1)
+    assert (back * attn).tolist() == (ids * attn).tolist()
+    sees = packing.attention[0, 0].int().tolist()
+    assert sees[3] == [1, 1, 1, 1, 0, 0]   # the first's own token: the prefix and itself
+    assert sees[5] == [1, 1, 1, 0, 1, 1]   # the second's: the prefix and its own, not the first's
+    assert packing.attention[1, 0, 2].int().tolist() == [0, 0, 1, 0, 0, 0]   # another pair: not row 1's first
+    assert packing.attention[1, 0, 4].int().tolist() == [0, 0, 0, 0, 1, 0]   # padding sees itself
+
+
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_paired_scoring_matches_padded_values_and_gradients(attention):
+    """A pair's two responses scored with their common prefix run once give what padded scoring gives:
+    a shared prompt and first response token, a response that is the other's prefix, nothing shared."""
+    from online_dpo.sequences import SequenceScorer, packing_agrees
+
+    def lm():
+        model = tiny_lm()
+        model.config._attn_implementation = attention
+        return model
+
+    assert packing_agrees(lm(), 50)
+    prompts = [[5, 6, 7], [9], [3, 3]] * 2
+    prompts[5] = [4, 3]
+    responses = [[1, 2, 3], [4, 10, 11], [7, 7, 8, 9, 10]] + [[1, 5], [4, 10, 11, 12, 13], [8]]
+    ids, attn, resp = pack(prompts, responses, pad_id=0)
+    padded, paired = SequenceScorer(lm()), SequenceScorer(lm(), packed=True)
+    assert paired.packing(ids, attn, paired=True).attention is not None   # the shared layout, not a fallback
+    for average in (False, True):
+        a, b = padded(ids, attn, resp, average), paired(ids, attn, resp, average, paired=True)
+        assert (a - b).abs().max() < 1e-4
+    padded(ids, attn, resp).sum().backward()
+    paired(ids, attn, resp, paired=True).sum().backward()
+    for (name, p), q in zip(padded.named_parameters(), paired.parameters()):
+        assert (p.grad - q.grad).abs().max().item() < 1e-4, name
 
 
 def test_a_model_that_ignores_position_ids_is_not_packed():
