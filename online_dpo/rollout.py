@@ -7,7 +7,8 @@ Two strategies behind one interface (`take`, `set_weights`, `reset`,
   the learner's current version, until the version's pairs are there. Pairs
   are strictly on-policy and a run is deterministic for a seed.
 - `Pipelined` (sync.mode: async) keeps every sampler busy in a background
-  thread, judging as batches come back, into a bounded buffer: it stops
+  thread (`sampler.calls_in_flight` requests each, which its engine steps
+  together), judging as batches come back, into a bounded buffer: it stops
   sampling while the buffer (and what is in flight) would overflow, instead
   of sampling and dropping. `take` hands out pairs at most
   `sync.max_policy_lag` versions behind the learner; older ones are dropped

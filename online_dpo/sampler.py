@@ -13,17 +13,17 @@ Weights arrive through vLLM's weight-transfer API only (transfer.py):
 The actor is threaded, so an update can land while a batch runs: every engine
 step holds the engine lock, and `receive` takes it between two steps (vLLM's
 "keep" pause: running requests stay, and go on with the new weights). With
-`sync.in_flight: false` an update waits for the batch to finish instead.
+`sync.in_flight: false` an update waits for the batch to finish instead. A
+request that names a pushed version the sampler does not hold yet waits for
+it (weight_sync.RECEIVE_SECONDS). A sampler that Ray restarted after a crash
+comes back with the starting weights; the trainer sends it the current
+version when the weight group re-forms.
 
 Requests can overlap (`sampler.calls_in_flight`): each `generate` adds its
 prompts to the one engine and steps it, one step at a time under the engine
 lock, until its own requests are done; a step advances every running request,
 so a request's first tokens ride on the last steps of the one before it
-(continuous batching across requests; fewer, fuller steps per pair). A
-request that names a pushed version the sampler does not hold yet waits for
-it (weight_sync.RECEIVE_SECONDS). A sampler that Ray restarted after a crash
-comes back with the starting weights; the trainer sends it the current
-version when the weight group re-forms.
+(continuous batching across requests; fewer, fuller steps per pair).
 """
 
 from __future__ import annotations
