@@ -192,20 +192,19 @@ class Packing:
         positions = torch.zeros(self.rows * width, dtype=torch.long, device=device)
         positions[self.where[self.valid]] = t.expand(n, -1)[self.valid]
         self.positions = positions.view(self.rows, width)   # a padding position is a sequence of its own
-        self.attention = None if paired is None else self._attention(groups, own)
+        self.attention = None if paired is None else self._attention(own)
 
-    def _attention(self, groups: list, own: torch.Tensor) -> torch.Tensor:
+    def _attention(self, own: torch.Tensor) -> torch.Tensor:
         """[rows, 1, width, width] bool, True where a query position (row) may see a key position (column):
         the same pair, not later, and the shared prefix or its own sequence's tokens. A padding position
         sees itself only."""
         n, size, device = self.n, self.rows * self.width, self.valid.device
         pair = torch.full((size,), -1, dtype=torch.long, device=device)
         branch = torch.zeros(size, dtype=torch.long, device=device)   # 0: the shared prefix
-        index = torch.arange(n, device=device)
-        pair_of = (index % (n // 2)).expand(self.valid.shape[1], -1).t()
-        pair[self.where[self.valid]] = pair_of[self.valid]
+        index = torch.arange(n, device=device)[:, None].expand_as(self.valid)   # [B, T]: each position's sequence
+        pair[self.where[self.valid]] = (index % (n // 2))[self.valid]
         mine = self.valid & own
-        branch[self.where[mine]] = (1 + index // (n // 2)).expand(self.valid.shape[1], -1).t()[mine]
+        branch[self.where[mine]] = (1 + index // (n // 2))[mine]   # 1: the pair's first, 2: its second
         pair, branch, pos = (x.view(self.rows, 1, self.width) for x in (pair, branch, self.positions))
         q = lambda x: x.transpose(1, 2)   # noqa: E731 (query along dim 1, key along dim 2)
         sees = (q(pair) == pair) & (q(pair) >= 0) & (pos <= q(pos)) & ((branch == 0) | (branch == q(branch)))
