@@ -231,6 +231,9 @@ class Config(Section):
         if self.model.lora is not None and self.model.reference not in (None, self.model.policy):
             raise ValueError("model.lora: the reference is the policy with its adapters disabled; leave "
                              "model.reference out (or equal to model.policy)")
+        if self.eval.judge is not None and self.eval.judge.in_sampler:
+            raise ValueError("eval.judge.in_sampler: the held-out judge always runs in its own actors; leave "
+                             "eval.judge.in_sampler out (judge.in_sampler is the training judge's)")
         return self
 
 

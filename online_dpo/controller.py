@@ -66,8 +66,9 @@ class Controller:
         try:
             rows = read(plan.data, self.report)   # while the actors start
             topo.wait_ready()
-            self.report.info(f"actors up: {len(topo.samplers.handles)} sampler(s), {len(topo.judges.handles)} "
-                             f"judge(s) ({self.stats.mark('actors_up'):.0f}s after launch)")
+            judges = "the judge in each sampler" if topo.judges is topo.samplers else f"{len(topo.judges.handles)} judge(s)"
+            self.report.info(f"actors up: {len(topo.samplers.handles)} sampler(s), {judges} "
+                             f"({self.stats.mark('actors_up'):.0f}s after launch)")
             source, heldout = prompts(plan.data, rows, self.stats, self.report, topo.samplers)
             self.held_out = HeldOut(topo.samplers, topo.judges, topo.evaluators, heldout, plan.eval.sampling,
                                     self.report.evaluation, self.report.info)

@@ -20,7 +20,7 @@ import hashlib
 import importlib.util
 import os
 import secrets
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .config import Config, ConfigError, ServeConfig, dump
@@ -45,7 +45,7 @@ class RunPlan:
     models: tuple[str, ...]            # every model and data name the run uses (to build the embedded one)
     data: DataSpec
     samplers: GroupSpec
-    judges: GroupSpec
+    judges: GroupSpec | None           # None: the samplers run the judge themselves (judge.in_sampler)
     evaluators: GroupSpec | None       # eval.judge: an independent judge of the held-out responses
     learner: LearnerSpec
     gang: GangSpec
@@ -72,6 +72,8 @@ class RunPlan:
         names = Names(f"{cfg.run.name}-{secrets.token_hex(3)}")
         samplers = sampler_group(cfg, policy, names.files, transport)
         judges = judge_group(cfg, names.files, caller=names.run_id)
+        if cfg.judge.in_sampler:
+            samplers, judges = replace(samplers, judge=judges.spec), None
         evaluators = judge_group(cfg, names.files, evaluation=True, caller=names.run_id) if cfg.eval.judge else None
         gang = gang_spec(cfg)
         serve = serve_plan(cfg.serve, policy, cfg.serve.model_name or cfg.run.name, cfg.run.log_level,
@@ -88,14 +90,12 @@ class RunPlan:
             weights_transport=transport, max_kl=cfg.train.max_kl, stall_timeout=cfg.run.stall_timeout,
             log_every_steps=cfg.metrics.log_every_steps,
             tensorboard=cfg.metrics.tensorboard, wandb=cfg.metrics.wandb,
-            asks=(samplers.ask, judges.ask, gang.ask) + tuple(g.ask for g in (evaluators, serve) if g))
+            asks=(samplers.ask, gang.ask) + tuple(g.ask for g in (judges, evaluators, serve) if g))
 
     @classmethod
     def resumed(cls, path, overrides) -> RunPlan:
         """The plan of `--resume`: a run directory's config.yaml with overrides that only extend or tune
         the run (ConfigError naming a field that would make it another run)."""
-        from dataclasses import replace
-
         from .config import load_config
 
         new = load_config(path, overrides)
@@ -195,7 +195,7 @@ def rollout_spec(cfg: Config) -> RolloutSpec:
     return RolloutSpec(mode=cfg.sync.mode, sampling=train_sampling(cfg), seed=cfg.run.seed,
                        capacity=cfg.sync.buffer_pairs or 2 * batch,
                        prompts_per_call=s.prompts_per_call or max(4, batch // max(1, s.num_actors)),
-                       calls_in_flight=s.calls_in_flight,
+                       calls_in_flight=s.calls_in_flight, judge_in_sampler=cfg.judge.in_sampler,
                        max_lag=0 if cfg.sync.mode == "sync" else cfg.sync.max_policy_lag)
 
 
@@ -290,7 +290,7 @@ def check_imports(cfg: Config) -> None:
 RESUMABLE = ("run.log_level", "run.check_resources", "run.call_timeout", "run.stall_timeout", "train.max_steps",
              "train.max_kl", "train.max_failures", "sampler.max_restarts", "judge.max_restarts", "eval.every_steps",
              "checkpoint.every_steps", "checkpoint.keep", "metrics.", "serve.", "pairs.", "judge.base_url",
-             "judge.timeout", "judge.retries", "judge.concurrency", "judge.api_key_env")
+             "judge.timeout", "judge.retries", "judge.concurrency", "judge.api_key_env", "judge.in_sampler")
 
 
 def flat(data: dict, prefix: str = "") -> dict:

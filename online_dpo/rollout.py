@@ -14,6 +14,9 @@ Two strategies behind one interface (`take`, `set_weights`, `reset`,
   `sync.max_policy_lag` versions behind the learner; older ones are dropped
   and counted.
 
+With `judge.in_sampler` each sampler labels its own batch with the rule
+judge it holds (no judge calls); otherwise the judge actors label them.
+
 Both send the latest published weights with each sampler request: a sampler
 pulls a stored version before it samples, or waits for a pushed one it does
 not hold yet (pushed versions land in flight too). Every request is
@@ -70,6 +73,8 @@ class Rollouts:
     def __init__(self, spec: RolloutSpec, samplers: ActorGroup, judges: ActorGroup, source: PromptSource, log):
         self.samplers, self.judges, self.source = samplers, judges, source
         self.sampling, self.seed, self.log = spec.sampling.kwargs(), spec.seed, log   # log(record): the tracker
+        if spec.judge_in_sampler:   # each sampler labels its own batch: no judge calls
+            self.sampling["label"] = True
         self.buffer = PairBuffer(spec.capacity)
         self.weights = None          # the latest published WeightsHandle
         self.version = 0             # its version
@@ -128,6 +133,9 @@ class Rollouts:
         return record
 
     def label(self, batches: list[SampleBatch]) -> list[Labels]:
+        """The batches' labels: the samplers' own (judge.in_sampler), or the judges'."""
+        if all(b.labels is not None for b in batches):
+            return [b.labels for b in batches]
         groups = [g for b in batches for g in b.groups]
         chunks = [c for c in split(groups, len(self.judges.handles)) if c]
         return self.judges.run("label", [((c,), {}) for c in chunks])
@@ -218,7 +226,7 @@ class LockStep(Rollouts):
         labels = self.label(batches)
         pairs = [p for lb in labels for p in lb.pairs]
         self.round += 1
-        self.record(batches, labels, time.time() - t)
+        self.record(batches, labels, time.time() - t + max(b.judge_seconds for b in batches))
         self.keep_rate = 0.5 * self.keep_rate + 0.5 * len(pairs) / max(1, len(prompts))
         return pairs
 
@@ -327,7 +335,10 @@ class Pipelined(Rollouts):
             sampling[out.ref] = (out, prompts, epoch)
             return
         self.count_busy(call.actor, out)
-        self._judge(out, judging, epoch, time.time())
+        if out.labels is not None:   # labelled by the sampler's own judge
+            self._labelled(out, out.labels, epoch, out.judge_seconds)
+        else:
+            self._judge(out, judging, epoch, time.time())
 
     def _judge(self, batch: SampleBatch, judging: dict, epoch: int, started: float) -> None:
         live = self.judges.wait_live()
@@ -339,11 +350,15 @@ class Pipelined(Rollouts):
         if not done:   # its judge died: the same batch went to a live one
             judging[labels.ref] = (labels, batch, epoch, started)
             return
+        self._labelled(batch, labels, epoch, time.time() - started)
+
+    def _labelled(self, batch: SampleBatch, labels: Labels, epoch: int, judge_seconds: float) -> None:
+        """A batch's labels, into the buffer (dropped when the learner was restored since it was sent)."""
         self.inflight_prompts -= len(batch.groups)
         if epoch != self.epoch:   # sampled before the learner was restored: its version is gone
             self.buffer.drop([("restart", p) for p in labels.pairs])
             return
-        self.record([batch], [labels], time.time() - started)
+        self.record([batch], [labels], judge_seconds)
         self.keep_rate = 0.8 * self.keep_rate + 0.2 * len(labels.pairs) / max(1, len(batch.groups))
         self.buffer.put(list(labels.pairs))
 

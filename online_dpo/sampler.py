@@ -24,6 +24,10 @@ prompts to the one engine and steps it, one step at a time under the engine
 lock, until its own requests are done; a step advances every running request,
 so a request's first tokens ride on the last steps of the one before it
 (continuous batching across requests; fewer, fuller steps per pair).
+
+With `judge.in_sampler` the sampler also holds the run's rule judge: a
+`generate(..., label=True)` returns its batch labelled, with no judge actor
+and no round trip, and evaluation asks the sampler (`Judging`) for scores.
 """
 
 from __future__ import annotations
@@ -34,19 +38,23 @@ import threading
 import time
 
 from .engine import build_llm, use_env
-from .specs import EngineSpec
+from .judges.actor import Judging
+from .specs import EngineSpec, JudgeSpec
 from .types import Completion, SampleBatch, SampleGroup
 from .weight_sync import EngineWeights, WeightsHandle
 
 MAX_CONCURRENCY = 6   # generates (sampler.calls_in_flight), receive, and the probes beside them
 
 
-class Sampler:
+class Sampler(Judging):
     def __init__(self, spec: EngineSpec, name: str = "sampler", on_gpu: bool = False, run: str = "run",
-                 run_id: str = "", env: dict[str, str] | None = None):
+                 run_id: str = "", env: dict[str, str] | None = None, judge: JudgeSpec | None = None):
         use_env(env)   # engine_env, before vLLM's import
         self.name, self.in_flight = name, spec.in_flight_updates
         self.llm = build_llm(spec, on_gpu)
+        if judge is not None:   # judge.in_sampler: a rule judge, built beside the engine
+            from .judges import build_judge
+            self.judge, self.margin = build_judge(judge), judge.margin
         self.weights = EngineWeights(spec.transfer)
         self.batch = threading.Lock()    # one generate (or score) at a time
         self.engine = TurnLock()         # one engine step, or one weight update, at a time, in turn
@@ -98,8 +106,9 @@ class Sampler:
 
     def generate(self, prompt_ids: list[list[int]], prompts: list[str], *, n: int, temperature: float,
                  top_p: float = 1.0, max_tokens: int = 64, seed: int | None = None,
-                 weights: WeightsHandle | None = None, logprobs: bool = False) -> SampleBatch:
-        """n completions for each tokenized prompt; `prompts` are the raw texts the judge sees.
+                 weights: WeightsHandle | None = None, logprobs: bool = False, label: bool = False) -> SampleBatch:
+        """n completions for each tokenized prompt; `prompts` are the raw texts the judge sees. `label`:
+        the sampler's own judge labels them too (judge.in_sampler).
 
         Request i is seeded with `seed + i`, so a request gives the same completions
         on any sampler holding the same weights."""
@@ -121,8 +130,9 @@ class Sampler:
                 for c in out.outputs)
             groups.append(SampleGroup(prompt=raw, prompt_ids=tuple(ids), completions=comps))
         ended = time.time()
+        labels = self.label(groups) if label else None
         return SampleBatch(groups=tuple(groups), version=version, seconds=ended - start, load_seconds=load_seconds,
-                           ended=ended)
+                           ended=ended, labels=labels, judge_seconds=time.time() - ended if label else 0.0)
 
     def score_tokens(self, prompt_ids: list[int], response_ids: list[int]) -> list[float]:
         """vLLM's log-prob of each response token given the prompt (for parity checks)."""

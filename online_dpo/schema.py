@@ -104,9 +104,14 @@ class JudgeConfig(JudgeFields, Placed):
     margin: float = Field(0.0, ge=0, description="score gaps at or below this are ties")
     num_actors: int = Field(1, ge=1)
     max_restarts: int = Field(3, ge=0, description="Ray restarts of a crashed judge")
+    in_sampler: bool = Field(False, description="rule: each sampler runs the judge in its own process (no judge "
+                             "actor, no round trip; judge.num_actors / num_cpus / max_restarts are unused)")
 
     @model_validator(mode="after")
     def _needs(self):
+        if self.in_sampler and self.kind != "rule":
+            raise ValueError(f"judge.in_sampler is only for judge.kind 'rule', a cheap function (judge.kind is "
+                             f"'{self.kind}'): set judge.in_sampler: false, so the judge gets its own actors")
         if self.kind == "ensemble":
             if not self.members:
                 raise ValueError("judge.kind 'ensemble' needs judge.members: a list of judges, each with a "

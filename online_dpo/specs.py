@@ -114,6 +114,7 @@ class GroupSpec:
     call_timeout: float = 600.0   # a call running longer means a hung actor (run.call_timeout)
 
     section: str = ""            # its config section, where that is not `kind` (eval.judge)
+    judge: Any = None            # samplers: the JudgeSpec of a rule judge they run themselves (judge.in_sampler)
 
     @property
     def restarts_field(self) -> str:
@@ -236,6 +237,7 @@ class RolloutSpec:
     capacity: int              # pairs the buffer holds
     prompts_per_call: int      # async: prompts per sampler request
     calls_in_flight: int       # async: requests each sampler runs at once (sampler.py)
+    judge_in_sampler: bool     # samplers label their own batches (judge.in_sampler): no judge calls
     max_lag: int               # versions a training pair may lag behind the learner (0 in lock step)
 
 

@@ -1,7 +1,8 @@
 """Which actors a run has, where they go, how they start, restart and stop.
 
   sampler-i     vLLM engines that sample n completions per prompt
-  judge-i       judges that turn completions into preference pairs
+  judge-i       judges that turn completions into preference pairs (none with
+                judge.in_sampler: each sampler runs the rule judge itself)
   broker        the mailbox between the controller and trainer rank 0
   policy-store  owns the published weights (samplers and serve replicas pull them)
   weight group  with sync.transport collective: trainer rank 0 pushes each
@@ -186,9 +187,10 @@ class Topology:
         self.serve_url = self.serve_where = self.serve_app = None
 
     @classmethod
-    def start(cls, samplers: GroupSpec, judges: GroupSpec, transport: str, run_name: str, names: Names,
+    def start(cls, samplers: GroupSpec, judges: GroupSpec | None, transport: str, run_name: str, names: Names,
               evaluators: GroupSpec | None = None, run_id: str = "") -> "Topology":
-        """Create every actor without waiting for any to be ready (named by `names`, unique per run)."""
+        """Create every actor without waiting for any to be ready (named by `names`, unique per run). With no
+        judges (judge.in_sampler) the samplers are the judge group too."""
         import ray
 
         from .artifacts import start_file_server
@@ -204,17 +206,17 @@ class Topology:
         sampler_actors = [ray.remote(Sampler).options(
             name=names.actor(f"sampler-{i}"), max_restarts=samplers.max_restarts, max_concurrency=MAX_CONCURRENCY,
             **samplers.ask.actor_options()).remote(samplers.spec, f"sampler-{i}", samplers.on_gpu, run_name, run_id,
-                                                   env=samplers.env)
+                                                   env=samplers.env, judge=samplers.judge)
             for i in range(samplers.ask.count)]
+        sampler_group = ActorGroup("sampler", sampler_actors, samplers.max_restarts, samplers.restarts_field,
+                                   samplers.call_timeout)
         groups = {g.kind: ActorGroup(g.kind, [ray.remote(JudgeActor).options(
             name=names.actor(f"{g.kind}-{i}"), max_restarts=g.max_restarts, **g.ask.actor_options()).remote(
                 g.spec, name=f"{g.kind}-{i}", env=g.env) for i in range(g.ask.count)],
             g.max_restarts, g.restarts_field, g.call_timeout) for g in (judges, evaluators) if g is not None}
         broker = ray.remote(Broker).options(name=names.actor("broker"), num_cpus=0, **OWN_PLACEMENT).remote()
         store = ray.remote(PolicyStore).options(name=names.store, num_cpus=0, **OWN_PLACEMENT).remote()
-        return cls(ActorGroup("sampler", sampler_actors, samplers.max_restarts, samplers.restarts_field,
-                              samplers.call_timeout),
-                   groups["judge"], broker, store, files, transport == "collective",
+        return cls(sampler_group, groups.get("judge", sampler_group), broker, store, files, transport == "collective",
                    samplers.spec.tensor_parallel_size, groups.get("eval-judge"))
 
     def on_actor_event(self, callback) -> None:
@@ -224,9 +226,8 @@ class Topology:
             self.form_weight_group()
             callback(event)
 
-        self.samplers.notify, self.judges.notify = sampler_event, callback
-        if self.evaluators is not None:
-            self.evaluators.notify = callback
+        for group in self.groups():
+            group.notify = sampler_event if group is self.samplers else callback
 
     def form_weight_group(self) -> None:
         """A new generation of the weight group: the live samplers, which trainer rank 0 pushes
@@ -301,7 +302,8 @@ class Topology:
         self.serve_where = app.describe(self.serve_url, app.replica_urls(serve.route_prefix, serve.app_name))
 
     def groups(self) -> list[ActorGroup]:
-        return [g for g in (self.samplers, self.judges, self.evaluators) if g is not None]
+        """Each actor group once (the samplers are the judges too with judge.in_sampler)."""
+        return [self.samplers] + [g for g in (self.judges, self.evaluators) if g is not None and g is not self.samplers]
 
     def restarts(self) -> dict:
         return {g.kind: g.stats() for g in self.groups()}

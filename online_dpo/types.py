@@ -90,6 +90,8 @@ class SampleBatch:
     seconds: float              # generating
     load_seconds: float = 0.0   # loading new weights first
     ended: float = 0.0          # wall clock when the call ended (overlapping calls' busy time is their union)
+    labels: Labels | None = None     # the sampler's own judge's labels (judge.in_sampler), else None
+    judge_seconds: float = 0.0       # ... and what labelling took
 
 
 @dataclass(frozen=True)

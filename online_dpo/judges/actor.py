@@ -1,4 +1,5 @@
-"""The judge as a Ray actor, so a large judge model gets its own resources."""
+"""The judge as a Ray actor, so a large judge model gets its own resources; `Judging` is the judge's
+calls on any actor that holds one (a sampler runs a rule judge itself with `judge.in_sampler`)."""
 
 from __future__ import annotations
 
@@ -10,18 +11,11 @@ from . import build_judge
 from .base import PointwiseJudge
 
 
-class JudgeActor:
-    def __init__(self, spec: JudgeSpec, name: str = "judge", env: dict[str, str] | None = None):
-        from ..engine import use_env
-        from ..gc_pause import paused_gc
+class Judging:
+    """The calls rollouts and evaluation make of a judge, on an actor with `self.judge` and `self.margin`."""
 
-        use_env(env)   # engine_env, before the judge's imports
-        self.name, self.margin = name, spec.margin
-        with paused_gc():
-            self.judge = build_judge(spec)
-
-    def ready(self) -> dict:
-        return {"name": self.name, "pid": os.getpid(), "pointwise": self.pointwise()}
+    judge = None
+    margin = 0.0
 
     def pointwise(self) -> bool:
         return isinstance(self.judge, PointwiseJudge)
@@ -43,3 +37,17 @@ class JudgeActor:
     def usage(self) -> dict:
         """An endpoint judge's requests, cache hits, retries and tokens so far ({} for other kinds)."""
         return self.judge.usage() if hasattr(self.judge, "usage") else {}
+
+
+class JudgeActor(Judging):
+    def __init__(self, spec: JudgeSpec, name: str = "judge", env: dict[str, str] | None = None):
+        from ..engine import use_env
+        from ..gc_pause import paused_gc
+
+        use_env(env)   # engine_env, before the judge's imports
+        self.name, self.margin = name, spec.margin
+        with paused_gc():
+            self.judge = build_judge(spec)
+
+    def ready(self) -> dict:
+        return {"name": self.name, "pid": os.getpid(), "pointwise": self.pointwise()}

@@ -35,10 +35,13 @@ def test_an_actor_that_cannot_start_is_named(ray_local, embedded_model, tmp_path
 
 
 def test_a_judge_that_stops_separating_ends_the_run_early_with_everything_saved(ray_local, embedded_model, tmp_path):
+    """With the rule judge in the sampler (judge.in_sampler): its labels, and evaluation's scores, come
+    from the sampler, and no judge actor starts."""
     cfg = load_config(None, [f"run.output_dir={tmp_path}", "judge.function=fakes:ties_after_some_calls",
-                             "train.max_steps=40", "train.num_workers=1", "train.micro_batch_size=16",
-                             "eval.prompts=8", "checkpoint.every_steps=0"])
+                             "judge.in_sampler=true", "train.max_steps=40", "train.num_workers=1",
+                             "train.micro_batch_size=16", "eval.prompts=8", "checkpoint.every_steps=0"])
     summary = train(RunPlan.from_config(cfg), ConsoleLog())
+    assert set(summary["restarts"]) == {"sampler", "learner"}   # no judge actors
     assert not summary["partial"] and summary["stopped_by"] == "converged"   # its own stop rule: a whole run
     assert summary["stop_reason"].startswith("converged: the judge separated only")
     assert 0 < summary["steps"] < 40 and summary["reward_after"] is not None

@@ -21,6 +21,7 @@ from online_dpo.weight_sync import PolicyStore, publish
 
 TOL = 2e-3
 PROMPT = "I bought this kettle last month and"
+VADER = "online_dpo.judges.rule:vader_compound"
 
 
 def hf_token_logprobs(model, prompt_ids, response_ids) -> torch.Tensor:
@@ -54,10 +55,11 @@ def lora_dpo_steps(peft, tok, prompt_ids, steps: int) -> None:
     assert stats["rewards/margin"] > 0   # the steps moved the policy away from its reference
 
 
-def start_sampler(ray, model: str, name: str, threads: int = 1, lora_rank: int | None = None, max_restarts: int = 0):
+def start_sampler(ray, model: str, name: str, threads: int = 1, lora_rank: int | None = None, max_restarts: int = 0,
+                  judge=None):
     actor = ray.remote(Sampler).options(
         num_cpus=1, max_concurrency=MAX_CONCURRENCY, max_restarts=max_restarts, runtime_env={"env_vars": engine_env(threads, False, "quiet")}
-    ).remote(EngineSpec(model=model, dtype="float32", lora_rank=lora_rank, transfer="gloo"), name)
+    ).remote(EngineSpec(model=model, dtype="float32", lora_rank=lora_rank, transfer="gloo"), name, judge=judge)
     ray.get(actor.ready.remote())
     return actor
 
@@ -172,7 +174,11 @@ def test_weight_sync_changes_sampler_to_trainer_weights(ray_local, sampler, hf, 
 
 @pytest.fixture(scope="module")
 def second_sampler(ray_local, embedded_model):
-    actor = start_sampler(ray_local, embedded_model, "sampler-test-2", max_restarts=1)
+    """A second sampler, which also holds the run's rule judge (judge.in_sampler)."""
+    from online_dpo.specs import JudgeSpec
+
+    actor = start_sampler(ray_local, embedded_model, "sampler-test-2", max_restarts=1,
+                          judge=JudgeSpec(kind="rule", function=VADER, margin=0.02))
     yield actor
     ray_local.kill(actor)
 
@@ -335,3 +341,25 @@ def test_lora_sync_moves_only_the_adapter_and_the_sampler_matches_peft(ray_local
         assert (again - expected2).abs().max().item() < TOL
     finally:
         ray_local.kill(actor)
+
+
+def test_a_sampler_holding_the_rule_judge_labels_its_batch_as_the_judge_would(ray_local, second_sampler, hf):
+    """judge.in_sampler: `generate(label=True)` comes back labelled by the sampler's own judge, the same
+    labels a judge actor gives those groups; evaluation's judge calls answer on the sampler too."""
+    from online_dpo.judges.rule import RuleJudge
+
+    _, tok = hf
+    prompts = [PROMPT, "The battery", "My daughter says the blender"]
+    ids = [tok(p)["input_ids"] for p in prompts]
+    batch = ray_local.get(second_sampler.generate.remote(ids, prompts, n=4, temperature=1.0, max_tokens=24, seed=3,
+                                                         label=True), timeout=120)
+    expected = RuleJudge(VADER).label(batch.groups, 0.02)
+    assert batch.labels is not None and batch.labels.groups == 3 and batch.judge_seconds > 0
+    assert batch.labels.pairs == expected.pairs and batch.labels.ties == expected.ties
+    assert batch.labels.scores == expected.scores
+    texts = [c.text for g in batch.groups for c in g.completions]
+    assert ray_local.get(second_sampler.score.remote(prompts * 4, texts[:12]), timeout=60) == \
+        RuleJudge(VADER).score(prompts * 4, texts[:12])
+    plain = ray_local.get(second_sampler.generate.remote(ids, prompts, n=2, temperature=1.0, max_tokens=8, seed=3),
+                          timeout=120)
+    assert plain.labels is None   # labelled only when asked

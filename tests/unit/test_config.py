@@ -208,6 +208,20 @@ def test_overlapping_sampler_requests_need_updates_in_flight(tmp_path):
     assert RunPlan.from_config(ok).rollouts.calls_in_flight == 2
 
 
+
+def test_a_rule_judge_can_run_in_the_samplers_and_no_other_judge_can(tmp_path):
+    plan = RunPlan.from_config(load_config(None, ["judge.in_sampler=true"]))
+    assert plan.judges is None and plan.rollouts.judge_in_sampler
+    assert plan.samplers.judge.kind == "rule" and plan.samplers.judge.function.endswith(":vader_compound")
+    assert [a.group for a in plan.asks] == ["sampler", "trainer"]   # no judge actors to place
+    usual = RunPlan.from_config(load_config(None))
+    assert usual.samplers.judge is None and usual.judges.kind == "judge" and not usual.rollouts.judge_in_sampler
+    with pytest.raises(ConfigError, match="judge.in_sampler is only for judge.kind 'rule'.*set judge.in_sampler: false"):
+        load_config(write(tmp_path, MINIMAL), ["judge.in_sampler=true", "judge.kind=reward_model", "judge.model=x"])
+    with pytest.raises(ConfigError, match="eval.judge.in_sampler: the held-out judge always runs in its own actors"):
+        load_config(write(tmp_path, MINIMAL), ["eval.judge.kind=rule", "eval.judge.in_sampler=true",
+                                               "eval.judge.function=online_dpo.judges.rule:distinct_words"])
+
 @pytest.mark.parametrize("override,field", [("model.policy=Qwen/Qwen2.5-0.5B", "model.policy"),
                                             ("sync.every_steps=3", "sync.every_steps"),
                                             ("train.beta=0.5", "train.beta"),

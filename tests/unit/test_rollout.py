@@ -80,3 +80,49 @@ def test_a_samplers_busy_time_is_the_union_of_its_overlapping_calls():
     r.count_busy(0, SampleBatch((), 0, seconds=1.0, ended=105.0))            # 104-105, after a gap
     r.count_busy(1, SampleBatch((), 0, seconds=0.5, ended=103.0))
     assert r.busy == {0: 4.0, 1: 0.5}
+
+
+class LabellingSamplers:
+    """Samplers that run the rule judge themselves (judge.in_sampler), as `ActorGroup.run` returns them."""
+
+    handles = [object()]
+
+    def __init__(self):
+        from online_dpo.judges.rule import RuleJudge
+
+        self.judge, self.calls = RuleJudge(lambda prompts, responses: [float(len(r)) for r in responses]), []
+
+    def run(self, method, calls):
+        from online_dpo.types import SampleBatch, SampleGroup
+
+        out = []
+        for (ids, texts), kwargs in calls:
+            self.calls.append(kwargs)
+            groups = tuple(SampleGroup(t, tuple(i), (Completion((1,), "a", "stop", 0), Completion((1, 2), "ab", "stop", 0)))
+                           for i, t in zip(ids, texts))
+            labels = self.judge.label(groups, 0.0) if kwargs.get("label") else None
+            out.append(SampleBatch(groups, 0, seconds=0.1, ended=time.time(), labels=labels, judge_seconds=0.01))
+        return out
+
+
+class NoJudges:
+    handles = [object()]
+
+    def run(self, method, calls):
+        raise AssertionError(f"a judge was asked to {method}: the samplers label their own batches")
+
+
+def test_samplers_that_hold_the_judge_label_their_own_batches_and_no_judge_is_called():
+    from online_dpo.data import Prompt, PromptSource
+    from online_dpo.rollout import LockStep
+    from online_dpo.specs import RolloutSpec, Sampling
+
+    spec = RolloutSpec(mode="sync", sampling=Sampling(), seed=0, capacity=64, prompts_per_call=8, calls_in_flight=1,
+                       max_lag=0, judge_in_sampler=True)
+    samplers, records = LabellingSamplers(), []
+    source = PromptSource([Prompt(f"p{i}", (i,)) for i in range(20)])
+    rollouts = LockStep(spec, samplers, NoJudges(), source, records.append)
+    pairs = rollouts.take(8, min_version=0)
+    assert len(pairs) == 8 and all(p.chosen.text == "ab" and p.rejected.text == "a" for p in pairs)
+    assert samplers.calls and all(kw["label"] is True for kw in samplers.calls)
+    assert records[-1]["pairs"] >= 8 and records[-1]["judge_seconds"] >= 0.01
