@@ -66,7 +66,8 @@ def test_two_runs_share_one_endpoint_judge_deployment_and_eval_judge_reports_bes
         common = ["--set", "judge.kind=deployment", "--set", "judge.function=null", "--set", "judge.app=shared-judge",
                   "--set", "judge.num_cpus=0.1", "--set", "train.max_steps=2", "--set", "eval.prompts=8",
                   "--set", "train.num_workers=1", "--set", "train.batch_size=16", "--set", "sampler.max_new_tokens=24",
-                  "--set", "sync.mode=sync", "--set", "sync.every_steps=2"]   # small: every sample is a request
+                  "--set", "sync.mode=sync", "--set", "sync.every_steps=2",   # small: every sample is a request
+                  "--set", "judge.margin=0"]   # the 2-layer rater's gaps are ~0.01: the default's 0.02 would tie them
         # run 0 evaluates after step 1 too (no sync yet: the baseline's responses again, which the cache answers),
         # and with eval.judge beside the shared one
         extra = [["--set", "eval.every_steps=1", "--set",
